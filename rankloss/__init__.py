@@ -1,0 +1,33 @@
+"""rankloss: listwise ranking losses over caption chains, with fused log-prob kernels.
+
+Functional API (mirrors ``torch.nn.functional``): :func:`token_logprobs`, :func:`linear_token_logprobs`,
+:func:`sequence_logprobs`, :func:`shift_labels`, :func:`plackett_luce_loss`, :func:`dpo_chain_loss`,
+:func:`lipo_loss`, :func:`chain_loss`. Module wrappers: :class:`PlackettLuceLoss`, :class:`DPOChainLoss`,
+:class:`LiPOLoss`, :class:`TokenLogProbs`, :class:`LinearTokenLogProbs`. The maths is in DESIGN.md §2 and
+in ``rankloss.reference``, the specification every fast path is tested against.
+"""
+
+from ._version import __version__
+from .logprobs import linear_token_logprobs, sequence_logprobs, shift_labels, token_logprobs
+from .losses import CHAIN_LOSSES, chain_loss, dpo_chain_loss, lipo_loss, plackett_luce_loss
+from .modules import DPOChainLoss, LinearTokenLogProbs, LiPOLoss, PlackettLuceLoss, TokenLogProbs
+from .outputs import ChainLossOutput
+
+__all__ = [
+    "CHAIN_LOSSES",
+    "ChainLossOutput",
+    "DPOChainLoss",
+    "LiPOLoss",
+    "LinearTokenLogProbs",
+    "PlackettLuceLoss",
+    "TokenLogProbs",
+    "__version__",
+    "chain_loss",
+    "dpo_chain_loss",
+    "linear_token_logprobs",
+    "lipo_loss",
+    "plackett_luce_loss",
+    "sequence_logprobs",
+    "shift_labels",
+    "token_logprobs",
+]

@@ -1,0 +1,160 @@
+"""Input validation shared by the public ops.
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value) with a
+message that names the argument and says what was expected. Shape and dtype checks are free; checks
+that must read tensor *values* (label ranges, chain sizes given as a tensor) run on CPU tensors always,
+on CUDA tensors only when ``RANKLOSS_VALIDATE=1`` (they would cost a host sync), and never while
+``torch.compile`` traces (they would break the graph).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def values_checkable(t: Tensor) -> bool:
+    """Whether value checks on ``t`` are allowed now (no host sync on CUDA unless asked, no graph break)."""
+    if _compiling() or t.device.type == "meta":
+        return False
+    return t.device.type == "cpu" or os.environ.get("RANKLOSS_VALIDATE", "0") == "1"
+
+
+def check_float_tensor(x: object, name: str, *, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor ({_DTYPE_NAMES}), got {x.dtype}")
+    _check_ndim(x, name, ndim, min_ndim)
+    return x
+
+
+def check_int_tensor(x: object, name: str, *, ndim: int | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
+    if x.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {x.dtype}")
+    _check_ndim(x, name, ndim, None)
+    return x
+
+
+def _check_ndim(x: Tensor, name: str, ndim: int | None, min_ndim: int | None) -> None:
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)} ({x.ndim}-D)")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on the same device, got {where}")
+
+
+def check_shape(x: Tensor, name: str, expected: Sequence[int], expected_desc: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {expected_desc} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def check_positive_float(x: object, name: str, *, allow_none: bool = False) -> float | None:
+    if x is None and allow_none:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite number, got {x!r}")
+    if not (math.isfinite(float(x)) and float(x) > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
+    return float(x)
+
+
+def check_finite_float(x: object, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {x!r}")
+    if not math.isfinite(float(x)):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def check_int(x: object, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    return int(x)
+
+
+def check_choice(x: object, name: str, choices: Sequence[str]) -> str:
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {x!r}")
+    return x  # type: ignore[return-value]
+
+
+def check_labels_range(labels: Tensor, vocab_size: int, ignore_index: int, name: str = "labels") -> None:
+    """Every label must lie in ``[0, vocab_size)`` or equal ``ignore_index`` (value check)."""
+    if not values_checkable(labels) or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        count = int(bad.sum())
+        raise ValueError(
+            f"{name} must lie in [0, {vocab_size}) (the vocabulary size) or equal ignore_index={ignore_index}; "
+            f"found {count} out-of-range value(s), e.g. {first}"
+        )
+
+
+def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_sizes") -> list[int]:
+    """``chain_sizes`` as a list of ints, each >= 2, summing to ``num_scores``.
+
+    Accepts a list/tuple of ints or a 1-D integer tensor (a CUDA tensor costs one host sync; pass a
+    list to avoid it).
+    """
+    if isinstance(chain_sizes, Tensor):
+        check_int_tensor(chain_sizes, name, ndim=1)
+        if _compiling():
+            raise TypeError(f"{name} must be a list of ints (not a tensor) inside torch.compile")
+        sizes = [int(v) for v in chain_sizes.tolist()]
+    elif isinstance(chain_sizes, (list, tuple)):
+        for i, v in enumerate(chain_sizes):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name}[{i}] must be an int, got {v!r}")
+        sizes = [int(v) for v in chain_sizes]
+    else:
+        raise TypeError(f"{name} must be a list of ints or a 1-D integer tensor, got {type(chain_sizes).__name__}")
+    if len(sizes) == 0:
+        raise ValueError(f"{name} must hold at least one chain, got an empty sequence")
+    for i, k in enumerate(sizes):
+        if k < 2:
+            raise ValueError(f"{name}[{i}] = {k}: every chain needs at least 2 captions")
+    if sum(sizes) != num_scores:
+        raise ValueError(
+            f"{name} must sum to the number of captions S = {num_scores}, got sum {sum(sizes)} "
+            f"from {name}={_short(sizes)}"
+        )
+    return sizes
+
+
+def _short(values: list[int], limit: int = 8) -> str:
+    if len(values) <= limit:
+        return str(values)
+    return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} chains)]"
+
+
+def check_impl(impl: object, available: Sequence[str]) -> str | None:
+    if impl is None:
+        return None
+    if impl not in available:
+        raise ValueError(f"impl must be None or one of {tuple(available)}, got {impl!r}")
+    return impl  # type: ignore[return-value]

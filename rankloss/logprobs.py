@@ -1,0 +1,162 @@
+"""Public per-token and per-sequence log-probability ops.
+
+Label convention (DESIGN.md §3): ``labels[..., t]`` is the token whose log-prob is read from position
+``t``'s logits, i.e. labels are **already shifted**. Use :func:`shift_labels` to turn Hugging Face style
+labels (each token id at its own position, as passed to ``model(..., labels=...)``) into this form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from .reference import logprobs as ref
+
+__all__ = ["shift_labels", "token_logprobs", "linear_token_logprobs", "sequence_logprobs"]
+
+LOGPROB_IMPLS = ("reference",)
+
+
+def shift_labels(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """Turn Hugging Face style labels ``[..., T]`` into labels aligned with the logits that score them.
+
+    A causal LM scores token ``t + 1`` from position ``t``: ``out[..., t] = labels[..., t + 1]`` and
+    ``out[..., T - 1] = ignore_index``. The shape is kept, so ``out`` pairs with the full ``[..., T, V]``
+    logits or ``[..., T, D]`` hidden states.
+    """
+    V.check_int_tensor(labels, "labels")
+    if labels.ndim < 1:
+        raise ValueError(f"labels must have at least 1 dimension [..., T], got shape {tuple(labels.shape)}")
+    ignore_index = V.check_int(ignore_index, "ignore_index")
+    out = torch.full_like(labels, ignore_index)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def _check_logprob_common(labels: Tensor, ignore_index: object, temperature: object) -> tuple[int, float]:
+    V.check_int_tensor(labels, "labels")
+    return V.check_int(ignore_index, "ignore_index"), V.check_positive_float(temperature, "temperature")
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    impl: str | None = None,
+) -> Tensor:
+    """Log-probability of each label: ``log_softmax(logits / temperature)[labels]``, 0 where ignored.
+
+    Args:
+        logits: ``[..., V]`` (e.g. ``[S, T, V]`` or ``[N, V]``), float16/bfloat16/float32/float64.
+        labels: ``[...]`` integer token ids, already shifted (see :func:`shift_labels`); positions equal to
+            ``ignore_index`` get 0 and no gradient.
+        ignore_index: label value of positions that are not scored.
+        temperature: logits are divided by it before the softmax.
+        impl: ``None`` (automatic) or ``"reference"``.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 logits) log-probabilities; gradients flow to ``logits`` in
+        its own dtype.
+    """
+    V.check_float_tensor(logits, "logits", min_ndim=1)
+    ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
+    V.check_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
+    V.check_same_device(logits=logits, labels=labels)
+    V.check_impl(impl, LOGPROB_IMPLS)
+    V.check_labels_range(labels, logits.shape[-1], ignore_index)
+    return ref.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    impl: str | None = None,
+) -> Tensor:
+    """Per-token log-probabilities from hidden states and the LM head.
+
+    ``z = hidden @ weight.T + bias``; with ``softcap``: ``z = softcap * tanh(z / softcap)``; then
+    ``l = log_softmax(z / temperature)[labels]``, and 0 where ``labels == ignore_index``.
+
+    Args:
+        hidden: ``[..., D]`` (e.g. ``[S, T, D]`` or packed ``[N, D]``) final hidden states.
+        weight: ``[V, D]`` LM-head weight.
+        labels: ``[...]`` = ``hidden.shape[:-1]``, already shifted (see :func:`shift_labels`).
+        bias: optional ``[V]`` LM-head bias.
+        ignore_index: label value of positions that are not scored.
+        temperature: logits are divided by it (after the soft-cap).
+        softcap: optional logit soft-cap (Gemma 2 style), a positive number.
+        impl: ``None`` (automatic) or ``"reference"``.
+
+    Returns:
+        ``[...]`` float32 (float64 for float64 inputs) log-probabilities.
+    """
+    V.check_float_tensor(hidden, "hidden", min_ndim=1)
+    V.check_float_tensor(weight, "weight", ndim=2)
+    ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    V.check_shape(labels, "labels", hidden.shape[:-1], "hidden.shape[:-1]")
+    if bias is not None:
+        V.check_float_tensor(bias, "bias", ndim=1)
+        V.check_shape(bias, "bias", (weight.shape[0],), "[V]")
+    softcap = V.check_positive_float(softcap, "softcap", allow_none=True)
+    V.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    V.check_impl(impl, LOGPROB_IMPLS)
+    V.check_labels_range(labels, weight.shape[0], ignore_index)
+    return ref.linear_token_logprobs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap
+    )
+
+
+def sequence_logprobs(
+    token_logps: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    length_normalize: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Per-caption scores: the sum of the scored tokens' log-probs, or their mean (``length_normalize``).
+
+    Padded layout: ``token_logps [S, T]`` (any leading dims) and ``labels [S, T]`` -> ``[S]``.
+    Packed layout: ``token_logps [N]``, ``labels [N]`` and ``cu_seqlens [S + 1]`` (flash-attn varlen style:
+    caption ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``) -> ``[S]``. A caption without scored
+    tokens scores 0.
+    """
+    V.check_float_tensor(token_logps, "token_logps", min_ndim=1)
+    V.check_int_tensor(labels, "labels")
+    ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_shape(labels, "labels", token_logps.shape, "token_logps.shape")
+    if not isinstance(length_normalize, bool):
+        raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
+    if cu_seqlens is not None:
+        V.check_int_tensor(cu_seqlens, "cu_seqlens", ndim=1)
+        if token_logps.ndim != 1:
+            raise ValueError(
+                f"token_logps must be 1-D [N] in the packed layout (cu_seqlens given), got shape {tuple(token_logps.shape)}"
+            )
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+        if V.values_checkable(cu_seqlens):
+            b = cu_seqlens.tolist()
+            if b[0] != 0 or b[-1] != token_logps.shape[0] or any(x > y for x, y in zip(b[:-1], b[1:])):
+                raise ValueError(
+                    f"cu_seqlens must be non-decreasing offsets from 0 to N = {token_logps.shape[0]}, got {b[:8]}..."
+                    if len(b) > 8
+                    else f"cu_seqlens must be non-decreasing offsets from 0 to N = {token_logps.shape[0]}, got {b}"
+                )
+    V.check_same_device(token_logps=token_logps, labels=labels, cu_seqlens=cu_seqlens)
+    return ref.sequence_logprobs(
+        token_logps, labels, ignore_index=ignore_index, length_normalize=length_normalize, cu_seqlens=cu_seqlens
+    )

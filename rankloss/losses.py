@@ -1,0 +1,240 @@
+"""Public chain losses over per-caption scores: Plackett-Luce, binary DPO on chains, LiPO-lambda.
+
+All take ``scores [S]`` (per-caption sequence scores in chain order, best caption first in every chain)
+and ``chain_sizes`` (``C`` ints, each >= 2, summing to ``S``), optional ``ref_scores [S]`` of the frozen
+reference model, and return a :class:`~rankloss.outputs.ChainLossOutput` with ``.loss`` and the
+metrics. Losses come back in float32 (float64 for float64 scores); gradients in the scores' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from . import _validation as V
+from .outputs import ChainLossOutput
+from .reference import losses as ref
+
+__all__ = ["plackett_luce_loss", "dpo_chain_loss", "lipo_loss", "chain_loss", "CHAIN_LOSSES"]
+
+CHAIN_LOSSES = ("plackett_luce", "dpo", "lipo")
+LOSS_IMPLS = ("reference",)
+
+
+def _check_scores(
+    scores: object, chain_sizes: object, ref_scores: object, num_tokens: object = None
+) -> list[int]:
+    V.check_float_tensor(scores, "scores", ndim=1)
+    sizes = V.check_chain_sizes(chain_sizes, scores.shape[0])
+    if ref_scores is not None:
+        V.check_float_tensor(ref_scores, "ref_scores")
+        V.check_shape(ref_scores, "ref_scores", scores.shape, "scores.shape [S]")
+    if num_tokens is not None:
+        if not isinstance(num_tokens, Tensor):
+            raise TypeError(f"num_tokens must be a torch.Tensor [S], got {type(num_tokens).__name__}")
+        V.check_shape(num_tokens, "num_tokens", scores.shape, "scores.shape [S]")
+    V.check_same_device(scores=scores, ref_scores=ref_scores, num_tokens=num_tokens)
+    return sizes
+
+
+def _check_top_k(top_k: object) -> int | None:
+    if top_k is None:
+        return None
+    top_k = V.check_int(top_k, "top_k")
+    if top_k < 1:
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k}")
+    return top_k
+
+
+def _check_sft(sft_weight: object, num_tokens: object) -> float:
+    sft_weight = V.check_finite_float(sft_weight, "sft_weight")
+    if sft_weight != 0 and num_tokens is None:
+        raise ValueError(
+            "num_tokens [S] is required when sft_weight != 0: the SFT term is -s_1 / n_1 with n_1 the best "
+            "caption's number of scored tokens (pass torch.ones(S) if scores are already length-normalised)"
+        )
+    return sft_weight
+
+
+_OPTION_OWNER = {"top_k": "plackett_luce", "pairs": "dpo", "dpo_loss_type": "dpo"}
+
+
+def _check_only_for(loss: str, **options: object) -> None:
+    for name, value in options.items():
+        if value is not None and _OPTION_OWNER[name] != loss:
+            raise ValueError(f"{name}={value!r} applies to loss={_OPTION_OWNER[name]!r} only, got loss={loss!r}")
+
+
+def chain_loss(
+    scores: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None = None,
+    *,
+    loss: str = "plackett_luce",
+    beta: float = 0.1,
+    top_k: int | None = None,
+    pairs: str | None = None,
+    dpo_loss_type: str | None = None,
+    sft_weight: float = 0.0,
+    num_tokens: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> ChainLossOutput:
+    """A ranking loss over caption chains, plus an optional SFT term, with its metrics.
+
+    Rewards ``r_i = beta * (s_i - s_ref_i)`` (``beta * s_i`` without ``ref_scores``), then per chain:
+
+    * ``loss="plackett_luce"``: ``-sum_{k<=min(top_k, K-1)} [r_k - logsumexp(r_k..r_K)]``;
+    * ``loss="dpo"``: mean over the ``pairs`` strategy's (winner, loser) pairs of the ``dpo_loss_type`` loss
+      (``sigmoid``, ``hinge`` or ``ipo``) of ``r_w - r_l``;
+    * ``loss="lipo"``: LiPO-lambda, ``sum_{k<j} w_kj * log(1 + exp(-(r_k - r_j)))``;
+
+    plus ``sft_weight * (-s_1 / n_1)`` (``n_1 = num_tokens`` of the chain's best caption), then
+    ``reduction`` over chains (``mean``, ``sum`` or ``none``).
+
+    Args:
+        scores: ``[S]`` per-caption sequence scores (e.g. from :func:`rankloss.sequence_logprobs`).
+        chain_sizes: ``C`` ints (list, tuple or 1-D integer tensor), each >= 2, summing to ``S``.
+        ref_scores: optional ``[S]`` scores of the frozen reference model.
+        loss: ``"plackett_luce"``, ``"dpo"`` or ``"lipo"``.
+        beta: reward scale, > 0.
+        top_k: Plackett-Luce only: sum only the first ``top_k`` positions (default: all).
+        pairs: DPO only: ``"adjacent"`` (default), ``"all"``, ``"best_worst"`` or ``"best_rest"``.
+        dpo_loss_type: DPO only: ``"sigmoid"`` (default), ``"hinge"`` or ``"ipo"``.
+        An option given for another loss than its own raises ``ValueError`` rather than being ignored.
+        sft_weight: weight of the SFT term on each chain's best caption.
+        num_tokens: ``[S]`` scored tokens per caption; required when ``sft_weight != 0``.
+        reduction: ``"mean"`` (over chains), ``"sum"`` or ``"none"``.
+        impl: ``None`` (automatic) or ``"reference"``.
+    """
+    sizes = _check_scores(scores, chain_sizes, ref_scores, num_tokens)
+    V.check_choice(loss, "loss", CHAIN_LOSSES)
+    beta = V.check_positive_float(beta, "beta")
+    _check_only_for(loss, top_k=top_k, pairs=pairs, dpo_loss_type=dpo_loss_type)
+    top_k = _check_top_k(top_k)
+    pairs = V.check_choice("adjacent" if pairs is None else pairs, "pairs", ref.PAIR_STRATEGIES)
+    loss_type = V.check_choice(
+        "sigmoid" if dpo_loss_type is None else dpo_loss_type, "dpo_loss_type", ref.DPO_LOSS_TYPES
+    )
+    sft_weight = _check_sft(sft_weight, num_tokens)
+    V.check_choice(reduction, "reduction", ref.REDUCTIONS)
+    V.check_impl(impl, LOSS_IMPLS)
+    reduced, per_chain, m = ref.chain_loss(
+        scores,
+        sizes,
+        ref_scores,
+        loss=loss,
+        beta=beta,
+        top_k=top_k,
+        pairs=pairs,
+        loss_type=loss_type,
+        sft_weight=sft_weight,
+        num_tokens=num_tokens,
+        reduction=reduction,
+    )
+    return ChainLossOutput(
+        loss=reduced,
+        chain_losses=per_chain.detach(),
+        rewards=m["rewards"],
+        pairwise_accuracy=m["pairwise_accuracy"],
+        top1_accuracy=m["top1_accuracy"],
+        kendall_tau=m["kendall_tau"],
+        neighbour_margin=m["neighbour_margin"],
+        reward_per_position=m["reward_per_position"],
+        sft_loss=m.get("sft_loss"),
+    )
+
+
+def plackett_luce_loss(
+    scores: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    top_k: int | None = None,
+    sft_weight: float = 0.0,
+    num_tokens: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> ChainLossOutput:
+    """Listwise Plackett-Luce loss over each chain: ``-sum_{k<=min(top_k, K-1)} [r_k - logsumexp(r_k..r_K)]``.
+
+    For ``K = 2`` it equals DPO-sigmoid. See :func:`chain_loss` for the arguments.
+    """
+    return chain_loss(
+        scores,
+        chain_sizes,
+        ref_scores,
+        loss="plackett_luce",
+        beta=beta,
+        top_k=top_k,
+        sft_weight=sft_weight,
+        num_tokens=num_tokens,
+        reduction=reduction,
+        impl=impl,
+    )
+
+
+def dpo_chain_loss(
+    scores: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    pairs: str = "adjacent",
+    loss_type: str = "sigmoid",
+    sft_weight: float = 0.0,
+    num_tokens: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> ChainLossOutput:
+    """Binary DPO on pairs taken from each chain (the baseline); a chain's loss is the mean over its pairs.
+
+    ``pairs``: ``adjacent`` (k, k+1), ``all`` (every k < j), ``best_worst`` (1, K), ``best_rest`` (1, j).
+    ``loss_type`` on the margin ``m = r_w - r_l``: ``sigmoid`` ``-log sigmoid(m)``, ``hinge``
+    ``max(0, 1 - m)``, ``ipo`` ``(m / beta - 1 / (2 beta))^2``. See :func:`chain_loss` for the rest.
+    """
+    V.check_choice(loss_type, "loss_type", ref.DPO_LOSS_TYPES)
+    return chain_loss(
+        scores,
+        chain_sizes,
+        ref_scores,
+        loss="dpo",
+        beta=beta,
+        pairs=pairs,
+        dpo_loss_type=loss_type,
+        sft_weight=sft_weight,
+        num_tokens=num_tokens,
+        reduction=reduction,
+        impl=impl,
+    )
+
+
+def lipo_loss(
+    scores: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    sft_weight: float = 0.0,
+    num_tokens: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> ChainLossOutput:
+    """LiPO-lambda: ``sum_{k<j} |G_k - G_j| |1/D_k - 1/D_j| log(1 + exp(-(r_k - r_j)))`` per chain.
+
+    Gains ``G = 2^psi - 1`` with ``psi_k = (K - k)/(K - 1)``; discounts ``D = log2(1 + rank)`` under the
+    current rewards (ties to the earlier caption); the weights carry no gradient. See :func:`chain_loss`.
+    """
+    return chain_loss(
+        scores,
+        chain_sizes,
+        ref_scores,
+        loss="lipo",
+        beta=beta,
+        sft_weight=sft_weight,
+        num_tokens=num_tokens,
+        reduction=reduction,
+        impl=impl,
+    )

@@ -1,0 +1,35 @@
+"""Shared pytest configuration: hypothesis profiles, determinism, and Triton interpreter helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# A derandomised profile with no deadline for CI (selected automatically when CI is set); a "dev"
+# profile for local runs. HYPOTHESIS_PROFILE overrides both.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=25,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# Two cores: keep torch from oversubscribing them.
+torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
