@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Triton decides at *decoration* time whether a kernel is compiled or interpreted, so the interpreter
+# must be switched on before any module with @triton.jit is imported. Without a GPU, every Triton test
+# runs its kernels on CPU tensors through the interpreter.
+import torch  # noqa: I001  (torch first: the interpreter switch below must precede every kernel import)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # A derandomised profile with no deadline for CI (selected automatically when CI is set); a "dev"
 # profile for local runs. HYPOTHESIS_PROFILE overrides both.
