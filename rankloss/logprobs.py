@@ -11,11 +11,14 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from .ops import _common as ops_common
+from .ops.linear_token_logprobs import linear_token_logprobs_op
+from .ops.token_logprobs import token_logprobs_op
 from .reference import logprobs as ref
 
 __all__ = ["shift_labels", "token_logprobs", "linear_token_logprobs", "sequence_logprobs"]
 
-LOGPROB_IMPLS = ("reference",)
+LOGPROB_IMPLS = ops_common.LOGPROB_IMPLS
 
 
 def shift_labels(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
@@ -46,6 +49,7 @@ def token_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     impl: str | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Log-probability of each label: ``log_softmax(logits / temperature)[labels]``, 0 where ignored.
 
@@ -55,7 +59,10 @@ def token_logprobs(
             ``ignore_index`` get 0 and no gradient.
         ignore_index: label value of positions that are not scored.
         temperature: logits are divided by it before the softmax.
-        impl: ``None`` (automatic) or ``"reference"``.
+        impl: ``None`` (automatic: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise), ``"triton"`` (the
+            Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked
+            PyTorch) or ``"reference"`` (the plain specification, autograd through ``log_softmax``).
+        chunk_size: rows per chunk of the ``"torch"`` path (default: chosen from ``V``).
 
     Returns:
         ``[...]`` float32 (float64 for float64 logits) log-probabilities; gradients flow to ``logits`` in
@@ -65,9 +72,12 @@ def token_logprobs(
     ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
     V.check_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
     V.check_same_device(logits=logits, labels=labels)
-    V.check_impl(impl, LOGPROB_IMPLS)
+    impl = ops_common.resolve_impl(impl, logits)
+    chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, logits.shape[-1], ignore_index)
-    return ref.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    if impl == "reference":
+        return ref.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    return token_logprobs_op(logits, labels, ignore_index, temperature, impl, chunk_size)
 
 
 def linear_token_logprobs(
@@ -80,8 +90,10 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     impl: str | None = None,
+    chunk_size: int | None = None,
+    deterministic: bool = False,
 ) -> Tensor:
-    """Per-token log-probabilities from hidden states and the LM head.
+    """Per-token log-probabilities from hidden states and the LM head, never building ``[N, V]`` logits.
 
     ``z = hidden @ weight.T + bias``; with ``softcap``: ``z = softcap * tanh(z / softcap)``; then
     ``l = log_softmax(z / temperature)[labels]``, and 0 where ``labels == ignore_index``.
@@ -94,7 +106,16 @@ def linear_token_logprobs(
         ignore_index: label value of positions that are not scored.
         temperature: logits are divided by it (after the soft-cap).
         softcap: optional logit soft-cap (Gemma 2 style), a positive number.
-        impl: ``None`` (automatic) or ``"reference"``.
+        impl: ``None`` (automatic: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise), ``"triton"`` (the
+            fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch,
+            extra memory ``O(chunk_size * V)``) or ``"reference"`` (materialises the full logits).
+        chunk_size: rows per chunk of the ``"torch"`` path (default: chosen from ``V`` and ``D``, see
+            :func:`rankloss.ops.default_chunk_size`).
+        deterministic: Triton backward without atomics (bitwise reproducible, one more recomputation of
+            the logits). The ``"torch"`` path is always deterministic.
+
+    Under autocast, ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype first (as
+    ``F.linear`` would be); the log-probs still come back in float32.
 
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probabilities.
@@ -112,11 +133,38 @@ def linear_token_logprobs(
         V.check_shape(bias, "bias", (weight.shape[0],), "[V]")
     softcap = V.check_positive_float(softcap, "softcap", allow_none=True)
     V.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    V.check_impl(impl, LOGPROB_IMPLS)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, weight.shape[0], ignore_index)
-    return ref.linear_token_logprobs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap
+    hidden, weight, bias = _common_dtype(hidden, weight, bias)
+    impl = ops_common.resolve_impl(impl, hidden, weight, bias)
+    if impl == "reference":
+        return ref.linear_token_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+        )
+    return linear_token_logprobs_op(
+        hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic
     )
+
+
+def _common_dtype(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The autocast dtype when autocast is on, else the promoted dtype of the three (differentiable casts)."""
+    dtype = ops_common.autocast_dtype(hidden.device.type)
+    if dtype is None:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        if bias is not None:
+            dtype = torch.promote_types(dtype, bias.dtype)
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def sequence_logprobs(
@@ -158,5 +206,9 @@ def sequence_logprobs(
                 )
     V.check_same_device(token_logps=token_logps, labels=labels, cu_seqlens=cu_seqlens)
     return ref.sequence_logprobs(
-        token_logps, labels, ignore_index=ignore_index, length_normalize=length_normalize, cu_seqlens=cu_seqlens
+        token_logps,
+        labels,
+        ignore_index=ignore_index,
+        length_normalize=length_normalize,
+        cu_seqlens=cu_seqlens,
     )

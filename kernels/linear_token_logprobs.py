@@ -1,0 +1,481 @@
+"""Triton kernels: per-token log-probabilities fused with the LM head; ``[N, V]`` logits never hit memory.
+
+Maths (row ``n`` with hidden state ``h [D]``, label ``y``; LM head ``W [V, D]``, bias ``b [V]``, soft-cap
+``c``, temperature ``tau``):
+
+    a_j = <h, W_j> + b_j                       raw logit                      (tile by tile with tl.dot)
+    z_j = c * tanh(a_j / c)                    soft-capped logit (z = a without soft-cap)
+    u_j = z_j / tau
+    lse = log sum_j exp(u_j)                   online over vocabulary tiles, merged across splits
+    l   = u_y - lse
+
+Backward, with the per-token upstream gradient ``g = dLoss/dl`` and ``p_j = exp(u_j - lse)``:
+
+    dLoss/du_j = g * ([j == y] - p_j)
+    dLoss/da_j = dLoss/du_j / tau * (1 - tanh(a_j / c)^2)          (the last factor only with soft-cap)
+    dLoss/dh   = sum_j dLoss/da_j * W_j        -> d hidden [N, D]
+    dLoss/dW_j = sum_n dLoss/da_{n,j} * h_n    -> d weight [V, D]
+    dLoss/db_j = sum_n dLoss/da_{n,j}          -> d bias [V]
+
+Ignored rows cost nothing and need no host synchronisation: the launcher orders the rows so that the
+scored ones come first (``rows``) and passes their count in a device tensor (``n_valid_ptr``); every
+program whose row block starts past that count exits at once, and the loops over rows stop there.
+
+Kernels:
+
+* ``_fwd_kernel``: grid ``(row blocks, vocabulary splits)``. Each program computes, for its rows and its
+  share of the vocabulary, the running max, the running sum of exponentials and the target logit; the
+  launcher merges the splits (a logsumexp over ``SPLIT_V`` partials). Splitting the vocabulary keeps
+  the GPU busy when there are few row blocks.
+* ``_bwd_atomic_kernel`` (default backward): grid ``(row blocks, vocabulary tiles)``. Each program
+  recomputes its logit tile once and adds its contributions to ``d hidden``, ``d weight`` and
+  ``d bias`` with fp32 atomics: 8 N V D FLOPs for forward + backward, but the order of the additions
+  (and so the last bits of the result) depends on scheduling.
+* ``_bwd_dhidden_kernel`` + ``_bwd_dweight_kernel`` (``deterministic=True``): each program owns its
+  output rows (a row block of ``d hidden``, or a vocabulary tile of ``d weight`` and ``d bias``) and
+  loops over the other dimension in a fixed order, so no atomics are needed and the result is bitwise
+  reproducible. The logit tiles are recomputed once per kernel: 10 N V D FLOPs instead of 8.
+
+Gradients are accumulated in fp32 buffers and cast to the inputs' dtypes by the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["linear_token_logprobs_forward", "linear_token_logprobs_backward", "scored_rows_first"]
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp overflows to inf or underflows to 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _operand(x, UPCAST_DOT: tl.constexpr):
+    # tl.dot operand. The CPU interpreter mishandles bfloat16 products, so there the (already rounded)
+    # operands are widened to fp32 first; on a GPU they stay in the inputs' dtype for the tensor cores.
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _raw_logit_tile(
+    h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # a[n, j] = sum_d h[rows[n], d] * W[cols[j], d], accumulated in fp32 over BLOCK_D slices of D.
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dd < D
+        h = tl.load(
+            h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(
+            _operand(h, UPCAST_DOT), tl.trans(_operand(w, UPCAST_DOT)), acc, input_precision=DOT_PRECISION
+        )
+    return acc
+
+
+@triton.jit
+def _grad_logit_tile(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+    D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # dLoss/da for a [BLOCK_N, BLOCK_V] tile, recomputing the logits (see the module docstring); 0 outside
+    # the valid rows and columns.
+    a = _raw_logit_tile(
+        h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+    )
+    if HAS_BIAS:
+        a += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        t = _tanh(a / softcap)
+        u = softcap * t * inv_temp
+    else:
+        u = a * inv_temp
+    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    p = tl.exp(u - lse[:, None])
+    onehot = cols[None, :] == label[:, None]
+    du = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    da = du * inv_temp
+    if HAS_SOFTCAP:
+        da = da * (1.0 - t * t)
+    return tl.where(row_mask[:, None] & col_mask[None, :], da, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    h_ptr,  # [N, D] hidden states (strides stride_hn, stride_hd)
+    w_ptr,  # [V, D] LM-head weight (strides stride_wv, stride_wd)
+    b_ptr,  # [V] bias (unused unless HAS_BIAS)
+    labels_ptr,  # [N] int labels, indexed by original row
+    rows_ptr,  # [N] int64 row order: scored rows first
+    n_valid_ptr,  # [1] int32: number of scored rows (a device tensor: no host sync)
+    max_ptr,  # [SPLIT_V, N] fp32 out: running max of u per split and row
+    sum_ptr,  # [SPLIT_V, N] fp32 out: sum of exp(u - max) per split and row
+    target_ptr,  # [SPLIT_V, N] fp32 out: u at the label if the label lies in this split, else 0
+    N,  # number of rows (hidden.shape[0])
+    V,  # vocabulary size
+    D,  # hidden size
+    stride_hn, stride_hd, stride_wv, stride_wd,  # strides of hidden and weight, in elements
+    inv_temp,  # 1 / temperature
+    softcap,  # soft-cap c (unused unless HAS_SOFTCAP)
+    V_PER_SPLIT,  # vocabulary columns per split (a multiple of BLOCK_V)
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary tile width
+    BLOCK_D: tl.constexpr,  # slice of D per tl.dot
+    DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32, "tf32" when the user allows it
+    UPCAST_DOT: tl.constexpr,  # widen tl.dot operands to fp32 (the CPU interpreter's bfloat16 dot is wrong)
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    start = pid_n * BLOCK_N
+    if start >= n_valid:
+        return
+    offs = start + tl.arange(0, BLOCK_N)
+    row_mask = offs < n_valid
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    m = tl.full([BLOCK_N], -float("inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    target = tl.zeros([BLOCK_N], dtype=tl.float32)
+    v_start = pid_s * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        a = _raw_logit_tile(
+            h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+        )
+        if HAS_BIAS:
+            a += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            a = softcap * _tanh(a / softcap)
+        u = tl.where(col_mask[None, :], a * inv_temp, -float("inf"))
+        m_new = tl.maximum(m, tl.max(u, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
+        m = m_new
+        target += tl.sum(tl.where(cols[None, :] == label[:, None], u, 0.0), axis=1)
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(max_ptr + out, m, mask=row_mask)
+    tl.store(sum_ptr + out, s, mask=row_mask)
+    tl.store(target_ptr + out, target, mask=row_mask)
+
+
+@triton.jit
+def _bwd_atomic_kernel(
+    h_ptr,  # [N, D] hidden states
+    w_ptr,  # [V, D] LM-head weight
+    b_ptr,  # [V] bias (unused unless HAS_BIAS)
+    labels_ptr,  # [N] int labels
+    rows_ptr,  # [N] int64 row order: scored rows first
+    n_valid_ptr,  # [1] int32 number of scored rows
+    lse_ptr,  # [N] fp32 logsumexp saved by the forward
+    grad_ptr,  # [N] fp32 upstream gradient per token
+    dh_ptr,  # [N, D] fp32 accumulator for d hidden (contiguous), zero-initialised
+    dw_ptr,  # [V, D] fp32 accumulator for d weight (contiguous), zero-initialised
+    db_ptr,  # [V] fp32 accumulator for d bias, zero-initialised
+    V, D,  # vocabulary and hidden sizes
+    stride_hn, stride_hd, stride_wv, stride_wd,  # input strides, in elements
+    inv_temp, softcap,  # 1 / temperature; soft-cap c
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    start = pid_n * BLOCK_N
+    if start >= n_valid:
+        return
+    offs = start + tl.arange(0, BLOCK_N)
+    row_mask = offs < n_valid
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    da = _grad_logit_tile(
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+        D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+    )
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask)
+    da_lp = da.to(h_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dd < D
+        if COMPUTE_DH:
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            dh = tl.dot(_operand(da_lp, UPCAST_DOT), _operand(w, UPCAST_DOT), input_precision=DOT_PRECISION)
+            tl.atomic_add(dh_ptr + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+        if COMPUTE_DW:
+            h = tl.load(
+                h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            dw = tl.dot(tl.trans(_operand(da_lp, UPCAST_DOT)), _operand(h, UPCAST_DOT), input_precision=DOT_PRECISION)
+            tl.atomic_add(dw_ptr + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _bwd_dhidden_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    dh_ptr,  # [N, D] fp32 d hidden (contiguous), zero-initialised; this program owns its row block
+    V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # Deterministic d hidden: one program per row block, vocabulary tiles visited in a fixed order.
+    pid_n = tl.program_id(0)
+    n_valid = tl.load(n_valid_ptr)
+    start = pid_n * BLOCK_N
+    if start >= n_valid:
+        return
+    offs = start + tl.arange(0, BLOCK_N)
+    row_mask = offs < n_valid
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        da = _grad_logit_tile(
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+        ).to(h_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (dd < D)[None, :]
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
+                mask=col_mask[:, None] & (dd < D)[None, :],
+                other=0.0,
+            )
+            ptrs = dh_ptr + rows[:, None] * D + dd[None, :]
+            acc = tl.load(ptrs, mask=mask, other=0.0)
+            acc = tl.dot(_operand(da, UPCAST_DOT), _operand(w, UPCAST_DOT), acc, input_precision=DOT_PRECISION)
+            tl.store(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _bwd_dweight_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    dw_ptr,  # [V, D] fp32 d weight (contiguous); this program owns its vocabulary tile
+    db_ptr,  # [V] fp32 d bias; this program owns its vocabulary tile
+    V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # Deterministic d weight and d bias: one program per vocabulary tile, scored row blocks in order.
+    pid_v = tl.program_id(0)
+    n_valid = tl.load(n_valid_ptr)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, n_valid, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        row_mask = offs < n_valid
+        rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+        da = _grad_logit_tile(
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+        )
+        db += tl.sum(da, axis=0)
+        if COMPUTE_DW:
+            da_lp = da.to(h_ptr.dtype.element_ty)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                h = tl.load(
+                    h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
+                    mask=row_mask[:, None] & (dd < D)[None, :],
+                    other=0.0,
+                )
+                mask = col_mask[:, None] & (dd < D)[None, :]
+                ptrs = dw_ptr + cols[:, None] * D + dd[None, :]
+                acc = tl.load(ptrs, mask=mask, other=0.0)
+                acc = tl.dot(tl.trans(_operand(da_lp, UPCAST_DOT)), _operand(h, UPCAST_DOT), acc, input_precision=DOT_PRECISION)
+                tl.store(ptrs, acc, mask=mask)
+    if COMPUTE_DB:
+        tl.store(db_ptr + cols, db, mask=col_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+def _blocks(device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D): GEMM-sized tiles on a GPU, small ones for the CPU interpreter."""
+    if device.type == "cuda":
+        return 64, 128, 64
+    return 16, 64, 32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """Exact fp32 products unless the user allowed TF32 matmuls (torch.backends.cuda.matmul.allow_tf32)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def scored_rows_first(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [N] int64, n_valid [1] int32)``: a stable order with the scored rows first, and their count.
+
+    Both stay on the device (no host synchronisation): kernels read ``n_valid`` themselves.
+    """
+    ignored = labels == ignore_index
+    rows = torch.argsort(ignored.to(torch.int8), stable=True)
+    n_valid = (~ignored).sum().to(torch.int32).reshape(1)
+    return rows, n_valid
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def linear_token_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp [N], lse [N])`` fp32 (0 where ignored)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    if N == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty.clone()
+    BLOCK_N, BLOCK_V, BLOCK_D = _blocks(device)
+    rows, n_valid = scored_rows_first(labels, ignore_index)
+    row_blocks = triton.cdiv(N, BLOCK_N)
+    v_tiles = triton.cdiv(V, BLOCK_V)
+    # Enough programs to fill the machine about four times over, without splitting below one tile.
+    split_v = max(1, min(v_tiles, triton.cdiv(4 * _num_sms(device), row_blocks)))
+    v_per_split = triton.cdiv(v_tiles, split_v) * BLOCK_V
+    split_v = triton.cdiv(V, v_per_split)
+    part_max = torch.full((split_v, N), -float("inf"), dtype=torch.float32, device=device)
+    part_sum = torch.zeros((split_v, N), dtype=torch.float32, device=device)
+    part_target = torch.zeros((split_v, N), dtype=torch.float32, device=device)
+    _fwd_kernel[(row_blocks, split_v)](
+        hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid,
+        part_max, part_sum, part_target,
+        N, V, D,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        1.0 / temperature, float(softcap or 1.0), v_per_split,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(hidden.dtype),
+        UPCAST_DOT=device.type != "cuda",
+    )
+    # Merge the splits: lse = M + log(sum_s S_s exp(M_s - M)). Ignored rows keep -inf maxima and are
+    # zeroed below (their value is never used).
+    scored = labels != ignore_index
+    m = part_max.max(dim=0).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lse = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
+    lse = torch.where(scored, lse, torch.zeros_like(lse))
+    logp = torch.where(scored, part_target.sum(dim=0) - lse, torch.zeros_like(lse))
+    return logp, lse
+
+
+def linear_token_logprobs_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    *,
+    needs_hidden: bool = True,
+    needs_weight: bool = True,
+    needs_bias: bool = True,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(d hidden [N, D], d weight [V, D], d bias [V])`` in the inputs' dtypes (None where not needed).
+
+    ``grad_out [N]`` is the per-token upstream gradient. ``deterministic=False`` (default) uses one kernel
+    with fp32 atomics; ``True`` uses two kernels that own their outputs (no atomics, bitwise
+    reproducible, one more recomputation of the logits).
+    """
+    N, D = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    needs_bias = needs_bias and bias is not None
+    dh = torch.zeros((N, D), dtype=torch.float32, device=device) if needs_hidden else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=device) if needs_weight else None
+    db = torch.zeros((V,), dtype=torch.float32, device=device) if needs_bias else None
+    if N > 0 and (needs_hidden or needs_weight or needs_bias):
+        BLOCK_N, BLOCK_V, BLOCK_D = _blocks(device)
+        rows, n_valid = scored_rows_first(labels, ignore_index)
+        grad_out = grad_out.to(torch.float32).contiguous()
+        common = (
+            V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / temperature, float(softcap or 1.0),
+        )
+        meta = dict(
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(hidden.dtype),
+            UPCAST_DOT=device.type != "cuda",
+        )
+        inputs = (hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid, lse, grad_out)
+        dummy = lse  # any fp32 tensor for pointers that a constexpr switch leaves unused
+        if deterministic:
+            if needs_hidden:
+                _bwd_dhidden_kernel[(triton.cdiv(N, BLOCK_N),)](*inputs, dh, *common, **meta)
+            if needs_weight or needs_bias:
+                _bwd_dweight_kernel[(triton.cdiv(V, BLOCK_V),)](
+                    *inputs, dw if dw is not None else dummy, db if db is not None else dummy, *common,
+                    COMPUTE_DW=needs_weight, COMPUTE_DB=needs_bias, **meta,
+                )
+        else:
+            _bwd_atomic_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))](
+                *inputs,
+                dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+                *common,
+                COMPUTE_DH=needs_hidden, COMPUTE_DW=needs_weight, COMPUTE_DB=needs_bias, **meta,
+            )
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw.to(weight.dtype) if dw is not None else None,
+        db.to(bias.dtype) if db is not None else None,
+    )

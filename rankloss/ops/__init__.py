@@ -1,0 +1,16 @@
+"""Fused ops behind the public API: one module per op (chunked PyTorch path, custom op, autograd).
+
+The Triton kernels they launch live in ``rankloss.kernels`` and are imported on first use only.
+"""
+
+from ._common import LOGPROB_IMPLS, default_chunk_size, resolve_impl
+from .linear_token_logprobs import linear_token_logprobs_op
+from .token_logprobs import token_logprobs_op
+
+__all__ = [
+    "LOGPROB_IMPLS",
+    "default_chunk_size",
+    "linear_token_logprobs_op",
+    "resolve_impl",
+    "token_logprobs_op",
+]

@@ -1,0 +1,124 @@
+"""Shared plumbing of the fused ops: implementation choice, lazy kernel imports, chunk sizes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .._validation import check_impl
+
+LOGPROB_IMPLS = ("triton", "torch", "reference")
+
+# Bytes of one [chunk, V] fp32 buffer the chunked paths aim for; a few such buffers live at once.
+CHUNK_BUDGET_BYTES = 32 * 2**20
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - platforms without triton wheels
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_module(name: str) -> ModuleType:
+    """Import ``rankloss.kernels.<name>`` on first use (never at ``import rankloss``).
+
+    Triton decides at decoration time whether a kernel is compiled or interpreted, so importing lazily
+    lets ``TRITON_INTERPRET=1`` set by a program before its first Triton call take effect.
+    """
+    return importlib.import_module(f"rankloss.kernels.{name}")
+
+
+def resolve_impl(impl: object, *tensors: Tensor | None, available: tuple[str, ...] = LOGPROB_IMPLS) -> str:
+    """Pick the implementation: Triton on CUDA tensors (when triton is installed), chunked torch otherwise.
+
+    ``impl="triton"`` on CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` in the
+    environment before the first kernel is imported); float64 inputs need ``"torch"`` or ``"reference"``.
+    """
+    chosen = check_impl(impl, available)
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    fp64 = any(t.dtype == torch.float64 for t in present)
+    if chosen is None:
+        if device.type == "cuda" and triton_available() and not fp64:
+            return "triton"
+        return "torch"
+    if chosen == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' needs the triton package, which is not installed")
+        if fp64:
+            raise TypeError(
+                "impl='triton' computes in float32 and does not take float64 inputs; use impl='torch' "
+                "or impl='reference' for float64"
+            )
+        if device.type == "cpu" and not interpreting():
+            raise ValueError(
+                "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before rankloss runs its first kernel (or use impl='torch', the CPU path)"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"impl='triton' runs on CUDA (or CPU with TRITON_INTERPRET=1), got {device}")
+    return chosen
+
+
+def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32."""
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
+
+
+def default_chunk_size(vocab_size: int, hidden_size: int = 0) -> int:
+    """Rows per chunk of the chunked paths, from ``V`` and ``D``.
+
+    The largest power of two ``c`` in ``[16, 4096]`` with ``c * (V + D) * 4 bytes <= 32 MiB``: one
+    ``[c, V]`` fp32 logits buffer (and its ``[c, D]`` rows) stays near 32 MiB, so the extra memory is
+    ``O(c * V)`` and independent of the number of tokens. At ``V = 32000`` this gives 256 rows, at
+    ``V = 152064`` 32 rows.
+    """
+    rows = CHUNK_BUDGET_BYTES // (4 * (vocab_size + hidden_size))
+    c = 16
+    while c * 2 <= min(rows, 4096):
+        c *= 2
+    return c
+
+
+def check_chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size}")
+    return chunk_size
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect for ``device_type``, or None when autocast is off."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def logprob_grad_(p: Tensor, labels: Tensor, g: Tensor, temperature: float) -> Tensor:
+    """In place: turn ``p = softmax(u) [c, V]`` into ``dLoss/dz = g * (onehot(labels) - p) / temperature``.
+
+    The target entry is written as ``g * sum_{j != y} p_j / temperature``: computed as ``1 - p_y`` it would
+    lose all its bits when ``p_y -> 1``. ``labels`` must be valid column indices (clamp ignored ones
+    and pass ``g = 0`` for them).
+    """
+    target = labels[:, None]
+    p.scatter_(1, target, 0.0)
+    others = p.sum(dim=1, keepdim=True)
+    p.mul_(g[:, None] * (-1.0 / temperature))
+    return p.scatter_(1, target, others * (g[:, None] / temperature))

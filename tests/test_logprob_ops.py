@@ -1,0 +1,359 @@
+"""The fast per-token log-prob paths (Triton kernels and chunked PyTorch) against the float64 reference.
+
+Tolerances follow apple/ml-cross-entropy: the error of a fast path against the float64 truth may be no
+larger than the error plain PyTorch makes on the same inputs in the same dtype, plus a small margin.
+Triton kernels run under TRITON_INTERPRET=1 on CPU (tests/conftest.py), so their shapes are small and
+odd (never a multiple of a block size: the interpreter's blocks are 16 x 64 x 32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rankloss.reference import logprobs as ref
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rankloss
+from rankloss.ops import default_chunk_size
+from rankloss.ops.linear_token_logprobs import _linear_token_logprobs_fwd
+from rankloss.ops.token_logprobs import _token_logprobs_fwd
+
+FAST_IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Margin added to the plain-PyTorch error, per dtype (absolute, on values of order 1-10).
+MARGIN = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_no_worse(name: str, fast: torch.Tensor, truth: torch.Tensor, plain: torch.Tensor, dtype) -> None:
+    e_fast, e_plain = _err(fast, truth), _err(plain, truth)
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    assert e_fast <= e_plain + MARGIN[dtype] * scale, (
+        f"{name}: error {e_fast:.3g} vs float64 truth exceeds plain PyTorch's {e_plain:.3g} + margin"
+    )
+
+
+def _linear_case(N, D, V, dtype, *, seed=0, ignore_frac=0.2, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g).to(dtype)
+    weight = (torch.randn(V, D, generator=g) / D**0.5 * 2).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < ignore_frac] = -100
+    upstream = torch.randn(N, generator=g)
+    return hidden, weight, b, labels, upstream
+
+
+def _run_linear(impl, hidden, weight, bias, labels, upstream, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    out = rankloss.linear_token_logprobs(h, w, labels, bias=b, impl=impl, **kw)
+    (out * upstream).sum().backward()
+    return out.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(temperature=0.7), dict(softcap=4.0), dict(softcap=6.0, temperature=1.3)],
+    ids=["plain", "temperature", "softcap", "softcap+temperature"],
+)
+def test_linear_token_logprobs_matches_float64_reference(impl, dtype, options):
+    N, D, V = 37, 67, 1031
+    hidden, weight, bias, labels, upstream = _linear_case(N, D, V, dtype)
+    out, dh, dw, db = _run_linear(impl, hidden, weight, bias, labels, upstream, **options)
+    assert out.dtype == torch.float32 and out.shape == (N,)
+    assert dh.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
+    truth = _run_linear(
+        "reference", hidden.double(), weight.double(), bias.double(), labels, upstream.double(), **options
+    )
+    plain = _run_linear("reference", hidden, weight, bias, labels, upstream, **options)
+    # Plain PyTorch in the input dtype: logits, log_softmax and gradients all in `dtype`.
+    if dtype != torch.float32:
+        h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+        z = h @ w.T + b
+        if options.get("softcap"):
+            z = options["softcap"] * torch.tanh(z / options["softcap"])
+        lp = torch.log_softmax(z / options.get("temperature", 1.0), dim=-1)
+        lp = torch.where(labels != -100, lp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0)
+        (lp * upstream.to(dtype)).sum().backward()
+        plain = (lp.detach(), h.grad, w.grad, b.grad)
+    for name, f, t, p in zip(("logp", "d hidden", "d weight", "d bias"), (out, dh, dw, db), truth, plain):
+        _assert_no_worse(name, f, t, p, dtype)
+    assert torch.all(out[labels == -100] == 0) and torch.all(dh[labels == -100] == 0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_triton_deterministic_backward_matches_atomic_and_repeats_bitwise(softcap):
+    hidden, weight, bias, labels, upstream = _linear_case(29, 45, 301, torch.float32, seed=3)
+    fast = _run_linear("triton", hidden, weight, bias, labels, upstream, softcap=softcap)
+    det1 = _run_linear("triton", hidden, weight, bias, labels, upstream, softcap=softcap, deterministic=True)
+    det2 = _run_linear("triton", hidden, weight, bias, labels, upstream, softcap=softcap, deterministic=True)
+    for a, b, c in zip(fast, det1, det2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, c)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_linear_all_rows_ignored_gives_zeros(impl):
+    hidden, weight, bias, labels, upstream = _linear_case(19, 33, 131, torch.float32)
+    labels[:] = -100
+    out, dh, dw, db = _run_linear(impl, hidden, weight, bias, labels, upstream)
+    assert torch.all(out == 0) and torch.all(dh == 0) and torch.all(dw == 0) and torch.all(db == 0)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_linear_without_bias_and_frozen_weight(impl):
+    hidden, weight, _, labels, upstream = _linear_case(23, 35, 211, torch.float32, bias=False)
+    h = hidden.clone().requires_grad_()
+    out = rankloss.linear_token_logprobs(h, weight, labels, impl=impl)  # weight needs no gradient
+    (out * upstream).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    (ref.linear_token_logprobs(h64, weight.double(), labels) * upstream.double()).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.triton
+@settings(max_examples=8)
+@given(
+    N=st.integers(1, 40),
+    D=st.integers(1, 50),
+    V=st.integers(2, 300),
+    seed=st.integers(0, 2**16),
+    softcap=st.sampled_from([None, 3.0]),
+    temperature=st.sampled_from([1.0, 0.6]),
+    deterministic=st.booleans(),
+)
+def test_triton_linear_hypothesis_shapes(N, D, V, seed, softcap, temperature, deterministic):
+    hidden, weight, bias, labels, upstream = _linear_case(N, D, V, torch.float32, seed=seed)
+    kw = dict(softcap=softcap, temperature=temperature)
+    fast = _run_linear("triton", hidden, weight, bias, labels, upstream, deterministic=deterministic, **kw)
+    truth = _run_linear(
+        "reference", hidden.double(), weight.double(), bias.double(), labels, upstream.double(), **kw
+    )
+    for f, t in zip(fast, truth):
+        torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(
+    N=st.integers(1, 60),
+    D=st.integers(1, 40),
+    V=st.integers(2, 200),
+    chunk=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+    softcap=st.sampled_from([None, 2.5]),
+)
+def test_torch_linear_hypothesis_chunking(N, D, V, chunk, seed, softcap):
+    hidden, weight, bias, labels, upstream = _linear_case(N, D, V, torch.float64, seed=seed)
+    fast = _run_linear("torch", hidden, weight, bias, labels, upstream, chunk_size=chunk, softcap=softcap)
+    truth = _run_linear("reference", hidden, weight, bias, labels, upstream, softcap=softcap)
+    for f, t in zip(fast, truth):
+        torch.testing.assert_close(f, t, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probs from logits
+# --------------------------------------------------------------------------------------------------
+def _run_logits(impl, logits, labels, upstream, **kw):
+    z = logits.detach().clone().requires_grad_()
+    out = rankloss.token_logprobs(z, labels, impl=impl, **kw)
+    (out * upstream).sum().backward()
+    return out.detach(), z.grad
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 0.45])
+def test_token_logprobs_matches_float64_reference(impl, dtype, temperature):
+    g = torch.Generator().manual_seed(1)
+    S, T, V = 3, 13, 1031
+    logits = (torch.randn(S, T, V, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, V, (S, T), generator=g)
+    labels[0, :5] = -100
+    upstream = torch.randn(S, T, generator=g)
+    out, grad = _run_logits(impl, logits, labels, upstream, temperature=temperature)
+    assert out.dtype == torch.float32 and out.shape == (S, T) and grad.dtype == dtype
+    truth = _run_logits("reference", logits.double(), labels, upstream.double(), temperature=temperature)
+    z = logits.detach().clone().requires_grad_()
+    lp = torch.log_softmax(z / temperature, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    lp = torch.where(labels != -100, lp, 0)
+    (lp * upstream.to(dtype)).sum().backward()
+    for name, f, t, p in zip(("logp", "d logits"), (out, grad), truth, (lp.detach(), z.grad)):
+        _assert_no_worse(name, f, t, p, dtype)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_token_logprobs_confident_target_keeps_its_gradient_bits(impl):
+    # softmax -> 1 at the target: g * (1 - p_y) must not round to 0, so it is computed as the sum of the
+    # other probabilities. (Autograd through log_softmax loses it even in float64: 1 - p_y cancels.)
+    V = 97
+    logits = torch.zeros(2, V)
+    logits[:, 5] = 30.0
+    labels = torch.tensor([5, 5])
+    _, grad = _run_logits(impl, logits, labels, torch.ones(2))
+    others = (V - 1) * torch.exp(torch.tensor(-30.0, dtype=torch.float64))
+    exact = others / (1 + others)  # 1 - p_y, exactly
+    torch.testing.assert_close(grad[:, 5].double(), exact.expand(2), rtol=1e-5, atol=0)
+    _, autograd_grad = _run_logits("reference", logits, labels, torch.ones(2))
+    assert torch.all(autograd_grad[:, 5] == 0)  # what plain fp32 autograd gives
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: the chunked path never holds more than one chunk of logits
+# --------------------------------------------------------------------------------------------------
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_torch_path_extra_memory_is_one_chunk_of_logits():
+    N, D, V, chunk = 300, 24, 500, 32
+    hidden, weight, bias, labels, upstream = _linear_case(N, D, V, torch.float32, ignore_frac=0.0)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with _LargestTensor() as probe:
+        out = rankloss.linear_token_logprobs(h, w, labels, bias=bias, impl="torch", chunk_size=chunk)
+        (out * upstream).sum().backward()
+    assert probe.largest <= max(chunk * V, V * D, N * D), probe.largest
+    with _LargestTensor() as naive:
+        rankloss.linear_token_logprobs(hidden, weight, labels, bias=bias, impl="reference")
+    assert naive.largest >= N * V  # the probe does see full logits when they are built
+
+
+def test_default_chunk_size_follows_vocabulary():
+    assert default_chunk_size(32000, 512) == 256
+    assert default_chunk_size(152064, 4096) == 32
+    assert default_chunk_size(10, 10) == 4096
+    for V in (1000, 32000, 152064, 256000):
+        c = default_chunk_size(V, 4096)
+        assert 16 <= c <= 4096 and c * (V + 4096) * 4 <= 32 * 2**20 or c == 16
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch, autocast, torch.library and torch.compile
+# --------------------------------------------------------------------------------------------------
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        rankloss.linear_token_logprobs(
+            torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), impl="triton"
+        )
+
+
+def test_triton_rejects_float64_with_a_clear_error():
+    with pytest.raises(TypeError, match="float64"):
+        rankloss.token_logprobs(
+            torch.randn(3, 5, dtype=torch.float64), torch.zeros(3, dtype=torch.long), impl="triton"
+        )
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_chunk_size_is_validated(bad):
+    with pytest.raises((TypeError, ValueError), match="chunk_size"):
+        rankloss.token_logprobs(
+            torch.randn(3, 5), torch.zeros(3, dtype=torch.long), impl="torch", chunk_size=bad
+        )
+
+
+def test_autocast_casts_inputs_like_f_linear():
+    hidden, weight, bias, labels, upstream = _linear_case(21, 32, 97, torch.float32)
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rankloss.linear_token_logprobs(hidden, w, labels, bias=bias, impl="torch")
+    (out * upstream).sum().backward()
+    assert out.dtype == torch.float32 and w.grad.dtype == torch.float32
+    expected = rankloss.linear_token_logprobs(
+        hidden.bfloat16(), weight.bfloat16(), labels, bias=bias.bfloat16(), impl="torch"
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def test_mixed_input_dtypes_are_promoted():
+    hidden, weight, bias, labels, _ = _linear_case(9, 16, 41, torch.float32)
+    out = rankloss.linear_token_logprobs(hidden.bfloat16(), weight, labels, bias=bias, impl="torch")
+    expected = rankloss.linear_token_logprobs(
+        hidden.bfloat16().float(), weight, labels, bias=bias, impl="torch"
+    )
+    torch.testing.assert_close(out, expected)
+
+
+def test_opcheck_linear_and_logits_ops():
+    hidden, weight, bias, labels, _ = _linear_case(11, 16, 37, torch.float32)
+    h, w, b = (t.requires_grad_() for t in (hidden, weight, bias))
+    torch.library.opcheck(_linear_token_logprobs_fwd, (h, w, labels, b, -100, 1.0, None, "torch", 4, False))
+    torch.library.opcheck(
+        _linear_token_logprobs_fwd, (h, w, labels, None, -100, 0.5, 3.0, "torch", 64, False)
+    )
+    z = torch.randn(11, 37, requires_grad=True)
+    torch.library.opcheck(_token_logprobs_fwd, (z, labels, -100, 1.3, "torch", 4))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_on_cpu():
+    hidden, weight, bias, labels, _ = _linear_case(2 * 13, 16, 37, torch.float32)
+    labels = labels.view(2, 13)
+
+    def scores(h, w, b, z):
+        lp = rankloss.linear_token_logprobs(h.view(2, 13, 16), w, labels, bias=b, impl="torch")
+        lz = rankloss.token_logprobs(z, labels, impl="torch")
+        return rankloss.sequence_logprobs(lp + lz, labels, length_normalize=True)
+
+    z = torch.randn(2, 13, 37)
+    args = [t.clone().requires_grad_() for t in (hidden, weight, bias, z)]
+    eager_args = [t.clone().requires_grad_() for t in (hidden, weight, bias, z)]
+    compiled = torch.compile(scores, fullgraph=True)
+    out = compiled(*args)
+    eager = scores(*eager_args)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    eager.sum().backward()
+    for a, e in zip(args, eager_args):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# External check: a transformers causal LM's own loss
+# --------------------------------------------------------------------------------------------------
+def test_matches_a_transformers_causal_lm_loss():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(
+        vocab_size=211,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    input_ids = torch.randint(0, 211, (3, 17))
+    hf_labels = input_ids.clone()
+    hf_labels[:, :4] = -100  # a prompt
+    hf_labels[2, 12:] = -100  # padding
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=hf_labels, output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    labels = rankloss.shift_labels(hf_labels)
+    for impl in ("torch", "reference"):
+        logp = rankloss.linear_token_logprobs(hidden, model.lm_head.weight, labels, impl=impl)
+        ours = -logp.sum() / (labels != -100).sum()
+        torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-5)
