@@ -25,7 +25,8 @@ def main() -> None:
     ref_hidden = torch.randn(S, T, D)
     hidden = (ref_hidden + 0.3 * torch.randn(S, T, D)).requires_grad_()
 
-    ref_scores = rankloss.sequence_logprobs(rankloss.linear_token_logprobs(ref_hidden, lm_head, labels), labels)
+    ref_token_logps = rankloss.linear_token_logprobs(ref_hidden, lm_head, labels)
+    ref_scores = rankloss.sequence_logprobs(ref_token_logps, labels)
     token_logps = rankloss.linear_token_logprobs(hidden, lm_head, labels)
     scores = rankloss.sequence_logprobs(token_logps, labels)
     num_tokens = (labels != -100).sum(-1)
@@ -39,7 +40,8 @@ def main() -> None:
         "lipo": dict(loss="lipo"),
         "plackett_luce + sft 0.5": dict(loss="plackett_luce", sft_weight=0.5, num_tokens=num_tokens),
     }
-    print(f"{'loss':28s} {'value':>9s} {'pair_acc':>9s} {'top1':>6s} {'tau':>7s} {'margin':>9s} {'|grad|':>9s}")
+    header = ("loss", "value", "pair_acc", "top1", "tau", "margin", "|grad|")
+    print("{:28s} {:>9s} {:>9s} {:>6s} {:>7s} {:>9s} {:>9s}".format(*header))
     for name, options in runs.items():
         out = rankloss.chain_loss(scores, chain_sizes, ref_scores, beta=0.5, **options)
         (grad,) = torch.autograd.grad(out.loss, hidden, retain_graph=True)

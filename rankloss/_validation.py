@@ -33,7 +33,9 @@ def values_checkable(t: Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("RANKLOSS_VALIDATE", "0") == "1"
 
 
-def check_float_tensor(x: object, name: str, *, ndim: int | None = None, min_ndim: int | None = None) -> Tensor:
+def check_float_tensor(
+    x: object, name: str, *, ndim: int | None = None, min_ndim: int | None = None
+) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -110,7 +112,8 @@ def check_labels_range(labels: Tensor, vocab_size: int, ignore_index: int, name:
         first = labels[bad][0].item()
         count = int(bad.sum())
         raise ValueError(
-            f"{name} must lie in [0, {vocab_size}) (the vocabulary size) or equal ignore_index={ignore_index}; "
+            f"{name} must lie in [0, {vocab_size}) (the vocabulary size) "
+            f"or equal ignore_index={ignore_index}; "
             f"found {count} out-of-range value(s), e.g. {first}"
         )
 
@@ -125,6 +128,10 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
         check_int_tensor(chain_sizes, name, ndim=1)
         if _compiling():
             raise TypeError(f"{name} must be a list of ints (not a tensor) inside torch.compile")
+        if chain_sizes.device.type == "meta":
+            raise ValueError(
+                f"{name} must be a list of ints or a tensor with values, got a tensor on the meta device"
+            )
         sizes = [int(v) for v in chain_sizes.tolist()]
     elif isinstance(chain_sizes, (list, tuple)):
         for i, v in enumerate(chain_sizes):
@@ -132,7 +139,9 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
                 raise TypeError(f"{name}[{i}] must be an int, got {v!r}")
         sizes = [int(v) for v in chain_sizes]
     else:
-        raise TypeError(f"{name} must be a list of ints or a 1-D integer tensor, got {type(chain_sizes).__name__}")
+        raise TypeError(
+            f"{name} must be a list of ints or a 1-D integer tensor, got {type(chain_sizes).__name__}"
+        )
     if len(sizes) == 0:
         raise ValueError(f"{name} must hold at least one chain, got an empty sequence")
     for i, k in enumerate(sizes):
@@ -158,3 +167,16 @@ def check_impl(impl: object, available: Sequence[str]) -> str | None:
     if impl not in available:
         raise ValueError(f"impl must be None or one of {tuple(available)}, got {impl!r}")
     return impl  # type: ignore[return-value]
+
+
+def check_cu_seqlens(cu_seqlens: object, num_tokens: int, name: str = "cu_seqlens") -> Tensor:
+    """Packed-layout offsets: a 1-D integer tensor ``[S + 1]``, non-decreasing from 0 to ``num_tokens``."""
+    check_int_tensor(cu_seqlens, name, ndim=1)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if values_checkable(cu_seqlens):
+        b = cu_seqlens.tolist()
+        if b[0] != 0 or b[-1] != num_tokens or any(x > y for x, y in zip(b[:-1], b[1:])):
+            shown = f"{b[:8]}..." if len(b) > 8 else f"{b}"
+            raise ValueError(f"{name} must be non-decreasing offsets from 0 to N = {num_tokens}, got {shown}")
+    return cu_seqlens

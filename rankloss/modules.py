@@ -30,7 +30,10 @@ class TokenLogProbs(nn.Module):
 
 
 class LinearTokenLogProbs(nn.Module):
-    """Module form of :func:`rankloss.linear_token_logprobs`: ``forward(hidden, weight, labels, bias=None)``."""
+    """Module form of :func:`rankloss.linear_token_logprobs`.
+
+    ``forward(hidden [..., D], weight [V, D], labels [...], bias=None) -> [...]``.
+    """
 
     def __init__(
         self,
@@ -40,7 +43,8 @@ class LinearTokenLogProbs(nn.Module):
         impl: str | None = None,
     ):
         super().__init__()
-        self.ignore_index, self.temperature, self.softcap, self.impl = ignore_index, temperature, softcap, impl
+        self.ignore_index, self.temperature = ignore_index, temperature
+        self.softcap, self.impl = softcap, impl
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
         return _lp.linear_token_logprobs(
@@ -84,7 +88,10 @@ class _ScoreChainLoss(nn.Module):
 
 
 class PlackettLuceLoss(_ScoreChainLoss):
-    """Module form of :func:`rankloss.plackett_luce_loss`: ``forward(scores, chain_sizes, ref_scores=None)``."""
+    """Module form of :func:`rankloss.plackett_luce_loss`: ``forward(scores, chain_sizes, ref_scores=None)``.
+
+    ``forward`` also takes ``num_tokens [S]`` (needed when ``sft_weight != 0``).
+    """
 
     _loss = "plackett_luce"
 
@@ -114,7 +121,12 @@ class DPOChainLoss(_ScoreChainLoss):
         impl: str | None = None,
     ):
         super().__init__(
-            beta=beta, pairs=pairs, dpo_loss_type=loss_type, sft_weight=sft_weight, reduction=reduction, impl=impl
+            beta=beta,
+            pairs=pairs,
+            dpo_loss_type=loss_type,
+            sft_weight=sft_weight,
+            reduction=reduction,
+            impl=impl,
         )
 
 
@@ -123,5 +135,7 @@ class LiPOLoss(_ScoreChainLoss):
 
     _loss = "lipo"
 
-    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, reduction: str = "mean", impl: str | None = None):
+    def __init__(
+        self, beta: float = 0.1, sft_weight: float = 0.0, reduction: str = "mean", impl: str | None = None
+    ):
         super().__init__(beta=beta, sft_weight=sft_weight, reduction=reduction, impl=impl)

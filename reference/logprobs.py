@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "token_logprobs", "linear_logits", "linear_token_logprobs", "sequence_logprobs"]
+__all__ = [
+    "accumulation_dtype",
+    "token_logprobs",
+    "linear_logits",
+    "linear_token_logprobs",
+    "sequence_logprobs",
+]
 
 
 def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -24,7 +30,9 @@ def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float32
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, temperature: float = 1.0) -> Tensor:
+def token_logprobs(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, temperature: float = 1.0
+) -> Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)``.
 
     ``l[..., t] = log_softmax(logits[..., t, :] / temperature)[labels[..., t]]``, and ``0`` where
@@ -36,7 +44,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, tem
     z = logits.to(accumulation_dtype(logits)) / temperature
     logp = torch.log_softmax(z, dim=-1)
     scored = labels != ignore_index
-    safe_labels = torch.where(scored, labels, torch.zeros_like(labels))
+    # gather needs int64 indices; labels may be any integer dtype (int32, uint8, ...).
+    safe_labels = torch.where(scored, labels, torch.zeros_like(labels)).long()
     picked = logp.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return torch.where(scored, picked, torch.zeros_like(picked))
 
@@ -75,7 +84,10 @@ def linear_token_logprobs(
     Shapes: ``hidden [..., D]``, ``weight [V, D]``, ``labels [...]``, ``bias [V]`` -> ``[...]``.
     """
     return token_logprobs(
-        linear_logits(hidden, weight, bias, softcap), labels, ignore_index=ignore_index, temperature=temperature
+        linear_logits(hidden, weight, bias, softcap),
+        labels,
+        ignore_index=ignore_index,
+        temperature=temperature,
     )
 
 
@@ -86,7 +98,7 @@ def sequence_logprobs(
     length_normalize: bool = False,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
-    """Sequence scores: ``s_i = sum_t l_{i,t}`` over scored tokens, or ``s_i / n_i`` when ``length_normalize``.
+    """Sequence scores: ``s_i = sum_t l_{i,t}`` over scored tokens, or ``s_i / n_i`` if ``length_normalize``.
 
     ``n_i`` is the number of scored tokens (``labels != ignore_index``); a sequence with none scores 0.
 
@@ -95,7 +107,9 @@ def sequence_logprobs(
     tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``) -> ``[S]``.
     """
     scored = labels != ignore_index
-    values = torch.where(scored, token_logps, torch.zeros_like(token_logps)).to(accumulation_dtype(token_logps))
+    values = torch.where(scored, token_logps, torch.zeros_like(token_logps)).to(
+        accumulation_dtype(token_logps)
+    )
     if cu_seqlens is None:
         sums = values.sum(dim=-1)
         counts = scored.sum(dim=-1)

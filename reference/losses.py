@@ -112,7 +112,7 @@ def plackett_luce_loss(
 def chain_pairs(K: int, pairs: str = "adjacent") -> list[tuple[int, int]]:
     """The (winner, loser) index pairs (0-based, winner earlier in the chain) a strategy takes.
 
-    ``adjacent``: (k, k+1); ``all``: every k < j; ``best_worst``: (1, K); ``best_rest``: (1, j) for every j > 1.
+    ``adjacent``: (k, k+1); ``all``: every k < j; ``best_worst``: (1, K); ``best_rest``: (1, j), every j > 1.
     """
     if pairs == "adjacent":
         return [(k, k + 1) for k in range(K - 1)]
@@ -180,7 +180,9 @@ def lipo_weights(r: Tensor) -> Tensor:
     psi = (K - 1 - position).to(r.dtype) / (K - 1)
     gain = 2.0**psi - 1
     # rank_k = 1 + #{j : r_j > r_k} + #{j < k : r_j == r_k}
-    higher = (r[None, :] > r[:, None]) | ((r[None, :] == r[:, None]) & (position[None, :] < position[:, None]))
+    higher = (r[None, :] > r[:, None]) | (
+        (r[None, :] == r[:, None]) & (position[None, :] < position[:, None])
+    )
     rank = 1 + higher.sum(dim=1).to(r.dtype)
     discount = torch.log2(1 + rank)
     w = (gain[:, None] - gain[None, :]).abs() * (1 / discount[:, None] - 1 / discount[None, :]).abs()
@@ -194,7 +196,9 @@ def lipo_loss(
     beta: float = 0.1,
     reduction: str = "mean",
 ) -> Tensor:
-    """LiPO-lambda: ``L = sum_{k<j} w_kj * log(1 + exp(-(r_k - r_j)))`` per chain (weights from :func:`lipo_weights`).
+    """LiPO-lambda: ``L = sum_{k<j} w_kj * log(1 + exp(-(r_k - r_j)))`` per chain.
+
+    The weights ``w`` come from :func:`lipo_weights` and carry no gradient.
 
     Shapes: ``scores [S]``, ``chain_sizes [C]``, ``ref_scores [S]`` -> scalar, or ``[C]`` for ``none``.
     """

@@ -33,8 +33,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-# Two cores: keep torch from oversubscribing them.
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+# One intra-op thread: the tests use tiny tensors, where a second OpenMP thread only adds a barrier per
+# op, and on a busy 2-core machine that barrier waits for a core (measured: F.logsigmoid with grad on 12
+# float64 values took 4 us with 1 thread, 8 ms with 2 while another process ran; the chain-loss tests
+# went from 19 s to over 50 s). RANKLOSS_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("RANKLOSS_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
