@@ -2,12 +2,15 @@
 
 Functional API (mirrors ``torch.nn.functional``): :func:`token_logprobs`, :func:`linear_token_logprobs`,
 :func:`sequence_logprobs`, :func:`shift_labels`, :func:`plackett_luce_loss`, :func:`dpo_chain_loss`,
-:func:`lipo_loss`, :func:`chain_loss`. Module wrappers: :class:`PlackettLuceLoss`, :class:`DPOChainLoss`,
-:class:`LiPOLoss`, :class:`TokenLogProbs`, :class:`LinearTokenLogProbs`. The maths is in DESIGN.md §2 and
+:func:`lipo_loss`, :func:`chain_loss`; end to end from hidden states: :func:`fused_linear_chain_loss`,
+:func:`chain_loss_from_logits`, :func:`sequence_scores` (reference scores). Module wrappers:
+:class:`ChainLoss`, :class:`PlackettLuceLoss`, :class:`DPOChainLoss`, :class:`LiPOLoss`,
+:class:`TokenLogProbs`, :class:`LinearTokenLogProbs`. The maths is in DESIGN.md §2 and
 in ``rankloss.reference``, the specification every fast path is tested against.
 """
 
 from ._version import __version__
+from .fused_losses import ChainLoss, chain_loss_from_logits, fused_linear_chain_loss, sequence_scores
 from .logprobs import linear_token_logprobs, sequence_logprobs, shift_labels, token_logprobs
 from .losses import CHAIN_LOSSES, chain_loss, dpo_chain_loss, lipo_loss, plackett_luce_loss
 from .modules import DPOChainLoss, LinearTokenLogProbs, LiPOLoss, PlackettLuceLoss, TokenLogProbs
@@ -15,6 +18,7 @@ from .outputs import ChainLossOutput
 
 __all__ = [
     "CHAIN_LOSSES",
+    "ChainLoss",
     "ChainLossOutput",
     "DPOChainLoss",
     "LiPOLoss",
@@ -23,6 +27,9 @@ __all__ = [
     "TokenLogProbs",
     "__version__",
     "chain_loss",
+    "chain_loss_from_logits",
+    "fused_linear_chain_loss",
+    "sequence_scores",
     "dpo_chain_loss",
     "linear_token_logprobs",
     "lipo_loss",

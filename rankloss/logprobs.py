@@ -125,7 +125,8 @@ def linear_token_logprobs(
     ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
         )
     V.check_shape(labels, "labels", hidden.shape[:-1], "hidden.shape[:-1]")
     if bias is not None:
@@ -189,21 +190,12 @@ def sequence_logprobs(
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
     if cu_seqlens is not None:
-        V.check_int_tensor(cu_seqlens, "cu_seqlens", ndim=1)
         if token_logps.ndim != 1:
             raise ValueError(
-                f"token_logps must be 1-D [N] in the packed layout (cu_seqlens given), got shape {tuple(token_logps.shape)}"
+                "token_logps must be 1-D [N] in the packed layout (cu_seqlens given), "
+                f"got shape {tuple(token_logps.shape)}"
             )
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
-        if V.values_checkable(cu_seqlens):
-            b = cu_seqlens.tolist()
-            if b[0] != 0 or b[-1] != token_logps.shape[0] or any(x > y for x, y in zip(b[:-1], b[1:])):
-                raise ValueError(
-                    f"cu_seqlens must be non-decreasing offsets from 0 to N = {token_logps.shape[0]}, got {b[:8]}..."
-                    if len(b) > 8
-                    else f"cu_seqlens must be non-decreasing offsets from 0 to N = {token_logps.shape[0]}, got {b}"
-                )
+        V.check_cu_seqlens(cu_seqlens, token_logps.shape[0])
     V.check_same_device(token_logps=token_logps, labels=labels, cu_seqlens=cu_seqlens)
     return ref.sequence_logprobs(
         token_logps,

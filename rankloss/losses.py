@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from . import _validation as V
+from .ops.chain_loss import chain_loss_op
 from .outputs import ChainLossOutput
 from .reference import losses as ref
 
 __all__ = ["plackett_luce_loss", "dpo_chain_loss", "lipo_loss", "chain_loss", "CHAIN_LOSSES"]
 
 CHAIN_LOSSES = ("plackett_luce", "dpo", "lipo")
-LOSS_IMPLS = ("reference",)
+LOSS_IMPLS = ("triton", "torch", "reference")
 
 
 def _check_scores(
@@ -33,6 +34,10 @@ def _check_scores(
     if num_tokens is not None:
         if not isinstance(num_tokens, Tensor):
             raise TypeError(f"num_tokens must be a torch.Tensor [S], got {type(num_tokens).__name__}")
+        if num_tokens.dtype not in V.INT_DTYPES + V.FLOAT_DTYPES:
+            raise TypeError(
+                f"num_tokens must be an integer or floating-point tensor [S], got {num_tokens.dtype}"
+            )
         V.check_shape(num_tokens, "num_tokens", scores.shape, "scores.shape [S]")
     V.check_same_device(scores=scores, ref_scores=ref_scores, num_tokens=num_tokens)
     return sizes
@@ -57,13 +62,15 @@ def _check_sft(sft_weight: object, num_tokens: object) -> float:
     return sft_weight
 
 
-_OPTION_OWNER = {"top_k": "plackett_luce", "pairs": "dpo", "dpo_loss_type": "dpo"}
+_OPTION_OWNER = {"top_k": "plackett_luce", "pairs": "dpo", "dpo_loss_type": "dpo", "loss_type": "dpo"}
 
 
 def _check_only_for(loss: str, **options: object) -> None:
     for name, value in options.items():
         if value is not None and _OPTION_OWNER[name] != loss:
-            raise ValueError(f"{name}={value!r} applies to loss={_OPTION_OWNER[name]!r} only, got loss={loss!r}")
+            raise ValueError(
+                f"{name}={value!r} applies to loss={_OPTION_OWNER[name]!r} only, got loss={loss!r}"
+            )
 
 
 def chain_loss(
@@ -80,6 +87,7 @@ def chain_loss(
     num_tokens: Tensor | None = None,
     reduction: str = "mean",
     impl: str | None = None,
+    loss_type: str | None = None,
 ) -> ChainLossOutput:
     """A ranking loss over caption chains, plus an optional SFT term, with its metrics.
 
@@ -102,25 +110,38 @@ def chain_loss(
         top_k: Plackett-Luce only: sum only the first ``top_k`` positions (default: all).
         pairs: DPO only: ``"adjacent"`` (default), ``"all"``, ``"best_worst"`` or ``"best_rest"``.
         dpo_loss_type: DPO only: ``"sigmoid"`` (default), ``"hinge"`` or ``"ipo"``.
+        loss_type: the same option under :func:`dpo_chain_loss`'s name (give one of the two).
         An option given for another loss than its own raises ``ValueError`` rather than being ignored.
         sft_weight: weight of the SFT term on each chain's best caption.
         num_tokens: ``[S]`` scored tokens per caption; required when ``sft_weight != 0``.
         reduction: ``"mean"`` (over chains), ``"sum"`` or ``"none"``.
-        impl: ``None`` (automatic) or ``"reference"``.
+        impl: ``None`` (automatic: the Triton kernel for CUDA tensors, vectorised PyTorch otherwise),
+            ``"triton"`` (one launch over all chains; CPU tensors only under ``TRITON_INTERPRET=1``;
+            chains of at most 4096 captions), ``"torch"`` (vectorised PyTorch, no limit on ``K``) or
+            ``"reference"`` (the readable specification: a Python loop over chains, autograd backward).
     """
     sizes = _check_scores(scores, chain_sizes, ref_scores, num_tokens)
     V.check_choice(loss, "loss", CHAIN_LOSSES)
     beta = V.check_positive_float(beta, "beta")
-    _check_only_for(loss, top_k=top_k, pairs=pairs, dpo_loss_type=dpo_loss_type)
+    if loss_type is not None and dpo_loss_type is not None and loss_type != dpo_loss_type:
+        raise ValueError(
+            f"loss_type={loss_type!r} and dpo_loss_type={dpo_loss_type!r} name the same option; "
+            "give one of them"
+        )
+    _check_only_for(loss, top_k=top_k, pairs=pairs, dpo_loss_type=dpo_loss_type, loss_type=loss_type)
+    loss_type_name = "loss_type" if dpo_loss_type is None else "dpo_loss_type"
+    dpo_loss_type = loss_type if dpo_loss_type is None else dpo_loss_type
     top_k = _check_top_k(top_k)
     pairs = V.check_choice("adjacent" if pairs is None else pairs, "pairs", ref.PAIR_STRATEGIES)
     loss_type = V.check_choice(
-        "sigmoid" if dpo_loss_type is None else dpo_loss_type, "dpo_loss_type", ref.DPO_LOSS_TYPES
+        "sigmoid" if dpo_loss_type is None else dpo_loss_type, loss_type_name, ref.DPO_LOSS_TYPES
     )
     sft_weight = _check_sft(sft_weight, num_tokens)
     V.check_choice(reduction, "reduction", ref.REDUCTIONS)
-    V.check_impl(impl, LOSS_IMPLS)
-    reduced, per_chain, m = ref.chain_loss(
+    impl = V.check_impl(impl, LOSS_IMPLS)
+    compute = ref.chain_loss if impl == "reference" else chain_loss_op
+    options = {} if impl == "reference" else {"impl": impl}
+    reduced, per_chain, m = compute(
         scores,
         sizes,
         ref_scores,
@@ -132,6 +153,7 @@ def chain_loss(
         sft_weight=sft_weight,
         num_tokens=num_tokens,
         reduction=reduction,
+        **options,
     )
     return ChainLossOutput(
         loss=reduced,

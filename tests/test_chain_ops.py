@@ -1,4 +1,4 @@
-"""rankloss.chain_ops (the fused chain-loss op) against reference.losses.chain_loss in float64.
+"""rankloss.ops.chain_loss (the fused chain-loss op) against reference.losses.chain_loss in float64.
 
 Both implementations are checked: ``impl="torch"`` (vectorised PyTorch, float64 for float64 inputs, so
 compared tightly) and ``impl="triton"`` (the kernel of kernels/chain_loss.py, run under
@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rankloss.reference import losses as ref
 
-from rankloss.chain_ops import (
+from rankloss.ops.chain_loss import (
     METRIC_NAMES,
     chain_loss_fwd_torch,
     chain_loss_op,
@@ -370,7 +370,7 @@ def test_import_does_not_load_kernels():
     """Triton chooses interpret-vs-compile at decoration time: importing rankloss must not import kernels."""
     proc = _python(
         """
-        import sys, rankloss, rankloss.chain_ops
+        import sys, rankloss, rankloss.ops.chain_loss
         assert "rankloss.kernels.chain_loss" not in sys.modules, sorted(sys.modules)
         """
     )

@@ -357,3 +357,63 @@ def test_matches_a_transformers_causal_lm_loss():
         logp = rankloss.linear_token_logprobs(hidden, model.lm_head.weight, labels, impl=impl)
         ours = -logp.sum() / (labels != -100).sum()
         torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for a Hopper GPU (no GPU needed): the interpreter does not apply the GPU
+# front end's typing rules, so every kernel is also compiled for sm_90 at the launch configuration.
+# --------------------------------------------------------------------------------------------------
+_AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from rankloss.kernels import linear_token_logprobs as L, token_logprobs as T
+
+def arg_type(name, dtype):
+    if name in ("h_ptr", "w_ptr", "b_ptr", "logits_ptr", "grad_logits_ptr"):
+        return "*" + dtype
+    if name in ("labels_ptr", "rows_ptr"):
+        return "*i64"
+    if name == "n_valid_ptr":
+        return "*i32"
+    if name.endswith("_ptr"):
+        return "*fp32"
+    return "fp32" if name in ("inv_temp", "softcap") else "i32"
+
+def compile_for_sm90(fn, dtype, constexprs, num_warps):
+    sig = {n: "constexpr" if n in constexprs else arg_type(n, dtype) for n in fn.arg_names}
+    ce = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert "cubin" in kernel.asm
+
+blocks = {k: v for k, v in L.GPU_BLOCKS.items() if k != "num_warps"}
+for dtype, precision, bias, softcap in [("bf16", "ieee", True, True), ("fp32", "tf32", False, False)]:
+    base = dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, DOT_PRECISION=precision, UPCAST_DOT=False, **blocks)
+    nw = L.GPU_BLOCKS["num_warps"]
+    compile_for_sm90(L._fwd_kernel, dtype, base, nw)
+    atomic = dict(base, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=bias)
+    compile_for_sm90(L._bwd_atomic_kernel, dtype, atomic, nw)
+    compile_for_sm90(L._bwd_dhidden_kernel, dtype, base, nw)
+    compile_for_sm90(L._bwd_dweight_kernel, dtype, dict(base, COMPUTE_DW=True, COMPUTE_DB=bias), nw)
+    compile_for_sm90(T._token_logprobs_fwd_kernel, dtype, dict(BLOCK_V=4096), 4)
+    compile_for_sm90(T._token_logprobs_bwd_kernel, dtype, dict(BLOCK_V=4096), 4)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        timeout=600,
+    )
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "No module named 'triton.backends" in proc.stderr):
+        pytest.skip(f"no CUDA toolchain for ahead-of-time compilation: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]

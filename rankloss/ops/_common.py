@@ -114,8 +114,8 @@ def logprob_grad_(p: Tensor, labels: Tensor, g: Tensor, temperature: float) -> T
     """In place: turn ``p = softmax(u) [c, V]`` into ``dLoss/dz = g * (onehot(labels) - p) / temperature``.
 
     The target entry is written as ``g * sum_{j != y} p_j / temperature``: computed as ``1 - p_y`` it would
-    lose all its bits when ``p_y -> 1``. ``labels`` must be valid column indices (clamp ignored ones
-    and pass ``g = 0`` for them).
+    lose all its bits when ``p_y -> 1``. ``labels`` (int64) must be valid column indices: replace
+    ignored ones by 0 and pass ``g = 0`` for them.
     """
     target = labels[:, None]
     p.scatter_(1, target, 0.0)

@@ -28,12 +28,13 @@ whether it interprets or compiles).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._common import accumulation_dtype, interpreting, kernel_module, triton_available
 
 __all__ = [
     "CHAIN_LOSS_IMPLS",
@@ -54,13 +55,6 @@ _LOSSES = ("plackett_luce", "dpo", "lipo")
 _PAIRS = ("adjacent", "all", "best_worst", "best_rest")
 _LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _acc_dtype(scores: Tensor, ref_scores: Tensor | None) -> torch.dtype:
-    """float64 if ``scores`` or ``ref_scores`` is float64, else float32 (``reference.accumulation_dtype``)."""
-    if scores.dtype == torch.float64 or (ref_scores is not None and ref_scores.dtype == torch.float64):
-        return torch.float64
-    return torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +112,7 @@ def chain_loss_fwd_torch(
     ``loss [C]``, ``grad [S]``, ``rewards [S]``, ``metrics [4, C]`` (rows :data:`METRIC_NAMES`), all in
     float32, or float64 for float64 inputs.
     """
-    acc = _acc_dtype(scores, ref_scores)
+    acc = accumulation_dtype(scores, ref_scores)
     r = scores.to(acc)
     if ref_scores is not None:
         r = r - ref_scores.to(acc)
@@ -213,9 +207,7 @@ def chain_loss_fwd_triton(
     Computes in float32 whatever the input dtype (float64 inputs are rounded to float32 first); the
     outputs are stored in float32, or float64 for float64 inputs. Needs ``k_max <= 4096``.
     """
-    from rankloss.kernels import chain_loss as kernel
-
-    return kernel.chain_loss_fwd(
+    return kernel_module("chain_loss").chain_loss_fwd(
         scores.contiguous(),
         None if ref_scores is None else ref_scores.contiguous(),
         offsets.contiguous(),
@@ -225,7 +217,7 @@ def chain_loss_fwd_triton(
         top_k,
         pairs,
         loss_type,
-        _acc_dtype(scores, ref_scores),
+        accumulation_dtype(scores, ref_scores),
     )
 
 
@@ -287,7 +279,7 @@ def _chain_loss_fwd_fake(
     loss_type: str,
     impl: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    acc = _acc_dtype(scores, ref_scores)
+    acc = accumulation_dtype(scores, ref_scores)
     S, C = scores.shape[0], offsets.shape[0] - 1
     return (
         scores.new_empty(C, dtype=acc),
@@ -332,9 +324,7 @@ def default_impl(scores: Tensor, k_max: int) -> str:
     is installed), else ``"torch"`` (CPU, or float64, which the PyTorch path computes in float64)."""
     if scores.device.type != "cuda" or scores.dtype == torch.float64 or k_max > 4096:
         return "torch"
-    from rankloss.kernels import HAS_TRITON
-
-    return "triton" if HAS_TRITON else "torch"
+    return "triton" if triton_available() else "torch"
 
 
 def chain_loss_op(
@@ -397,7 +387,7 @@ def chain_loss_op(
                 f"impl='triton' takes chains of at most 4096 captions, got max(chain_sizes) = {k_max}; "
                 "use impl='torch' for longer chains"
             )
-        if scores.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if scores.device.type != "cuda" and not interpreting():
             raise ValueError(
                 "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
                 f"got scores on {scores.device}"

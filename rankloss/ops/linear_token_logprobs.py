@@ -83,8 +83,9 @@ def linear_token_logprobs_torch_forward(
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         u, _ = _logit_chunk(hidden[rows].to(acc), w, b, temperature, softcap)
         lse_c = torch.logsumexp(u, dim=-1)
-        target = labels[rows].clamp(min=0)  # ignored rows (non-CPU devices only) read column 0, then zeroed
         ok = scored[rows]
+        target = torch.where(ok, labels[rows], 0)  # ignored rows (non-CPU devices only) read column 0, zeroed
+
         logp[rows] = torch.where(ok, u.gather(1, target[:, None]).squeeze(1) - lse_c, 0.0)
         lse[rows] = torch.where(ok, lse_c, 0.0)
     return logp, lse
@@ -117,14 +118,15 @@ def linear_token_logprobs_torch_backward(
     dh = torch.zeros((N, D), dtype=acc, device=hidden.device) if needs_hidden else None
     dw = torch.zeros_like(w) if needs_weight else None
     db = torch.zeros_like(b) if needs_bias else None
-    g_all = torch.where(labels != ignore_index, grad_out.to(acc), 0.0)
+    g_ok = labels != ignore_index
+    g_all = torch.where(g_ok, grad_out.to(acc), 0.0)
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         h = hidden[rows].to(acc)
         u, t = _logit_chunk(h, w, b, temperature, softcap)
         g = g_all[rows]
         # dA = g * (onehot - p) / tau, built in place in u's buffer.
         p = u.sub_(lse[rows].to(acc)[:, None]).exp_()
-        da = logprob_grad_(p, labels[rows].clamp(min=0), g, temperature)
+        da = logprob_grad_(p, torch.where(g_ok[rows], labels[rows], 0), g, temperature)
         if t is not None:
             da.mul_(1.0 - t.square_())
         if dh is not None:
@@ -330,7 +332,7 @@ def linear_token_logprobs_op(
     logp, _ = _linear_token_logprobs_fwd(
         h2,
         weight,
-        labels.reshape(-1),
+        labels.reshape(-1).long().contiguous(),
         bias,
         ignore_index,
         float(temperature),

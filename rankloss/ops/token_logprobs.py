@@ -32,7 +32,7 @@ def token_logprobs_torch_forward(
         lse_c = torch.logsumexp(u, dim=-1)
         y = labels[sl]
         ok = y != ignore_index
-        picked = u.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        picked = u.gather(1, torch.where(ok, y, 0)[:, None]).squeeze(1)
         logp[sl] = torch.where(ok, picked - lse_c, 0.0)
         lse[sl] = torch.where(ok, lse_c, 0.0)
     return logp, lse
@@ -53,12 +53,13 @@ def token_logprobs_torch_backward(
     for start in range(0, logits.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
         y = labels[sl]
-        g = torch.where(y != ignore_index, grad_out[sl].to(acc), 0.0)
+        ok = y != ignore_index
+        g = torch.where(ok, grad_out[sl].to(acc), 0.0)
         u = logits[sl].to(acc, copy=True)
         if temperature != 1.0:
             u.div_(temperature)
         p = u.sub_(lse[sl].to(acc)[:, None]).exp_()
-        grad[sl] = logprob_grad_(p, y.clamp(min=0), g, temperature)
+        grad[sl] = logprob_grad_(p, torch.where(ok, y, 0), g, temperature)
     return grad
 
 
@@ -136,7 +137,7 @@ def token_logprobs_op(
         z = z.contiguous()
     logp, _ = _token_logprobs_fwd(
         z,
-        labels.reshape(-1).contiguous(),
+        labels.reshape(-1).long().contiguous(),
         ignore_index,
         float(temperature),
         impl,

@@ -1,0 +1,288 @@
+"""End-to-end chain losses: from hidden states (or logits) to a chain loss, never building ``[N, V]`` logits.
+
+``fused_linear_chain_loss`` = per-token log-probs fused with the LM head
+(:func:`rankloss.linear_token_logprobs`) -> per-caption segment sums -> the single-pass chain loss
+(:func:`rankloss.chain_loss`). Autograd chains the pieces: the chain loss gives ``dL/ds [S]``, every
+scored token of caption ``i`` receives ``dL/ds_i`` (divided by ``n_i`` when length-normalised), and the
+fused LM-head backward recomputes its logit tiles. The memory is that of the LM-head op
+(``O(chunk * V)`` on the PyTorch path, no logits at all on the Triton path) plus ``O(S)`` per-caption
+values, whatever the chain sizes: it does not grow with ``K`` for a fixed number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _validation as V
+from .logprobs import linear_token_logprobs, token_logprobs
+from .losses import chain_loss
+from .outputs import ChainLossOutput
+
+__all__ = ["fused_linear_chain_loss", "chain_loss_from_logits", "sequence_scores", "ChainLoss"]
+
+
+def _segment_scores(
+    token_logps: Tensor, labels: Tensor, ignore_index: int, cu_seqlens: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-caption sums ``s [S]`` of the token log-probs and counts ``n [S]`` of scored tokens.
+
+    Padded layout: ``token_logps [S, T]`` -> sums over ``T``. Packed layout: ``token_logps [N]`` with
+    ``cu_seqlens [S + 1]`` -> segment sums (``index_add``; no host synchronisation).
+    """
+    scored = labels != ignore_index
+    if cu_seqlens is None:
+        return token_logps.sum(dim=-1), scored.sum(dim=-1)
+    S = cu_seqlens.shape[0] - 1
+    positions = torch.arange(token_logps.shape[0], device=token_logps.device)
+    segment = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+    sums = token_logps.new_zeros(S).index_add(0, segment, token_logps)
+    counts = torch.zeros(S, dtype=torch.long, device=labels.device).index_add(0, segment, scored.long())
+    return sums, counts
+
+
+def _check_layout(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor | None, what: str) -> None:
+    V.check_int_tensor(labels, "labels")
+    if cu_seqlens is None:
+        if hidden.ndim != 3:
+            raise ValueError(
+                f"{what} must be [S, T, {'D' if what == 'hidden' else 'V'}] in the padded layout (or pass "
+                f"cu_seqlens for the packed [N, ...] layout), got shape {tuple(hidden.shape)}"
+            )
+        return
+    V.check_int_tensor(cu_seqlens, "cu_seqlens", ndim=1)
+    if hidden.ndim != 2:
+        raise ValueError(
+            f"{what} must be 2-D [N, ...] in the packed layout (cu_seqlens given), got {tuple(hidden.shape)}"
+        )
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if V.values_checkable(cu_seqlens):
+        b = cu_seqlens.tolist()
+        if b[0] != 0 or b[-1] != hidden.shape[0] or any(x > y for x, y in zip(b[:-1], b[1:])):
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing offsets from 0 to N = {hidden.shape[0]}, got {b[:8]}"
+                + ("..." if len(b) > 8 else "")
+            )
+
+
+def _scores_from_token_logps(
+    token_logps: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    length_normalize: bool,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``(scores [S], num_tokens [S])``; scores are means over scored tokens when ``length_normalize``."""
+    sums, counts = _segment_scores(token_logps, labels, ignore_index, cu_seqlens)
+    if length_normalize:
+        return sums / counts.clamp(min=1).to(sums.dtype), torch.ones_like(counts)
+    return sums, counts
+
+
+def fused_linear_chain_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None = None,
+    *,
+    loss: str = "plackett_luce",
+    beta: float = 0.1,
+    length_normalize: bool = False,
+    top_k: int | None = None,
+    pairs: str | None = None,
+    dpo_loss_type: str | None = None,
+    sft_weight: float = 0.0,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str | None = None,
+    chunk_size: int | None = None,
+    deterministic: bool = False,
+) -> ChainLossOutput:
+    """A chain loss straight from the policy's final hidden states and its LM head.
+
+    Per caption ``i``: ``s_i = sum_t log_softmax(softcap(h_{i,t} W^T + b) / tau)[y_{i,t}]`` over its scored
+    tokens (the mean when ``length_normalize``), then :func:`rankloss.chain_loss` on ``s`` with rewards
+    ``r = beta * (s - ref_scores)``. Gradients reach ``hidden``, ``lm_head_weight`` and ``bias``; the
+    ``[tokens x vocab]`` logits are never materialised.
+
+    Args:
+        hidden: ``[S, T, D]`` (padded: one row per caption, chains contiguous and best first) or ``[N, D]``
+            with ``cu_seqlens`` (packed: caption ``i`` is ``hidden[cu_seqlens[i]:cu_seqlens[i+1]]``).
+        lm_head_weight: ``[V, D]``.
+        labels: ``[S, T]`` or ``[N]`` token ids, **already shifted** (``labels[..., t]`` is scored from
+            position ``t``; see :func:`rankloss.shift_labels`); ``ignore_index`` for prompt, video and
+            padding positions.
+        chain_sizes: ``C`` ints (each >= 2, summing to ``S``), or a 1-D integer tensor.
+        ref_scores: ``[S]`` the frozen reference model's scores computed the same way (same
+            ``length_normalize``), e.g. with :func:`sequence_scores`; None for reference-free rewards.
+        loss, beta, top_k, pairs, dpo_loss_type, sft_weight, reduction: as in :func:`rankloss.chain_loss`
+            (the SFT term is ``-s_1 / n_1``, the best caption's mean token log-prob).
+        bias, ignore_index, temperature, softcap, chunk_size, deterministic: as in
+            :func:`rankloss.linear_token_logprobs`.
+        cu_seqlens: ``[S + 1]`` offsets for the packed layout.
+        impl: ``None`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"`` or
+            ``"reference"``; used for both the log-probs and the chain loss.
+
+    Returns:
+        A :class:`~rankloss.ChainLossOutput` with ``.loss`` and the ranking metrics.
+    """
+    V.check_float_tensor(hidden, "hidden")
+    _check_layout(hidden, labels, cu_seqlens, "hidden")
+    if not isinstance(length_normalize, bool):
+        raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
+    token_logps = linear_token_logprobs(
+        hidden,
+        lm_head_weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        impl=impl,
+        chunk_size=chunk_size,
+        deterministic=deterministic,
+    )
+    scores, num_tokens = _scores_from_token_logps(
+        token_logps, labels, ignore_index, length_normalize, cu_seqlens
+    )
+    return chain_loss(
+        scores,
+        chain_sizes,
+        ref_scores,
+        loss=loss,
+        beta=beta,
+        top_k=top_k,
+        pairs=pairs,
+        dpo_loss_type=dpo_loss_type,
+        sft_weight=sft_weight,
+        num_tokens=num_tokens,
+        reduction=reduction,
+        impl=impl,
+    )
+
+
+def chain_loss_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None = None,
+    *,
+    loss: str = "plackett_luce",
+    beta: float = 0.1,
+    length_normalize: bool = False,
+    top_k: int | None = None,
+    pairs: str | None = None,
+    dpo_loss_type: str | None = None,
+    sft_weight: float = 0.0,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    cu_seqlens: Tensor | None = None,
+    reduction: str = "mean",
+    impl: str | None = None,
+    chunk_size: int | None = None,
+) -> ChainLossOutput:
+    """:func:`fused_linear_chain_loss` for callers that already hold the logits ``[S, T, V]`` (or ``[N, V]``
+    with ``cu_seqlens``): per-token log-probs with :func:`rankloss.token_logprobs`, then the chain loss."""
+    V.check_float_tensor(logits, "logits")
+    _check_layout(logits, labels, cu_seqlens, "logits")
+    if not isinstance(length_normalize, bool):
+        raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
+    token_logps = token_logprobs(
+        logits, labels, ignore_index=ignore_index, temperature=temperature, impl=impl, chunk_size=chunk_size
+    )
+    scores, num_tokens = _scores_from_token_logps(
+        token_logps, labels, ignore_index, length_normalize, cu_seqlens
+    )
+    return chain_loss(
+        scores,
+        chain_sizes,
+        ref_scores,
+        loss=loss,
+        beta=beta,
+        top_k=top_k,
+        pairs=pairs,
+        dpo_loss_type=dpo_loss_type,
+        sft_weight=sft_weight,
+        num_tokens=num_tokens,
+        reduction=reduction,
+        impl=impl,
+    )
+
+
+@torch.no_grad()
+def sequence_scores(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    length_normalize: bool = False,
+    cu_seqlens: Tensor | None = None,
+    impl: str | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-caption scores ``[S]`` (float32) without gradient: what a trainer caches once from the frozen
+    reference model and passes back as ``ref_scores``. Same layouts and options as
+    :func:`fused_linear_chain_loss` (use the same ``length_normalize`` in both)."""
+    V.check_float_tensor(hidden, "hidden")
+    _check_layout(hidden, labels, cu_seqlens, "hidden")
+    token_logps = linear_token_logprobs(
+        hidden,
+        lm_head_weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        impl=impl,
+        chunk_size=chunk_size,
+    )
+    return _scores_from_token_logps(token_logps, labels, ignore_index, length_normalize, cu_seqlens)[0]
+
+
+class ChainLoss(nn.Module):
+    """Module form of :func:`fused_linear_chain_loss`; holds the options and routes, nothing more.
+
+    ``forward(hidden, lm_head_weight, labels, chain_sizes, ref_scores=None, bias=None, cu_seqlens=None)``.
+    """
+
+    def __init__(self, loss: str = "plackett_luce", **options: object):
+        super().__init__()
+        self.loss = loss
+        self.options = options
+
+    def forward(
+        self,
+        hidden: Tensor,
+        lm_head_weight: Tensor,
+        labels: Tensor,
+        chain_sizes: Sequence[int] | Tensor,
+        ref_scores: Tensor | None = None,
+        bias: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+    ) -> ChainLossOutput:
+        return fused_linear_chain_loss(
+            hidden,
+            lm_head_weight,
+            labels,
+            chain_sizes,
+            ref_scores,
+            loss=self.loss,
+            bias=bias,
+            cu_seqlens=cu_seqlens,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"loss={self.loss!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
