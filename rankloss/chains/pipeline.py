@@ -1,0 +1,169 @@
+"""Captions file in, chains file out: the function behind ``rankloss chains make``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from .core import Chain
+from .formats import ChainWriter, InputError, chain_record, count_records, iter_records
+from .llm import LLMEngine
+from .progress import Progress
+from .rules import RulesEngine, check_length
+from .summary import ChainSummary
+
+__all__ = ["ChainEngine", "make_engine", "make_chains_file", "ENGINES"]
+
+ENGINES = ("rules", "llm")
+
+
+class ChainEngine(Protocol):
+    """What :func:`make_chains_file` needs from an engine."""
+
+    name: str
+
+    def make_chain(self, caption: str, length: int, *, seed: int = 0, key: str | None = None) -> Chain: ...
+
+
+def make_engine(
+    engine: str = "rules",
+    *,
+    types: Sequence[str] | str | None = None,
+    llm_model: str | None = None,
+    **llm_options: Any,
+) -> ChainEngine:
+    """Build an engine by name: ``"rules"`` or ``"llm"`` (which needs ``llm_model``, a local model directory).
+
+    ``llm_options`` go to :class:`~rankloss.chains.LLMEngine` (``max_retries``, ``max_new_tokens``,
+    ``device``, ``dtype``, ``generate_fn``, ...).
+    """
+    if engine == "rules":
+        if llm_model is not None or llm_options:
+            raise ValueError("llm_model and LLM options apply to engine='llm' only, got engine='rules'")
+        return RulesEngine(types)
+    if engine == "llm":
+        if llm_model is None and llm_options.get("generate_fn") is None:
+            raise ValueError(
+                "engine='llm' needs llm_model (a local transformers model directory, --llm-model PATH)"
+            )
+        return LLMEngine(llm_model, types=types, **llm_options)
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+
+
+def make_chains_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    length: int = 6,
+    seed: int = 0,
+    engine: str | ChainEngine = "rules",
+    types: Sequence[str] | str | None = None,
+    llm_model: str | None = None,
+    strict: bool = False,
+    resume: bool = True,
+    overwrite: bool = False,
+    min_length: int = 2,
+    max_chains: int | None = None,
+    progress: bool = False,
+    on_chain: Callable[[dict[str, Any]], None] | None = None,
+    **llm_options: Any,
+) -> ChainSummary:
+    """Turn a captions JSONL file into a chains JSONL file (formats: :mod:`rankloss.chains.formats`).
+
+    Args:
+        in_path: input captions (JSONL, or a ``.json`` array).
+        out_path: output chains JSONL. Written to ``<out_path>.partial`` and renamed when the whole
+            input is done; a run that stops early resumes from the ``.partial`` file next time.
+        length: captions per chain ``K >= 2``.
+        seed: the run's seed; each chain depends only on ``(seed, record id)``.
+        engine: ``"rules"``, ``"llm"`` or an engine object (anything with ``make_chain``).
+        types: edit types to use (default all).
+        llm_model: the local model directory of the ``llm`` engine.
+        strict: raise :class:`~rankloss.chains.formats.InputError` on the first bad input record
+            instead of skipping and counting it.
+        resume: continue an existing ``.partial`` output (``False``: start over).
+        overwrite: replace a finished ``out_path``.
+        min_length: chains shorter than this are not written (counted as dropped).
+        max_chains: stop after writing this many *new* chains (the output stays ``.partial``; the next
+            run resumes). ``None``: no limit.
+        progress: show a progress bar on stderr.
+        on_chain: called with every record written (after it is flushed).
+        llm_options: passed to :class:`~rankloss.chains.LLMEngine`.
+
+    Returns:
+        the :class:`~rankloss.chains.ChainSummary` (``complete`` tells whether ``out_path`` is final).
+    """
+    length = check_length(length)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or not 1 <= min_length <= length:
+        raise ValueError(f"min_length must be an int in [1, length={length}], got {min_length!r}")
+    if max_chains is not None and (
+        isinstance(max_chains, bool) or not isinstance(max_chains, int) or max_chains < 0
+    ):
+        raise ValueError(f"max_chains must be None or an int >= 0, got {max_chains!r}")
+    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+    if not os.path.isfile(in_path):
+        raise FileNotFoundError(f"input file not found: {in_path!r}")
+    if os.path.abspath(in_path) == os.path.abspath(out_path):
+        raise ValueError(f"the output path must differ from the input path, got {out_path!r} for both")
+    if isinstance(engine, str):
+        engine = make_engine(engine, types=types, llm_model=llm_model, **llm_options)
+    elif types is not None or llm_model is not None or llm_options:
+        raise ValueError(
+            "types, llm_model and LLM options apply when engine is given by name, not as an object"
+        )
+    if not hasattr(engine, "make_chain"):
+        raise TypeError(
+            f"engine must be 'rules', 'llm' or an object with make_chain(), got {type(engine).__name__}"
+        )
+
+    summary = ChainSummary(requested_length=length)
+    rejections_before = dict(getattr(engine, "rejections", {}))
+    writer = ChainWriter(
+        out_path, resume=resume, overwrite=overwrite, on_resumed=lambda r: summary.add_chain(r, resumed=True)
+    )
+    bar = Progress(count_records(in_path) if progress else None, "chains", enabled=progress)
+    new = 0
+    stopped = False
+    try:
+        for item in iter_records(in_path):
+            if max_chains is not None and new >= max_chains:
+                stopped = True
+                break
+            summary.records_read += 1
+            bar.update()
+            if isinstance(item, InputError):
+                if strict:
+                    raise item
+                summary.add_skipped(str(item))
+                continue
+            if writer.is_done(item.id):
+                continue
+            chain = engine.make_chain(item.caption, length, seed=seed, key=item.id)
+            if len(chain.captions) < min_length:
+                summary.chains_dropped += 1
+                summary.short[chain.short_reason or "too short"] += 1
+                continue
+            record = chain_record(item, chain)
+            writer.write(record)
+            summary.add_chain(record)
+            new += 1
+            if on_chain is not None:
+                on_chain(record)
+            if new % 256 == 0:
+                bar.set_postfix(f"written={summary.chains_written} skipped={summary.lines_skipped}")
+        if not stopped:
+            summary.output = writer.finish()
+            summary.complete = True
+        else:
+            summary.output = writer.partial_path
+    finally:
+        writer.close()
+        bar.close()
+        after = getattr(engine, "rejections", {})
+        for k, v in after.items():
+            if v - rejections_before.get(k, 0):
+                summary.llm_rejections[k] = v - rejections_before.get(k, 0)
+    return summary
