@@ -82,6 +82,27 @@ def _scores_from_token_logps(
     return sums, counts
 
 
+def _chain_loss_of_tokens(
+    token_logps: Tensor,
+    labels: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None,
+    ignore_index: int,
+    length_normalize: bool,
+    cu_seqlens: Tensor | None,
+    **chain_options: object,
+) -> ChainLossOutput:
+    """Caption scores from per-token log-probs, then :func:`rankloss.chain_loss` (which validates the rest).
+
+    The SFT term ``-s_1 / n_1`` is the best caption's mean token log-prob either way: with
+    ``length_normalize`` the scores already are means, so ``num_tokens`` is 1.
+    """
+    scores, num_tokens = _scores_from_token_logps(
+        token_logps, labels, ignore_index, length_normalize, cu_seqlens
+    )
+    return chain_loss(scores, chain_sizes, ref_scores, num_tokens=num_tokens, **chain_options)
+
+
 def fused_linear_chain_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -150,20 +171,20 @@ def fused_linear_chain_loss(
         chunk_size=chunk_size,
         deterministic=deterministic,
     )
-    scores, num_tokens = _scores_from_token_logps(
-        token_logps, labels, ignore_index, length_normalize, cu_seqlens
-    )
-    return chain_loss(
-        scores,
+    return _chain_loss_of_tokens(
+        token_logps,
+        labels,
         chain_sizes,
         ref_scores,
+        ignore_index,
+        length_normalize,
+        cu_seqlens,
         loss=loss,
         beta=beta,
         top_k=top_k,
         pairs=pairs,
         dpo_loss_type=dpo_loss_type,
         sft_weight=sft_weight,
-        num_tokens=num_tokens,
         reduction=reduction,
         impl=impl,
     )
@@ -198,20 +219,20 @@ def chain_loss_from_logits(
     token_logps = token_logprobs(
         logits, labels, ignore_index=ignore_index, temperature=temperature, impl=impl, chunk_size=chunk_size
     )
-    scores, num_tokens = _scores_from_token_logps(
-        token_logps, labels, ignore_index, length_normalize, cu_seqlens
-    )
-    return chain_loss(
-        scores,
+    return _chain_loss_of_tokens(
+        token_logps,
+        labels,
         chain_sizes,
         ref_scores,
+        ignore_index,
+        length_normalize,
+        cu_seqlens,
         loss=loss,
         beta=beta,
         top_k=top_k,
         pairs=pairs,
         dpo_loss_type=dpo_loss_type,
         sft_weight=sft_weight,
-        num_tokens=num_tokens,
         reduction=reduction,
         impl=impl,
     )

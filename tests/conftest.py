@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # A derandomised profile with no deadline for CI (selected automatically when CI is set); a "dev"
 # profile for local runs. HYPOTHESIS_PROFILE overrides both.
@@ -43,3 +44,25 @@ torch.set_num_threads(int(os.environ.get("RANKLOSS_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the number of elements of the largest tensor any op creates while active (a memory probe
+    that needs no allocator statistics: a full ``[N, V]`` logits tensor cannot hide from it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.fixture
+def largest_tensor() -> type[LargestTensor]:
+    """``with largest_tensor() as probe: ...``, then ``probe.largest``."""
+    return LargestTensor

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rankloss.reference import logprobs as ref_lp
 from rankloss.reference import losses as ref_losses
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rankloss
 
@@ -269,27 +268,14 @@ def test_bad_layouts_raise_clear_errors():
 # --------------------------------------------------------------------------------------------------
 # Memory: nothing of size [tokens x vocab], and nothing that grows with K at a fixed number of tokens
 # --------------------------------------------------------------------------------------------------
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("K", [2, 4, 16])
-def test_memory_does_not_grow_with_chain_length(K):
+def test_memory_does_not_grow_with_chain_length(K, largest_tensor):
     tokens, T, D, V, chunk = 32 * 16, 16, 8, 400, 16
     S = tokens // T
     chain_sizes = [K] * (S // K)
     hidden, weight, bias, labels, ref_scores = _batch(chain_sizes, T, D, V, dtype=torch.float32)
     hidden.requires_grad_()
-    with _LargestTensor() as probe:
+    with largest_tensor() as probe:
         out = rankloss.fused_linear_chain_loss(
             hidden,
             weight,

@@ -13,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rankloss.reference import logprobs as ref
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rankloss
 from rankloss.ops import default_chunk_size
@@ -210,29 +209,16 @@ def test_token_logprobs_confident_target_keeps_its_gradient_bits(impl):
 # --------------------------------------------------------------------------------------------------
 # Memory: the chunked path never holds more than one chunk of logits
 # --------------------------------------------------------------------------------------------------
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def test_torch_path_extra_memory_is_one_chunk_of_logits():
+def test_torch_path_extra_memory_is_one_chunk_of_logits(largest_tensor):
     N, D, V, chunk = 300, 24, 500, 32
     hidden, weight, bias, labels, upstream = _linear_case(N, D, V, torch.float32, ignore_frac=0.0)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    with _LargestTensor() as probe:
+    with largest_tensor() as probe:
         out = rankloss.linear_token_logprobs(h, w, labels, bias=bias, impl="torch", chunk_size=chunk)
         (out * upstream).sum().backward()
     assert probe.largest <= max(chunk * V, V * D, N * D), probe.largest
-    with _LargestTensor() as naive:
+    with largest_tensor() as naive:
         rankloss.linear_token_logprobs(hidden, weight, labels, bias=bias, impl="reference")
     assert naive.largest >= N * V  # the probe does see full logits when they are built
 
