@@ -11,14 +11,16 @@ values, whatever the chain sizes: it does not grow with ``K`` for a fixed number
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import _validation as V
-from .logprobs import linear_token_logprobs, token_logprobs
-from .losses import chain_loss
+from .logprobs import _common_dtype, check_linear_inputs, linear_token_logprobs, token_logprobs
+from .losses import chain_loss, check_chain_options
+from .ops.fused_chain_loss import DEFAULT_CACHE_BYTES, single_pass_chain_loss
 from .outputs import ChainLossOutput
 
 __all__ = ["fused_linear_chain_loss", "chain_loss_from_logits", "sequence_scores", "ChainLoss"]
@@ -126,6 +128,7 @@ def fused_linear_chain_loss(
     impl: str | None = None,
     chunk_size: int | None = None,
     deterministic: bool = False,
+    cache_bytes: int | None = None,
 ) -> ChainLossOutput:
     """A chain loss straight from the policy's final hidden states and its LM head.
 
@@ -151,6 +154,11 @@ def fused_linear_chain_loss(
         cu_seqlens: ``[S + 1]`` offsets for the packed layout.
         impl: ``None`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"`` or
             ``"reference"``; used for both the log-probs and the chain loss.
+        cache_bytes: the PyTorch path on CPU, when gradients are needed and ``reduction`` is ``"mean"``
+            or ``"sum"``, runs in a single pass: it walks the batch in groups of whole chains, computes
+            each group's chain loss and gradients right away and keeps each group's softmax chunks (up
+            to ``cache_bytes``, default 128 MiB) instead of recomputing them, so it does 3 matmuls of
+            ``N x V x D`` instead of 4. ``0`` recomputes every chunk. Ignored elsewhere.
 
     Returns:
         A :class:`~rankloss.ChainLossOutput` with ``.loss`` and the ranking metrics.
@@ -159,6 +167,38 @@ def fused_linear_chain_loss(
     _check_layout(hidden, labels, cu_seqlens, "hidden")
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
+    if cache_bytes is not None and (
+        isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0
+    ):
+        raise ValueError(f"cache_bytes must be None or an int >= 0, got {cache_bytes!r}")
+    chain_options = dict(
+        loss=loss,
+        beta=beta,
+        top_k=top_k,
+        pairs=pairs,
+        dpo_loss_type=dpo_loss_type,
+        sft_weight=sft_weight,
+        impl=impl,
+    )
+    if _single_pass_applies(hidden, lm_head_weight, bias, ref_scores, impl, reduction):
+        return _single_pass(
+            hidden,
+            lm_head_weight,
+            labels,
+            chain_sizes,
+            ref_scores,
+            bias=bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+            length_normalize=length_normalize,
+            cu_seqlens=cu_seqlens,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            deterministic=deterministic,
+            cache_bytes=DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes,
+            **chain_options,
+        )
     token_logps = linear_token_logprobs(
         hidden,
         lm_head_weight,
@@ -179,15 +219,113 @@ def fused_linear_chain_loss(
         ignore_index,
         length_normalize,
         cu_seqlens,
-        loss=loss,
-        beta=beta,
-        top_k=top_k,
-        pairs=pairs,
-        dpo_loss_type=dpo_loss_type,
-        sft_weight=sft_weight,
         reduction=reduction,
-        impl=impl,
+        **chain_options,
     )
+
+
+def _single_pass_applies(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ref_scores: Tensor | None,
+    impl: object,
+    reduction: object,
+) -> bool:
+    """The single-pass path: CPU tensors on the PyTorch path, gradients wanted, a scalar loss, eager mode."""
+    wants_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    return (
+        wants_grad
+        and hidden.device.type == "cpu"
+        and impl in (None, "torch")
+        and reduction in ("mean", "sum")
+        and not torch.compiler.is_compiling()
+        and not (ref_scores is not None and ref_scores.requires_grad)
+    )
+
+
+def _single_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    chain_sizes: Sequence[int] | Tensor,
+    ref_scores: Tensor | None,
+    *,
+    bias: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    length_normalize: bool,
+    cu_seqlens: Tensor | None,
+    reduction: str,
+    chunk_size: int | None,
+    deterministic: bool,
+    cache_bytes: int,
+    **chain_options: object,
+) -> ChainLossOutput:
+    ignore_index, temperature, softcap, chunk_size = check_linear_inputs(
+        hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size, deterministic
+    )
+    S = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    placeholder = torch.zeros(S, dtype=torch.float32, device=hidden.device)  # the scores to come
+    options = check_chain_options(
+        placeholder,
+        chain_sizes,
+        ref_scores,
+        loss_type=None,
+        num_tokens=placeholder.long(),
+        reduction=reduction,
+        **chain_options,
+    )
+    sizes = options.pop("chain_sizes")
+    if cu_seqlens is None:
+        T = hidden.shape[1]
+        rows_h, rows_y = hidden.reshape(S * T, -1), labels.reshape(S * T)
+        caption_of_row = torch.arange(S).repeat_interleave(T)
+    else:
+        rows_h, rows_y = hidden, labels
+        caption_of_row = torch.arange(S).repeat_interleave(torch.diff(cu_seqlens.long()))
+    rows_h, weight, bias = _common_dtype(rows_h, weight, bias)
+    chain_fn = functools.partial(
+        _group_chain_loss,
+        loss=options["loss"],
+        beta=options["beta"],
+        top_k=options["top_k"],
+        pairs=options["pairs"] if options["loss"] == "dpo" else None,
+        dpo_loss_type=options["loss_type"] if options["loss"] == "dpo" else None,
+        sft_weight=options["sft_weight"],
+        impl=options["impl"],
+    )
+    with torch.autocast("cpu", enabled=False):
+        loss, scores, num_tokens = single_pass_chain_loss(
+            rows_h,
+            weight,
+            bias,
+            rows_y.long(),
+            caption_of_row,
+            sizes,
+            ref_scores,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+            length_normalize=length_normalize,
+            chain_loss_fn=chain_fn,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            cache_bytes=cache_bytes,
+        )
+    out = chain_loss(
+        scores, sizes, ref_scores, num_tokens=num_tokens, reduction=reduction, **chain_fn.keywords
+    )
+    return out._replace(loss=loss)
+
+
+def _group_chain_loss(
+    scores: Tensor, chain_sizes: list[int], ref_scores: Tensor | None, num_tokens: Tensor, **options: object
+) -> ChainLossOutput:
+    return chain_loss(scores, chain_sizes, ref_scores, num_tokens=num_tokens, reduction="sum", **options)
 
 
 def chain_loss_from_logits(

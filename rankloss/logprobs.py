@@ -120,6 +120,39 @@ def linear_token_logprobs(
     Returns:
         ``[...]`` float32 (float64 for float64 inputs) log-probabilities.
     """
+    ignore_index, temperature, softcap, chunk_size = check_linear_inputs(
+        hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size, deterministic
+    )
+    hidden, weight, bias = _common_dtype(hidden, weight, bias)
+    impl = ops_common.resolve_impl(impl, hidden, weight, bias)
+    if impl == "reference":
+        return ref.linear_token_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+        )
+    return linear_token_logprobs_op(
+        hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic
+    )
+
+
+def check_linear_inputs(
+    hidden: object,
+    weight: object,
+    labels: object,
+    bias: object,
+    ignore_index: object,
+    temperature: object,
+    softcap: object,
+    chunk_size: object,
+    deterministic: object,
+) -> tuple[int, float, float | None, int | None]:
+    """Validate the inputs of :func:`linear_token_logprobs`; returns the normalised scalar options
+    ``(ignore_index, temperature, softcap, chunk_size)``."""
     V.check_float_tensor(hidden, "hidden", min_ndim=1)
     V.check_float_tensor(weight, "weight", ndim=2)
     ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
@@ -138,21 +171,7 @@ def linear_token_logprobs(
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, weight.shape[0], ignore_index)
-    hidden, weight, bias = _common_dtype(hidden, weight, bias)
-    impl = ops_common.resolve_impl(impl, hidden, weight, bias)
-    if impl == "reference":
-        return ref.linear_token_logprobs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            ignore_index=ignore_index,
-            temperature=temperature,
-            softcap=softcap,
-        )
-    return linear_token_logprobs_op(
-        hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic
-    )
+    return ignore_index, temperature, softcap, chunk_size
 
 
 def _common_dtype(

@@ -8,6 +8,7 @@ metrics. Losses come back in float32 (float64 for float64 scores); gradients in 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -73,6 +74,50 @@ def _check_only_for(loss: str, **options: object) -> None:
             )
 
 
+def check_chain_options(
+    scores: object,
+    chain_sizes: object,
+    ref_scores: object,
+    *,
+    loss: object,
+    beta: object,
+    top_k: object,
+    pairs: object,
+    dpo_loss_type: object,
+    loss_type: object,
+    sft_weight: object,
+    num_tokens: object,
+    reduction: object,
+    impl: object,
+) -> dict:
+    """Validate :func:`chain_loss`'s inputs; returns the normalised options: ``chain_sizes`` (list of ints),
+    ``loss``, ``beta``, ``top_k``, ``pairs``, ``loss_type``, ``sft_weight``, ``reduction`` and ``impl``."""
+    sizes = _check_scores(scores, chain_sizes, ref_scores, num_tokens)
+    V.check_choice(loss, "loss", CHAIN_LOSSES)
+    beta = V.check_positive_float(beta, "beta")
+    if loss_type is not None and dpo_loss_type is not None and loss_type != dpo_loss_type:
+        raise ValueError(
+            f"loss_type={loss_type!r} and dpo_loss_type={dpo_loss_type!r} name the same option; "
+            "give one of them"
+        )
+    _check_only_for(loss, top_k=top_k, pairs=pairs, dpo_loss_type=dpo_loss_type, loss_type=loss_type)
+    loss_type_name = "loss_type" if dpo_loss_type is None else "dpo_loss_type"
+    dpo_loss_type = loss_type if dpo_loss_type is None else dpo_loss_type
+    return dict(
+        chain_sizes=sizes,
+        loss=loss,
+        beta=beta,
+        top_k=_check_top_k(top_k),
+        pairs=V.check_choice("adjacent" if pairs is None else pairs, "pairs", ref.PAIR_STRATEGIES),
+        loss_type=V.check_choice(
+            "sigmoid" if dpo_loss_type is None else dpo_loss_type, loss_type_name, ref.DPO_LOSS_TYPES
+        ),
+        sft_weight=_check_sft(sft_weight, num_tokens),
+        reduction=V.check_choice(reduction, "reduction", ref.REDUCTIONS),
+        impl=V.check_impl(impl, LOSS_IMPLS),
+    )
+
+
 def chain_loss(
     scores: Tensor,
     chain_sizes: Sequence[int] | Tensor,
@@ -120,40 +165,15 @@ def chain_loss(
             chains of at most 4096 captions), ``"torch"`` (vectorised PyTorch, no limit on ``K``) or
             ``"reference"`` (the readable specification: a Python loop over chains, autograd backward).
     """
-    sizes = _check_scores(scores, chain_sizes, ref_scores, num_tokens)
-    V.check_choice(loss, "loss", CHAIN_LOSSES)
-    beta = V.check_positive_float(beta, "beta")
-    if loss_type is not None and dpo_loss_type is not None and loss_type != dpo_loss_type:
-        raise ValueError(
-            f"loss_type={loss_type!r} and dpo_loss_type={dpo_loss_type!r} name the same option; "
-            "give one of them"
-        )
-    _check_only_for(loss, top_k=top_k, pairs=pairs, dpo_loss_type=dpo_loss_type, loss_type=loss_type)
-    loss_type_name = "loss_type" if dpo_loss_type is None else "dpo_loss_type"
-    dpo_loss_type = loss_type if dpo_loss_type is None else dpo_loss_type
-    top_k = _check_top_k(top_k)
-    pairs = V.check_choice("adjacent" if pairs is None else pairs, "pairs", ref.PAIR_STRATEGIES)
-    loss_type = V.check_choice(
-        "sigmoid" if dpo_loss_type is None else dpo_loss_type, loss_type_name, ref.DPO_LOSS_TYPES
-    )
-    sft_weight = _check_sft(sft_weight, num_tokens)
-    V.check_choice(reduction, "reduction", ref.REDUCTIONS)
-    impl = V.check_impl(impl, LOSS_IMPLS)
-    compute = ref.chain_loss if impl == "reference" else chain_loss_op
-    options = {} if impl == "reference" else {"impl": impl}
+    options = check_chain_options(
+        scores, chain_sizes, ref_scores, loss=loss, beta=beta, top_k=top_k, pairs=pairs,
+        dpo_loss_type=dpo_loss_type, loss_type=loss_type, sft_weight=sft_weight, num_tokens=num_tokens,
+        reduction=reduction, impl=impl,
+    )  # fmt: skip
+    impl = options.pop("impl")
+    compute = ref.chain_loss if impl == "reference" else functools.partial(chain_loss_op, impl=impl)
     reduced, per_chain, m = compute(
-        scores,
-        sizes,
-        ref_scores,
-        loss=loss,
-        beta=beta,
-        top_k=top_k,
-        pairs=pairs,
-        loss_type=loss_type,
-        sft_weight=sft_weight,
-        num_tokens=num_tokens,
-        reduction=reduction,
-        **options,
+        scores, options.pop("chain_sizes"), ref_scores, num_tokens=num_tokens, **options
     )
     return ChainLossOutput(
         loss=reduced,

@@ -349,3 +349,87 @@ def test_matches_liger_fused_linear_dpo_loss(loss):
     torch.testing.assert_close(ours_w.grad, liger_w.grad, rtol=1e-4, atol=1e-6)
     liger_grad = torch.stack([liger_h.grad[:B], liger_h.grad[B:]], dim=1).reshape(2 * B, T, D)
     torch.testing.assert_close(ours_h.grad, liger_grad, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The single-pass path (CPU, PyTorch, scalar reduction): gradients computed in the forward per group of
+# chains, softmax chunks cached up to cache_bytes and recomputed beyond.
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "cache_bytes, softcap, length_normalize",
+    [(None, None, False), (0, 3.0, True), (37 * 8 * 3, None, True), (10**9, 2.0, False)],
+    ids=["default", "recompute-all+softcap", "partial-cache", "cache-all+softcap"],
+)
+def test_single_pass_matches_reference(variant, reduction, cache_bytes, softcap, length_normalize):
+    chain_sizes = [3, 5, 2, 4]
+    hidden, weight, bias, labels, ref_scores = _batch(chain_sizes, 9, 13, 37, seed=11)
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    out = rankloss.fused_linear_chain_loss(
+        h,
+        w,
+        labels,
+        chain_sizes,
+        ref_scores,
+        beta=0.5,
+        bias=b,
+        softcap=softcap,
+        length_normalize=length_normalize,
+        reduction=reduction,
+        chunk_size=4,
+        cache_bytes=cache_bytes,
+        temperature=0.9,
+        **variant,
+    )
+    (out.loss * 1.7).backward()
+    rh, rw, rb = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    tok = ref_lp.linear_token_logprobs(rh, rw, labels, rb, temperature=0.9, softcap=softcap)
+    scores = ref_lp.sequence_logprobs(tok, labels, length_normalize=length_normalize)
+    n = torch.ones(len(labels), dtype=torch.long) if length_normalize else (labels != -100).sum(-1)
+    expected = rankloss.chain_loss(
+        scores,
+        chain_sizes,
+        ref_scores,
+        beta=0.5,
+        num_tokens=n,
+        reduction=reduction,
+        impl="reference",
+        **variant,
+    )
+    (expected.loss * 1.7).backward()
+    torch.testing.assert_close(out.loss, expected.loss.detach(), rtol=1e-9, atol=1e-10)
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad), (b.grad, rb.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(out.rewards, expected.rewards)
+    torch.testing.assert_close(out.kendall_tau, expected.kendall_tau)
+
+
+def test_single_pass_in_float32_and_bf16_and_with_all_tokens_of_a_caption_ignored():
+    chain_sizes = [2, 3]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        hidden, weight, bias, labels, ref_scores = _batch(chain_sizes, 7, 12, 41, seed=3, ignore_caption=2)
+        h = hidden.to(dtype).requires_grad_()
+        w = weight.to(dtype).requires_grad_()
+        out = rankloss.fused_linear_chain_loss(h, w, labels, chain_sizes, ref_scores.float(), chunk_size=5)
+        out.loss.backward()
+        assert h.grad.dtype == dtype and w.grad.dtype == dtype and out.loss.dtype == torch.float32
+        assert torch.all(h.grad[2] == 0)
+        composed = rankloss.fused_linear_chain_loss(
+            h.detach(), w.detach(), labels, chain_sizes, ref_scores.float(), reduction="none"
+        )
+        torch.testing.assert_close(out.loss, composed.loss.mean(), rtol=tol, atol=tol)
+
+
+def test_single_pass_keeps_memory_to_one_group(largest_tensor):
+    # 8 chains of 4 captions x 16 tokens; a cache of 40 rows holds less than one chain's 64 rows.
+    chain_sizes, T, D, V = [4] * 8, 16, 8, 300
+    hidden, weight, bias, labels, ref_scores = _batch(chain_sizes, T, D, V, dtype=torch.float32)
+    labels[labels == -100] = 1  # every token scored
+    hidden.requires_grad_()
+    with largest_tensor() as probe:
+        out = rankloss.fused_linear_chain_loss(
+            hidden, weight, labels, chain_sizes, ref_scores.float(), chunk_size=8, cache_bytes=40 * V * 4
+        )
+        out.loss.backward()
+    assert probe.largest <= max(8 * V, V * D, 32 * T * D), probe.largest
