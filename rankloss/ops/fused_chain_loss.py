@@ -56,26 +56,33 @@ def _groups(
 
 
 class _SinglePassChainLoss(torch.autograd.Function):
+    """Carries the gradients computed in the forward; the backward scales them by the upstream scalar.
+
+    The gradients are handed over, not copied: the backward scales them in place and returns them (so
+    autograd can take them as ``.grad`` without a copy), which is why it can run only once per forward.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, loss_value, d_hidden, d_weight, d_bias):  # noqa: D401
-        # The work is done before apply(); the Function only carries the stored gradients.
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.has = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    def forward(ctx, hidden, weight, bias, loss_value, d_hidden, d_weight, d_bias):
+        ctx.grads = [d_hidden, d_weight, d_bias]
         return loss_value.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        needs_h, needs_w, needs_b = ctx.has
-        return (
-            (d_hidden * grad_loss).to(d_hidden.dtype) if needs_h else None,
-            (d_weight * grad_loss).to(d_weight.dtype) if needs_w else None,
-            (d_bias * grad_loss).to(d_bias.dtype) if needs_b else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the single-pass fused_linear_chain_loss can be backpropagated once per forward (its "
+                "gradients were computed in the forward and are handed over); for retain_graph=True use "
+                "reduction='none' and reduce the per-chain losses yourself"
+            )
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for g, needed in zip(grads, ctx.needs_input_grad[:3]):
+            if not needed or g is None:
+                out.append(None)
+                continue
+            out.append(g if bool(grad_loss == 1) else g.mul_(grad_loss.to(g.dtype)))
+        return (*out, None, None, None, None)
 
 
 def single_pass_chain_loss(
@@ -145,12 +152,12 @@ def single_pass_chain_loss(
         token_logp = torch.empty(n_rows, dtype=acc)
         for i, rows in enumerate(torch.split(group_rows, chunk)):
             u, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
-            lse = torch.logsumexp(u, dim=-1)
-            y = labels[rows]
-            token_logp[i * chunk : i * chunk + len(rows)] = u.gather(1, y[:, None]).squeeze(1) - lse
-            nbytes = u.numel() * u.element_size() * (2 if t is not None else 1)
+            target = u.gather(1, labels[rows][:, None]).squeeze(1)
+            p, lse = _softmax_(u)
+            token_logp[i * chunk : i * chunk + len(rows)] = target - lse
+            nbytes = p.numel() * p.element_size() * (2 if t is not None else 1)
             if cached + nbytes <= cache_bytes:
-                cache.append((u.sub_(lse[:, None]).exp_(), t))
+                cache.append((p, t))
                 cached += nbytes
             else:
                 cache.append(None)
@@ -177,7 +184,7 @@ def single_pass_chain_loss(
             entry = cache[i]
             if entry is None:
                 u, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
-                p = u.sub_(torch.logsumexp(u, dim=-1, keepdim=True)).exp_()
+                p, _ = _softmax_(u)
             else:
                 p, t = entry
                 cache[i] = None
@@ -202,6 +209,13 @@ def single_pass_chain_loss(
     )
     num_tokens = torch.ones_like(counts) if length_normalize else counts
     return loss, scores, num_tokens
+
+
+def _softmax_(u: Tensor) -> tuple[Tensor, Tensor]:
+    """In place: ``u [c, V]`` becomes ``softmax(u)``; also returns ``logsumexp(u) [c]`` (no ``[c, V]`` temporary)."""
+    m = u.amax(dim=1, keepdim=True)
+    total = u.sub_(m).exp_().sum(dim=1, keepdim=True)
+    return u.div_(total), (m + total.log()).squeeze(1)
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, softcap: float | None):
