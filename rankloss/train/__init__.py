@@ -1,0 +1,1 @@
+"""The example trainer's reusable parts (``examples/train_video_rank.py`` is the entry point)."""

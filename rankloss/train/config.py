@@ -1,0 +1,362 @@
+"""The trainer's settings: one dataclass, checked as a whole, serialised to ``config.json`` in the run folder.
+
+:class:`TrainConfig` holds every option of ``examples/train_video_rank.py``; :meth:`TrainConfig.validate`
+raises ``ValueError`` naming the command-line flag (``--sft-steps``) when a value or a combination is
+wrong, so the same checks serve the command line and Python callers. :class:`Arm` names one training
+arm of the comparison (a ranking loss, optionally with the vision tower frozen, or the SFT control).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Arm", "ARM_LOSSES", "DEFAULT_ARMS", "TrainConfig", "RUNTIME_FIELDS", "parse_arms"]
+
+#: Losses a ranking arm can use (``sft`` is the control that simply continues SFT).
+ARM_LOSSES = ("plackett_luce", "dpo", "lipo", "sft")
+#: The comparison of issue 7: Plackett-Luce, DPO, Plackett-Luce with a frozen vision tower, SFT control.
+DEFAULT_ARMS = ("plackett_luce", "dpo", "plackett_luce:frozen", "sft")
+_LOSS_TITLES = {"plackett_luce": "Plackett-Luce", "dpo": "DPO", "lipo": "LiPO", "sft": "SFT continuation"}
+
+#: Fields that only change how a run executes, not what it computes: they may differ on ``--resume``.
+RUNTIME_FIELDS = frozenset(
+    {"resume", "overwrite", "jobs", "threads", "progress", "stop_after_steps", "output_dir", "keep_checkpoints"}
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training arm after the SFT stage.
+
+    Attributes:
+        loss: ``"plackett_luce"``, ``"dpo"``, ``"lipo"`` or ``"sft"`` (continue SFT: the control).
+        frozen_vision: train the LLM only (the vision tower's parameters get no updates).
+    """
+
+    loss: str
+    frozen_vision: bool = False
+
+    @property
+    def name(self) -> str:
+        """Folder and key name: ``plackett_luce``, ``plackett_luce_frozen``, ``sft_control``, ..."""
+        base = "sft_control" if self.loss == "sft" else self.loss
+        return base + ("_frozen" if self.frozen_vision else "")
+
+    @property
+    def spec(self) -> str:
+        """The ``--arms`` spelling: ``plackett_luce:frozen``."""
+        return self.loss + (":frozen" if self.frozen_vision else "")
+
+    def title(self, pairs: str | None = None) -> str:
+        """Human-readable name for tables: ``Plackett-Luce, frozen vision``, ``DPO (adjacent)``."""
+        t = _LOSS_TITLES[self.loss]
+        if self.loss == "dpo":
+            t += f" ({pairs or 'adjacent'})"
+        return t + (", frozen vision" if self.frozen_vision else "")
+
+
+def parse_arms(text: str | tuple[str, ...] | list[str]) -> tuple[Arm, ...]:
+    """``"plackett_luce,dpo,plackett_luce:frozen,sft"`` -> arms (raises ``ValueError`` naming ``--arms``)."""
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
+    arms = []
+    for item in items:
+        loss, _, mod = item.partition(":")
+        if loss not in ARM_LOSSES or mod not in ("", "frozen"):
+            raise ValueError(
+                f"--arms: {item!r} is not an arm; use one of {ARM_LOSSES}, optionally with ':frozen' "
+                f"(e.g. 'plackett_luce:frozen'), comma-separated"
+            )
+        arms.append(Arm(loss, mod == "frozen"))
+    if not arms:
+        raise ValueError("--arms must name at least one arm")
+    if len({a.name for a in arms}) != len(arms):
+        raise ValueError(f"--arms names an arm twice: {text!r}")
+    return tuple(arms)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of the example trainer (the command-line flag is the field name with dashes).
+
+    Defaults are the no-argument main job: a ~0.6M-parameter Qwen2.5-VL trained from scratch on synthetic
+    videos, SFT then the four-arm comparison over two seeds, sized to finish in minutes on 2 CPU cores.
+    """
+
+    output_dir: str = ""
+    # --- data
+    data: str | None = None
+    video_root: str | None = None
+    num_videos: int = 2000
+    heldout: int = 200
+    chain_length: int | None = None
+    frames: int = 8
+    frame_size: int = 56
+    max_objects: int = 3
+    data_seed: int = 0
+    prompt: str | None = None
+    # --- model
+    model: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "auto"
+    hidden_size: int = 128
+    num_layers: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vocab_size: int = 1000
+    share_prefix: bool = True
+    # --- optimisation
+    batch_size: int = 16
+    grad_accum: int = 1
+    sft_steps: int = 1000
+    sft_lr: float = 5e-4
+    rank_steps: int = 150
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # --- ranking loss
+    loss: str = "plackett_luce"
+    beta: float = 0.1
+    pairs: str | None = None
+    dpo_loss_type: str | None = None
+    top_k: int | None = None
+    sft_weight: float = 1.0
+    length_normalize: bool = False
+    freeze_vision: bool = False
+    # --- experiment
+    compare: bool = True
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    seeds: int = 3
+    seed: int = 0
+    # --- evaluation and logging
+    eval_every: int | None = None
+    eval_batch_size: int = 32
+    max_new_tokens: int = 96
+    log_every: int = 10
+    # --- run
+    save_every: int = 100
+    keep_checkpoints: int = 1
+    save_models: str = "primary"
+    mixed_precision: str = "no"
+    cpu: bool = False
+    jobs: int | None = None
+    threads: int | None = None
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_steps: int | None = None
+    # Flags the user typed (set by the command line; used to reject options that do not apply).
+    given: tuple[str, ...] = field(default=(), compare=False)
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def synthetic(self) -> bool:
+        return self.data is None
+
+    @property
+    def synthetic_chain_length(self) -> int:
+        """Captions per synthetic chain: ``--chain-length``, default 4."""
+        return 4 if self.chain_length is None else self.chain_length
+
+    @property
+    def arm_list(self) -> tuple[Arm, ...]:
+        """The arms this run trains: the comparison's, or the single ``--loss`` arm."""
+        if self.compare:
+            return parse_arms(self.arms)
+        return (Arm("sft" if self.loss == "sft" else self.loss, self.freeze_vision),)
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(self.seed + i for i in range(self.seeds if self.compare else 1))
+
+    @property
+    def primary_arm(self) -> Arm:
+        """The arm whose model of the first seed is saved as ``<output_dir>/model``."""
+        arms = self.arm_list
+        for a in arms:
+            if a.loss == self.loss and not a.frozen_vision:
+                return a
+        return arms[0]
+
+    def loss_options(self, arm: Arm) -> dict[str, Any]:
+        """Keyword options of :func:`rankloss.fused_linear_chain_loss` for ``arm`` (``{}`` for the control)."""
+        if arm.loss == "sft":
+            return {}
+        opts: dict[str, Any] = {"loss": arm.loss, "beta": self.beta, "sft_weight": self.sft_weight}
+        if arm.loss == "dpo":
+            opts["pairs"] = self.pairs or "adjacent"
+            opts["dpo_loss_type"] = self.dpo_loss_type or "sigmoid"
+        if arm.loss == "plackett_luce" and self.top_k is not None:
+            opts["top_k"] = self.top_k
+        return opts
+
+    def eval_interval(self, steps: int) -> int:
+        """Steps between held-out assessments in a stage of ``steps`` steps: ``--eval-every``, or by default
+        four evaluations per stage (``ceil(steps / 4)``); 0 means only at the stage's start and end."""
+        if self.eval_every is not None:
+            return self.eval_every
+        return max(1, math.ceil(steps / 4)) if steps else 0
+
+    def _was_given(self, name: str) -> bool:
+        return name in self.given
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check every value and combination; raises ``ValueError`` naming the flag. Returns ``self``."""
+
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
+        def positive(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v >= 1)
+            if not ok:
+                raise ValueError(f"{flag(name)} must be an integer >= {0 if allow_zero else 1}, got {v!r}")
+
+        def positive_float(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
+                raise ValueError(f"{flag(name)} must be a {'non-negative' if allow_zero else 'positive'} "
+                                 f"number, got {v!r}")  # fmt: skip
+
+        for name in ("num_videos", "heldout", "frames", "frame_size", "max_objects", "hidden_size", "num_layers",
+                     "vision_depth", "vision_hidden_size", "vocab_size", "batch_size", "grad_accum",
+                     "eval_batch_size", "max_new_tokens", "log_every", "seeds", "keep_checkpoints"):  # fmt: skip
+            positive(name)
+        for name in ("sft_steps", "rank_steps", "save_every"):
+            positive(name, allow_zero=True)
+        if self.eval_every is not None:
+            positive("eval_every", allow_zero=True)
+        for name in ("sft_lr", "lr", "beta"):
+            positive_float(name)
+        for name in ("weight_decay", "max_grad_norm", "sft_weight"):
+            positive_float(name, allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.jobs is not None:
+            positive("jobs")
+        if self.threads is not None:
+            positive("threads")
+        if self.stop_after_steps is not None:
+            positive("stop_after_steps")
+        choices = {
+            "dtype": ("float32", "bfloat16", "float16"),
+            "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+            "lr_scheduler": ("constant", "linear", "cosine"),
+            "loss": ("plackett_luce", "dpo", "lipo", "sft"),
+            "mixed_precision": ("no", "bf16", "fp16"),
+            "save_models": ("primary", "all", "none"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pairs is not None and self.pairs not in ("adjacent", "all", "best_worst", "best_rest"):
+            raise ValueError(f"--pairs must be one of adjacent, all, best_worst, best_rest, got {self.pairs!r}")
+        if self.dpo_loss_type is not None and self.dpo_loss_type not in ("sigmoid", "hinge", "ipo"):
+            raise ValueError(f"--dpo-loss-type must be one of sigmoid, hinge, ipo, got {self.dpo_loss_type!r}")
+        if self.top_k is not None:
+            positive("top_k")
+
+        # --- data source
+        if self.synthetic:
+            if self.video_root is not None:
+                raise ValueError("--video-root applies to --data (a chains file); the synthetic default has no "
+                                 "video files")  # fmt: skip
+            if self.chain_length is not None and self.chain_length < 2:
+                raise ValueError(f"--chain-length must be >= 2, got {self.chain_length}")
+            if self.heldout >= self.num_videos:
+                raise ValueError(f"--heldout ({self.heldout}) must be smaller than --num-videos "
+                                 f"({self.num_videos})")  # fmt: skip
+        else:
+            for name in ("num_videos", "max_objects"):
+                if self._was_given(name):
+                    raise ValueError(f"{flag(name)} applies to the synthetic data only, not to --data")
+            if not os.path.isfile(self.data):
+                raise ValueError(f"--data: chains file not found: {self.data!r}")
+            if self.video_root is not None and not os.path.isdir(self.video_root):
+                raise ValueError(f"--video-root: not a directory: {self.video_root!r}")
+            if self.chain_length is not None and self.chain_length < 2:
+                raise ValueError(f"--chain-length must be >= 2, got {self.chain_length}")
+        # --- model source
+        if self.model is not None:
+            if not os.path.isdir(self.model):
+                raise ValueError(f"--model: not a local checkpoint directory: {self.model!r}")
+            for name in ("hidden_size", "num_layers", "vision_depth", "vision_hidden_size", "vocab_size"):
+                if self._was_given(name):
+                    raise ValueError(f"{flag(name)} sizes the tiny model built from scratch; it does not apply "
+                                     "to --model")  # fmt: skip
+        elif self.prompt is not None:
+            raise ValueError("--prompt applies to --model checkpoints with a chat template; the tiny default "
+                             "model reads the video only")  # fmt: skip
+        if self.frame_size % 28:
+            raise ValueError(f"--frame-size must be a multiple of 28 (patch 14 x merge 2), got {self.frame_size}")
+        if self.frames % 2:
+            raise ValueError(f"--frames must be even (the vision tower groups frames in pairs), got {self.frames}")
+
+        # --- losses and arms
+        if self.compare:
+            arms = parse_arms(self.arms)
+            for name in ("loss", "freeze_vision"):
+                if self._was_given(name):
+                    raise ValueError(f"{flag(name)} sets the single run's arm; with --compare the arms come from "
+                                     "--arms (add --no-compare for a single run)")  # fmt: skip
+            if self.rank_steps == 0:
+                raise ValueError("--compare needs --rank-steps >= 1 (the arms train after SFT)")
+        else:
+            arms = self.arm_list
+            for name in ("arms", "seeds"):
+                if self._was_given(name):
+                    raise ValueError(f"{flag(name)} applies to --compare only")
+        losses = {a.loss for a in arms}
+        if self.pairs is not None and "dpo" not in losses:
+            raise ValueError(f"--pairs applies to the dpo loss only; this run trains {sorted(losses)}")
+        if self.dpo_loss_type is not None and "dpo" not in losses:
+            raise ValueError(f"--dpo-loss-type applies to the dpo loss only; this run trains {sorted(losses)}")
+        if self.top_k is not None and "plackett_luce" not in losses:
+            raise ValueError(f"--top-k applies to the plackett_luce loss only; this run trains {sorted(losses)}")
+        if losses == {"sft"}:
+            for name in ("beta", "sft_weight", "length_normalize"):
+                if self._was_given(name):
+                    raise ValueError(f"{flag(name)} applies to the ranking losses; this run only continues SFT")
+        if self.save_models == "primary" and self.compare and self.primary_arm not in arms:
+            raise ValueError("--save-models primary needs the primary arm among --arms")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: give one")
+        if self.resume and not self._was_given("output_dir"):
+            raise ValueError("--resume needs --output-dir: the folder of the run to continue")
+        if self.mixed_precision == "fp16" and self.cpu:
+            raise ValueError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["arms"] = list(d["arms"])
+        d.pop("given")
+        return d
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "arms" in kw:
+            kw["arms"] = tuple(kw["arms"])
+        return cls(**kw)
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Fields (other than :data:`RUNTIME_FIELDS`) whose values differ: ``["lr: 0.0001 != 0.0003"]``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in sorted(a) if k not in RUNTIME_FIELDS and a[k] != b[k]]

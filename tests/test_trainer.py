@@ -1,0 +1,211 @@
+"""examples/train_video_rank.py end to end, at tiny sizes: the comparison's outputs, flag validation,
+``--stop-after-steps`` + ``--resume`` against an uninterrupted run, and ``accelerate launch`` with two CPU
+processes against one process with the same global batch."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("tokenizers")
+pytest.importorskip("torchvision")
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_video_rank.py"
+
+# A run of a few seconds: 10 videos (3 held out), chains of 3, 4 frames of 56 x 56, a 32-wide model.
+TINY = [
+    "--num-videos", "10", "--heldout", "3", "--chain-length", "3", "--frames", "4", "--max-objects", "2",
+    "--hidden-size", "32", "--num-layers", "1", "--vision-depth", "1", "--vision-hidden-size", "32",
+    "--vocab-size", "300", "--batch-size", "2", "--eval-batch-size", "4", "--max-new-tokens", "6",
+    "--log-every", "1", "--no-progress", "--threads", "1",
+]  # fmt: skip
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_video_rank", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    assert out, f"no safetensors in {folder}"
+    return out
+
+
+def test_comparison_writes_every_output(tmp_path: Path):
+    run = tmp_path / "run"
+    result = _run([*TINY, "--sft-steps", "4", "--rank-steps", "2", "--seeds", "2", "--jobs", "2",
+                   "--output-dir", str(run)])  # fmt: skip
+    for name in ("config.json", "metrics.jsonl", "summary.md", "comparison.md", "comparison.png", "training_loss.png", "eval_curves.png"):
+        assert (run / name).is_file(), f"{name} missing; output:\n{result.stdout}\n{result.stderr[-3000:]}"
+    assert (run / "model" / "config.json").is_file()
+    records = _records(run / "metrics.jsonl")
+    arms = {"sft", "plackett_luce", "dpo", "plackett_luce_frozen", "sft_control"}
+    for seed in (0, 1):
+        tasks = {r["task"] for r in records if r["seed"] == seed}
+        assert tasks == arms, tasks
+        finals = [r for r in records if r["seed"] == seed and r.get("tag") == "final"]
+        assert {r["task"] for r in finals} == arms - {"sft"}
+        for r in finals:
+            m = r["metrics"]
+            assert 0.0 <= m["pair_acc"] <= 1.0 and 0.0 <= m["gen_f1"] <= 1.0, m
+            assert math.isfinite(m["best_logp_tok"]), m
+        train = [r for r in records if r["seed"] == seed and r["event"] == "train" and r["task"] == "plackett_luce"]
+        assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
+    table = (run / "comparison.md").read_text()
+    assert "mean ± standard error over 2 seeds" in table
+    for title in ("Plackett-Luce", "DPO", "frozen"):
+        assert title in table, table
+    assert "Difference to" in table
+    assert "comparison" in result.stdout  # the table is printed at the end
+
+
+def test_single_arm_trains_the_vision_tower_unless_frozen(tmp_path: Path):
+    """--no-compare --loss plackett_luce changes the vision tower's weights; --freeze-vision keeps them."""
+    base = [*TINY, "--sft-steps", "2", "--rank-steps", "2", "--no-compare", "--loss", "plackett_luce",
+            "--save-models", "all", "--lr", "1e-2"]  # fmt: skip
+    _run([*base, "--output-dir", str(tmp_path / "a")])
+    _run([*base, "--freeze-vision", "--output-dir", str(tmp_path / "b")])
+    sft = _weights(tmp_path / "a" / "seed0" / "sft" / "model")
+    trained = _weights(tmp_path / "a" / "seed0" / "plackett_luce" / "model")
+    frozen = _weights(tmp_path / "b" / "seed0" / "plackett_luce_frozen" / "model")
+    vision = [k for k in sft if "visual." in k]
+    text = [k for k in sft if "layers." in k and "visual." not in k]
+    assert vision and text
+    assert any(not torch.equal(sft[k], trained[k]) for k in vision)
+    assert all(torch.equal(sft[k], frozen[k]) for k in vision)
+    assert any(not torch.equal(sft[k], frozen[k]) for k in text)
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
+    args = [*TINY, "--sft-steps", "5", "--rank-steps", "4", "--no-compare", "--loss", "dpo", "--pairs", "all",
+            "--save-every", "1", "--jobs", "1"]  # fmt: skip
+    _run([*args, "--output-dir", str(tmp_path / "full")])
+    first = _run([*args, "--output-dir", str(tmp_path / "cut"), "--stop-after-steps", "3"])
+    assert "--resume" in first.stdout + first.stderr
+    assert not (tmp_path / "cut" / "summary.md").exists()
+    second = _run([*args, "--output-dir", str(tmp_path / "cut"), "--resume", "--stop-after-steps", "4"])
+    assert "resumed" in second.stdout + second.stderr
+    _run([*args, "--output-dir", str(tmp_path / "cut"), "--resume"])
+    a, b = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "cut" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+    def train_losses(run: Path) -> list[tuple[str, int, float]]:
+        return [(r["task"], r["step"], r["loss"]) for r in _records(run / "metrics.jsonl") if r["event"] == "train"]
+
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_one(tmp_path: Path):
+    """Two gloo processes, each half of the global batch, give the same model as one process."""
+    if shutil.which("accelerate") is None and importlib.util.find_spec("accelerate.commands.launch") is None:
+        pytest.skip("accelerate launcher not available")
+    args = [*TINY, "--sft-steps", "3", "--rank-steps", "2", "--no-compare", "--loss", "plackett_luce",
+            "--batch-size", "4", "--jobs", "1", "--cpu"]  # fmt: skip
+    _run([*args, "--output-dir", str(tmp_path / "one")])
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu"]  # fmt: skip
+    _run([*args, "--output-dir", str(tmp_path / "two")], launcher=launcher, timeout=900)
+    a, b = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    one = [r["loss"] for r in _records(tmp_path / "one" / "metrics.jsonl") if r["event"] == "train"]
+    two = [r["loss"] for r in _records(tmp_path / "two" / "metrics.jsonl") if r["event"] == "train"]
+    assert len(one) == len(two) == 5
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--loss", "dpo"], "--loss sets the single run's arm"),
+        (["--no-compare", "--pairs", "all"], "--pairs applies to the dpo loss only"),
+        (["--frame-size", "50"], "--frame-size must be a multiple of 28"),
+        (["--heldout", "20", "--num-videos", "10"], "--heldout (20) must be smaller than --num-videos (10)"),
+        (["--resume"], "--resume needs --output-dir"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--data", "/nonexistent/chains.jsonl"], "--data: chains file not found"),
+        (["--model", "/nonexistent/ckpt"], "--model: not a local checkpoint directory"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(argv, message, capsys):
+    module = _load_script()
+    with pytest.raises(SystemExit) as exc:
+        module.parse_config(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path):
+    args = [*TINY, "--sft-steps", "2", "--rank-steps", "1", "--no-compare", "--jobs", "1"]
+    _run([*args, "--output-dir", str(tmp_path / "r"), "--stop-after-steps", "1"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), *args, "--lr", "3e-3", "--output-dir", str(tmp_path / "r"), "--resume"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "differ from the run's config.json" in result.stderr and "lr" in result.stderr
+
+
+@pytest.mark.parametrize("with_scenes", [True, False])
+def test_chains_file_with_video_files(tmp_path: Path, with_scenes: bool):
+    """--data: the `rankloss synthetic make` output (mp4 files decoded with PyAV, chains JSONL); with its
+    scenes generation is scored fact by fact, without them (as for real captions) by word overlap."""
+    pytest.importorskip("av")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "rankloss", "synthetic", "make", "--out", str(data), "--n", "9",
+                    "--frames", "8", "--seed", "3"], cwd=REPO, check=True, capture_output=True, timeout=300)  # fmt: skip
+    chains = data / "chains.jsonl"
+    if not with_scenes:
+        rows = [json.loads(line) for line in chains.read_text().splitlines()]
+        for r in rows:
+            r.pop("source", None)
+        chains.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = dict(zip(TINY[:-3:2], TINY[1:-3:2]))  # synthetic-only flags do not apply to --data
+    assert TINY[-3:] == ["--no-progress", "--threads", "1"] and "--num-videos" in pairs
+    args = [x for k, v in pairs.items() if k not in ("--num-videos", "--max-objects") for x in (k, v)] + TINY[-3:]
+    run = tmp_path / "run"
+    result = _run([*args, "--data", str(chains), "--sft-steps", "2", "--rank-steps", "2", "--no-compare",
+                   "--jobs", "1", "--output-dir", str(run)])  # fmt: skip
+    assert (run / "data" / "frames.npy").is_file()  # decoded once, memory-mapped
+    final = [r for r in _records(run / "metrics.jsonl") if r.get("tag") == "final"]
+    assert len(final) == 1
+    metrics = final[0]["metrics"]
+    if with_scenes:
+        assert "gen_f1" in metrics and "gen_word_f1" not in metrics
+    else:
+        assert "gen_word_f1" in metrics and "gen_f1" not in metrics
+        assert "word overlap" in result.stdout
