@@ -157,8 +157,9 @@ def fused_linear_chain_loss(
         cache_bytes: the PyTorch path on CPU, when gradients are needed and ``reduction`` is ``"mean"``
             or ``"sum"``, runs in a single pass: it walks the batch in groups of whole chains, computes
             each group's chain loss and gradients right away and keeps each group's softmax chunks (up
-            to ``cache_bytes``, default 128 MiB) instead of recomputing them, so it does 3 matmuls of
-            ``N x V x D`` instead of 4. ``0`` recomputes every chunk. Ignored elsewhere.
+            to ``cache_bytes``, default 64 MiB, plus the group's last chunk) instead of recomputing
+            them, so it does 3 to 4 matmuls of ``N x V x D`` (3 when a group fits) instead of 4. ``0``
+            recomputes every chunk but the last of each group. Ignored elsewhere.
 
     Returns:
         A :class:`~rankloss.ChainLossOutput` with ``.loss`` and the ranking metrics.

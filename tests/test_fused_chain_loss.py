@@ -433,3 +433,22 @@ def test_single_pass_keeps_memory_to_one_group(largest_tensor):
         )
         out.loss.backward()
     assert probe.largest <= max(8 * V, V * D, 32 * T * D), probe.largest
+
+
+def test_single_pass_second_backward_raises_and_upstream_gradient_scales():
+    """The single-pass gradients are handed to autograd once: a second backward (retain_graph=True) must
+    fail loudly rather than return scaled-twice or stale gradients; a non-unit upstream gradient scales
+    them."""
+    chain_sizes = [3, 2]
+    hidden, weight, _, labels, ref_scores = _batch(chain_sizes, 6, 10, 37, seed=5)
+    h = hidden.clone().requires_grad_()
+    out = rankloss.fused_linear_chain_loss(h, weight, labels, chain_sizes, ref_scores)
+    (2.5 * out.loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once per forward"):
+        out.loss.backward()
+    ref = hidden.clone().requires_grad_()
+    expected = rankloss.fused_linear_chain_loss(
+        ref, weight, labels, chain_sizes, ref_scores, reduction="none"
+    )
+    (2.5 * expected.loss.mean()).backward()
+    torch.testing.assert_close(h.grad, ref.grad, rtol=1e-9, atol=1e-12)

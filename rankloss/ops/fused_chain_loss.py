@@ -9,10 +9,11 @@ But chains are independent: a chain's loss, and so ``dL/ds`` of its captions, de
 captions. This path walks the batch in **groups of whole chains**, and for each group
 
 1. computes the group's logit chunks and token log-probs, *keeping* each chunk's softmax while the
-   group's cache stays within ``cache_bytes`` (a chunk that does not fit is dropped and recomputed);
+   group's cache stays within ``cache_bytes``, and the last chunk (a chunk that does not fit is dropped
+   and recomputed);
 2. scores the group's captions and takes ``dL/ds`` of its chains with the score-level chain loss;
-3. turns every chunk into ``dA = g (onehot - p) / tau`` (from the cache, or recomputed) and accumulates
-   ``d hidden``, ``d weight`` and ``d bias``.
+3. turns every chunk, last first, into ``dA = g (onehot - p) / tau`` (from the cache, or recomputed)
+   and accumulates ``d hidden``, ``d weight`` and ``d bias``.
 
 With the cache big enough for one group, that is 3 matmuls, like the naive path, at a memory cost of one
 group's ``[rows, V]`` softmax instead of the batch's. The loss must be reduced to a scalar (``mean`` or
@@ -31,9 +32,10 @@ from ._common import accumulation_dtype, default_chunk_size, logprob_grad_
 
 __all__ = ["DEFAULT_CACHE_BYTES", "single_pass_chain_loss"]
 
-# Softmax cache of one group of chains: 128 MiB holds ~1000 rows at V = 32000 (one chain of 8 x 128
-# tokens), ~220 rows at V = 152064.
-DEFAULT_CACHE_BYTES = 128 * 2**20
+# Softmax cache of one group of chains: 64 MiB holds ~520 rows at V = 32000, ~110 at V = 152064; the
+# group's last chunk comes on top (see step 1), so a chain of 8 x 128 tokens at V = 32000 recomputes one
+# chunk of four. Peak extra memory ~ gradients + cache + one chunk (1/8.7 of the naive path's there).
+DEFAULT_CACHE_BYTES = 64 * 2**20
 
 
 def _groups(
@@ -132,7 +134,8 @@ def single_pass_chain_loss(
     row_caption = caption_of_row[rows_all]
     counts = torch.bincount(row_caption, minlength=S)
     caption_rows = counts.tolist()
-    max_rows = max(chunk, cache_bytes // (4 * V * (2 if softcap is not None else 1)))
+    # A group fits in the cache plus its last chunk (kept on top of the cache, see step 1).
+    max_rows = max(chunk, cache_bytes // (4 * V * (2 if softcap is not None else 1))) + chunk
     C = len(chain_sizes)
     scale = 1.0 / C if reduction == "mean" else 1.0
 
@@ -146,21 +149,26 @@ def single_pass_chain_loss(
         n_rows = sum(caption_rows[s0:s1])
         group_rows = rows_all[row_start : row_start + n_rows]
         row_start += n_rows
-        # 1. logits chunk by chunk: token log-probs, and the softmax kept while the cache has room.
+        # 1. logits chunk by chunk: token log-probs, and the softmax kept while the cache has room. The
+        # group's last chunk is kept too (it is in memory anyway, and step 3 consumes it first, before
+        # any recomputation), so the peak stays at cache + one chunk with one recomputation fewer.
+        chunks = torch.split(group_rows, chunk)
         cache: list[tuple[Tensor, Tensor | None] | None] = []
         cached = 0
         token_logp = torch.empty(n_rows, dtype=acc)
-        for i, rows in enumerate(torch.split(group_rows, chunk)):
+        for i, rows in enumerate(chunks):
             u, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
             target = u.gather(1, labels[rows][:, None]).squeeze(1)
             p, lse = _softmax_(u)
             token_logp[i * chunk : i * chunk + len(rows)] = target - lse
             nbytes = p.numel() * p.element_size() * (2 if t is not None else 1)
-            if cached + nbytes <= cache_bytes:
-                cache.append((p, t))
+            keep = cached + nbytes <= cache_bytes
+            if keep:
                 cached += nbytes
-            else:
-                cache.append(None)
+            cache.append((p, t) if keep or i == len(chunks) - 1 else None)
+            # Drop this chunk's [c, V] buffers now: held until the next chunk's are allocated, they would
+            # add one chunk to the peak beyond the cache.
+            del u, t, p
         # 2. the group's caption scores and dL/ds (mean reduction: every chain weighs 1 / C).
         group_caption = row_caption[row_start - n_rows : row_start] - s0
         sums = torch.zeros(s1 - s0, dtype=acc).index_add_(0, group_caption, token_logp)
@@ -179,12 +187,12 @@ def single_pass_chain_loss(
         if length_normalize:
             grad_s = grad_s / n.clamp(min=1).to(acc)
         g_rows = grad_s[group_caption]
-        # 3. dA per chunk, from the cache or recomputed; accumulate the gradients.
-        for i, rows in enumerate(torch.split(group_rows, chunk)):
-            entry = cache[i]
+        # 3. dA per chunk, from the cache or recomputed, last chunk first; accumulate the gradients.
+        for i in reversed(range(len(chunks))):
+            rows, entry = chunks[i], cache[i]
             if entry is None:
-                u, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
-                p, _ = _softmax_(u)
+                p, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
+                _softmax_(p)
             else:
                 p, t = entry
                 cache[i] = None
@@ -197,6 +205,7 @@ def single_pass_chain_loss(
                 d_weight.addmm_(da.T, h_all[rows].to(acc))
             if d_bias is not None:
                 d_bias += da.sum(dim=0)
+            del entry, p, t, da  # as above: free the chunk (cached or recomputed) before the next one
     empty = torch.zeros(0, dtype=acc)
     loss = _SinglePassChainLoss.apply(
         hidden,
@@ -212,7 +221,8 @@ def single_pass_chain_loss(
 
 
 def _softmax_(u: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: ``u [c, V]`` becomes ``softmax(u)``; also returns ``logsumexp(u) [c]`` (no ``[c, V]`` temporary)."""
+    """In place: ``u [c, V]`` becomes ``softmax(u)``; also returns ``logsumexp(u) [c]`` (no ``[c, V]``
+    temporary)."""
     m = u.amax(dim=1, keepdim=True)
     total = u.sub_(m).exp_().sum(dim=1, keepdim=True)
     return u.div_(total), (m + total.log()).squeeze(1)
