@@ -54,5 +54,6 @@ def main() -> None:
     print("per-chain Plackett-Luce losses:", [round(v, 4) for v in out.loss.tolist()])
     print("mean reward per chain position:", [round(v, 4) for v in out.reward_per_position.tolist()])
 
+
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Fine-tune a video-language model (vision tower + LLM) with listwise ranking losses over caption chains.
 
-    python examples/train_video_rank.py                       # the main job: a complete miniature, minutes on a CPU
+    python examples/train_video_rank.py        # the main job: a complete miniature, minutes on a CPU
 
 With no arguments: synthetic videos of moving shapes and their caption chains (``rankloss.synthetic``),
 split into training and held-out videos; a ~0.6M-parameter Qwen2.5-VL built from a config with a tokenizer
@@ -47,79 +47,145 @@ def build_parser() -> argparse.ArgumentParser:
     that does not apply to the run is rejected instead of ignored)."""
     p = argparse.ArgumentParser(
         prog="train_video_rank.py",
-        description="Fine-tune Qwen2.5-VL (vision tower + LLM) with listwise ranking losses over caption chains.",
+        description="Fine-tune Qwen2.5-VL (vision tower + LLM) with listwise ranking losses over caption "
+        "chains.",
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See docs/training.md for the stages, the default experiment and real-data recipes.",
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="FILE", help="chains JSONL (the `rankloss chains make` output); default: "
-                   "synthetic videos")  # fmt: skip
-    g.add_argument("--video-root", metavar="DIR", help="folder the chains file's video paths are relative to "
-                   "(default: the chains file's folder)")  # fmt: skip
+    g.add_argument(
+        "--data",
+        metavar="FILE",
+        help="chains JSONL (the `rankloss chains make` output); default: synthetic videos",
+    )
+    g.add_argument(
+        "--video-root",
+        metavar="DIR",
+        help="folder the chains file's video paths are relative to (default: the chains file's folder)",
+    )
     g.add_argument("--num-videos", type=int, metavar="N", help="synthetic videos" + _d("num_videos"))
-    g.add_argument("--heldout", type=int, metavar="N", help="held-out videos (split by video)" + _d("heldout"))
-    g.add_argument("--chain-length", type=int, metavar="K", help="captions per chain (synthetic: default 4; "
-                   "--data: keep the first K)")  # fmt: skip
+    g.add_argument(
+        "--heldout", type=int, metavar="N", help="held-out videos (split by video)" + _d("heldout")
+    )
+    g.add_argument(
+        "--chain-length",
+        type=int,
+        metavar="K",
+        help="captions per chain (synthetic: default 4; --data: keep the first K)",
+    )
     g.add_argument("--frames", type=int, metavar="T", help="frames per video" + _d("frames"))
-    g.add_argument("--frame-size", type=int, metavar="S", help="square frame size in pixels" + _d("frame_size"))
-    g.add_argument("--max-objects", type=int, metavar="N", help="synthetic: objects per scene" + _d("max_objects"))
-    g.add_argument("--data-seed", type=int, metavar="N", help="synthetic data and the split" + _d("data_seed"))
-    g.add_argument("--prompt", metavar="TEXT", help="instruction after the video (--model with a chat template; "
-                   "default 'Describe this video in detail.')")  # fmt: skip
+    g.add_argument(
+        "--frame-size", type=int, metavar="S", help="square frame size in pixels" + _d("frame_size")
+    )
+    g.add_argument(
+        "--max-objects", type=int, metavar="N", help="synthetic: objects per scene" + _d("max_objects")
+    )
+    g.add_argument(
+        "--data-seed", type=int, metavar="N", help="synthetic data and the split" + _d("data_seed")
+    )
+    g.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="instruction after the video (--model with a chat template; "
+        "default 'Describe this video in detail.')",
+    )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="local Qwen2.5-VL checkpoint + processor (default: a tiny "
-                   "model built from a config)")  # fmt: skip
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights of --model" + _d("dtype"))
-    g.add_argument("--attn-implementation", choices=("auto", "sdpa", "eager", "flash_attention_2"),
-                   help="auto: flash_attention_2 on CUDA with flash-attn, else sdpa" + _d("attn_implementation"))
+    g.add_argument(
+        "--model",
+        metavar="DIR",
+        help="local Qwen2.5-VL checkpoint + processor (default: a tiny model built from a config)",
+    )
+    g.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="weights of --model" + _d("dtype")
+    )
+    g.add_argument(
+        "--attn-implementation",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+        help="auto: flash_attention_2 on CUDA with flash-attn, else sdpa" + _d("attn_implementation"),
+    )
     g.add_argument("--hidden-size", type=int, help="tiny model: LLM width" + _d("hidden_size"))
     g.add_argument("--num-layers", type=int, help="tiny model: LLM layers" + _d("num_layers"))
     g.add_argument("--vision-depth", type=int, help="tiny model: vision blocks" + _d("vision_depth"))
-    g.add_argument("--vision-hidden-size", type=int, help="tiny model: vision width" + _d("vision_hidden_size"))
+    g.add_argument(
+        "--vision-hidden-size", type=int, help="tiny model: vision width" + _d("vision_hidden_size")
+    )
     g.add_argument("--vocab-size", type=int, help="tiny model: BPE vocabulary cap" + _d("vocab_size"))
-    g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction,
-                   help="run the prompt + video once per chain and share it (KV cache) across the chain's "
-                   "captions" + _d("share_prefix"))  # fmt: skip
+    g.add_argument(
+        "--share-prefix",
+        action=argparse.BooleanOptionalAction,
+        help="run the prompt + video once per chain and share it (KV cache) across the chain's "
+        "captions" + _d("share_prefix"),
+    )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help="chains per optimizer step, all processes" + _d("batch_size"))
+    g.add_argument(
+        "--batch-size", type=int, help="chains per optimizer step, all processes" + _d("batch_size")
+    )
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step" + _d("grad_accum"))
-    g.add_argument("--sft-steps", type=int, help="SFT steps (0: start from the model as is)" + _d("sft_steps"))
+    g.add_argument(
+        "--sft-steps", type=int, help="SFT steps (0: start from the model as is)" + _d("sft_steps")
+    )
     g.add_argument("--sft-lr", type=float, help="SFT learning rate" + _d("sft_lr"))
     g.add_argument("--rank-steps", type=int, help="steps of every arm after SFT" + _d("rank_steps"))
     g.add_argument("--lr", type=float, help="learning rate of the arms" + _d("lr"))
-    g.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), help="after warmup" + _d("lr_scheduler"))
+    g.add_argument(
+        "--lr-scheduler", choices=("constant", "linear", "cosine"), help="after warmup" + _d("lr_scheduler")
+    )
     g.add_argument("--warmup-ratio", type=float, help="share of a stage's steps" + _d("warmup_ratio"))
     g.add_argument("--weight-decay", type=float, help="AdamW" + _d("weight_decay"))
     g.add_argument("--max-grad-norm", type=float, help="clipping (0: off)" + _d("max_grad_norm"))
 
     g = p.add_argument_group("ranking loss")
-    g.add_argument("--loss", choices=("plackett_luce", "dpo", "lipo", "sft"),
-                   help="single run (--no-compare): the arm's loss" + _d("loss"))
+    g.add_argument(
+        "--loss",
+        choices=("plackett_luce", "dpo", "lipo", "sft"),
+        help="single run (--no-compare): the arm's loss" + _d("loss"),
+    )
     g.add_argument("--beta", type=float, help="reward scale: r = beta (s - s_ref)" + _d("beta"))
-    g.add_argument("--pairs", choices=("adjacent", "all", "best_worst", "best_rest"), help="dpo: pairs from "
-                   "each chain (default adjacent)")  # fmt: skip
+    g.add_argument(
+        "--pairs",
+        choices=("adjacent", "all", "best_worst", "best_rest"),
+        help="dpo: pairs from each chain (default adjacent)",
+    )
     g.add_argument("--dpo-loss-type", choices=("sigmoid", "hinge", "ipo"), help="dpo (default sigmoid)")
     g.add_argument("--top-k", type=int, help="plackett_luce: only the first k positions (default all)")
-    g.add_argument("--sft-weight", type=float, help="weight of the SFT term -s_1/n_1 added to the ranking "
-                   "losses" + _d("sft_weight"))  # fmt: skip
-    g.add_argument("--length-normalize", action="store_true", help="scores are mean (not summed) token log-probs")
-    g.add_argument("--freeze-vision", action="store_true", help="single run: train the LLM only in the ranking stage")
+    g.add_argument(
+        "--sft-weight",
+        type=float,
+        help="weight of the SFT term -s_1/n_1 added to the ranking losses" + _d("sft_weight"),
+    )
+    g.add_argument(
+        "--length-normalize", action="store_true", help="scores are mean (not summed) token log-probs"
+    )
+    g.add_argument(
+        "--freeze-vision", action="store_true", help="single run: train the LLM only in the ranking stage"
+    )
 
     g = p.add_argument_group("experiment")
-    g.add_argument("--compare", action=argparse.BooleanOptionalAction,
-                   help="train every arm of --arms over --seeds seeds and write the comparison (default: on; "
-                   "--no-compare trains one --loss arm)")  # fmt: skip
-    g.add_argument("--arms", type=lambda s: tuple(x.strip() for x in s.split(",")), metavar="LIST",
-                   help="comparison arms: plackett_luce, dpo, lipo, sft, each optionally ':frozen'" + _d("arms"))
+    g.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        help="train every arm of --arms over --seeds seeds and write the comparison (default: on; "
+        "--no-compare trains one --loss arm)",
+    )
+    g.add_argument(
+        "--arms",
+        type=lambda s: tuple(x.strip() for x in s.split(",")),
+        metavar="LIST",
+        help="comparison arms: plackett_luce, dpo, lipo, sft, each optionally ':frozen'" + _d("arms"),
+    )
     g.add_argument("--seeds", type=int, help="seeds of the comparison" + _d("seeds"))
     g.add_argument("--seed", type=int, help="first seed (model init and batch order)" + _d("seed"))
 
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, help="held-out assessment every N steps (0: only at the start and "
-                   "end of each stage; default: 4 per stage)")  # fmt: skip
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        help="held-out assessment every N steps (0: only at the start and "
+        "end of each stage; default: 4 per stage)",
+    )
     g.add_argument("--eval-batch-size", type=int, help="chains per evaluation batch" + _d("eval_batch_size"))
     g.add_argument("--max-new-tokens", type=int, help="greedy caption length cap" + _d("max_new_tokens"))
     g.add_argument("--log-every", type=int, help="train record every N steps" + _d("log_every"))
@@ -130,14 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="delete an existing --output-dir first")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (0: off)" + _d("save_every"))
     g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept per task" + _d("keep_checkpoints"))
-    g.add_argument("--save-models", choices=("primary", "all", "none"), help="primary: the first seed's "
-                   "--loss arm as <run>/model" + _d("save_models"))  # fmt: skip
-    g.add_argument("--stop-after-steps", type=int, metavar="N", help="stop (with a checkpoint) after N optimizer "
-                   "steps in this invocation, per process; --resume continues")  # fmt: skip
-    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="accelerate autocast" + _d("mixed_precision"))
+    g.add_argument(
+        "--save-models",
+        choices=("primary", "all", "none"),
+        help="primary: the first seed's --loss arm as <run>/model" + _d("save_models"),
+    )
+    g.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="N",
+        help="stop (with a checkpoint) after N optimizer "
+        "steps in this invocation, per process; --resume continues",
+    )
+    g.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        help="accelerate autocast" + _d("mixed_precision"),
+    )
     g.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is present")
-    g.add_argument("--jobs", type=int, help="worker processes for independent tasks (default: CPU cores, up to "
-                   "the tasks that can run at once; 1 on GPU or under accelerate launch)")  # fmt: skip
+    g.add_argument(
+        "--jobs",
+        type=int,
+        help="worker processes for independent tasks (default: CPU cores, up to "
+        "the tasks that can run at once; 1 on GPU or under accelerate launch)",
+    )
     g.add_argument("--threads", type=int, help="torch threads per process (default: cores / jobs)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bars" + _d("progress"))
     return p
@@ -177,7 +259,8 @@ def _run_dir(config: TrainConfig, accelerator: object) -> str:
 
 def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[str]:
     """Create (or check, for ``--resume``) the run folder: ``config.json``, the train/held-out split, the
-    locally trained tokenizer + processor (tiny model), decoded videos (``--data``). Returns notes to print."""
+    locally trained tokenizer + processor (tiny model), decoded videos (``--data``). Returns notes to
+    print."""
     from rankloss.train.data import decode_videos, load_chains_file, split_by_video, synthetic_chains
     from rankloss.train.model import build_tiny_processor, train_tokenizer
 
@@ -192,12 +275,15 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
                 saved = TrainConfig.from_dict(json.load(f))
             diff = saved.differences(config)
             if diff:
-                raise SystemExit("error: --resume with settings that differ from the run's config.json: "
-                                 + "; ".join(diff))  # fmt: skip
+                raise SystemExit(
+                    "error: --resume with settings that differ from the run's config.json: " + "; ".join(diff)
+                )
         elif os.path.exists(run_dir) and os.listdir(run_dir):
             if not config.overwrite:
-                raise SystemExit(f"error: --output-dir {run_dir} exists and is not empty: pass --resume to continue "
-                                 "it or --overwrite to start over")  # fmt: skip
+                raise SystemExit(
+                    f"error: --output-dir {run_dir} exists and is not empty: pass --resume to continue "
+                    "it or --overwrite to start over"
+                )
             shutil.rmtree(run_dir)
         os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
         config.save(cfg_path)
@@ -218,7 +304,9 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
     proc_dir = os.path.join(run_dir, "processor")
     if main and config.model is None and not os.path.exists(os.path.join(proc_dir, "tokenizer.json")):
         train_ids = set(split["train"])
-        tokenizer = train_tokenizer([t for c in chains if c.id in train_ids for t in c.captions], config.vocab_size)
+        tokenizer = train_tokenizer(
+            [t for c in chains if c.id in train_ids for t in c.captions], config.vocab_size
+        )
         build_tiny_processor(tokenizer, config.frame_size).save_pretrained(proc_dir + ".tmp")
         shutil.rmtree(proc_dir, ignore_errors=True)
         os.replace(proc_dir + ".tmp", proc_dir)
@@ -229,11 +317,16 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
         decode_videos(chains, os.path.join(run_dir, "data"), config.frames, config.frame_size, bar.update)
         bar.close()
         if any(c.scene is None for c in chains):
-            notes.append("the chains carry no scenes: generation is scored by word overlap with the best caption "
-                         "(gen_word_*), not fact by fact")  # fmt: skip
+            notes.append(
+                "the chains carry no scenes: generation is scored by word overlap with the best caption "
+                "(gen_word_*), not fact by fact"
+            )
     accelerator.wait_for_everyone()
-    notes.insert(0, f"data: {len(split['train'])} training and {len(split['heldout'])} held-out videos, "
-                 f"{len(chains[0].captions)} captions in the first chain")  # fmt: skip
+    notes.insert(
+        0,
+        f"data: {len(split['train'])} training and {len(split['heldout'])} held-out videos, "
+        f"{len(chains[0].captions)} captions in the first chain",
+    )
     return notes
 
 
@@ -251,8 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parallel_tasks = len(config.seed_list) * len(config.arm_list)
     if distributed or accelerator.device.type != "cpu":
         if config.jobs not in (None, 1):
-            raise SystemExit("error: --jobs > 1 runs tasks in CPU worker processes; it does not combine with "
-                             "accelerate launch or a GPU (use one process per GPU instead)")  # fmt: skip
+            raise SystemExit(
+                "error: --jobs > 1 runs tasks in CPU worker processes; it does not combine with "
+                "accelerate launch or a GPU (use one process per GPU instead)"
+            )
         jobs = 1
     else:
         jobs = config.jobs or max(1, min(_cores(), parallel_tasks))
@@ -267,15 +362,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"run folder: {run_dir}")
     for note in notes:
         say(note)
-    model = config.model or (f"tiny Qwen2.5-VL (text {config.hidden_size} x {config.num_layers} layers, vision "
-                             f"{config.vision_hidden_size} x {config.vision_depth} blocks), from scratch")  # fmt: skip
-    say(f"model: {model}; device: {accelerator.device}, {accelerator.num_processes} process(es), "
-        f"{jobs} job(s) x {threads if jobs > 1 else torch.get_num_threads()} thread(s)")  # fmt: skip
-    say(f"plan: {len(tasks)} tasks = {len(config.seed_list)} seed(s) x (SFT {config.sft_steps} steps + "
-        f"{len(config.arm_list)} arm(s) x {config.rank_steps} steps: {', '.join(a.spec for a in config.arm_list)})")
+    model = config.model or (
+        f"tiny Qwen2.5-VL (text {config.hidden_size} x {config.num_layers} layers, vision "
+        f"{config.vision_hidden_size} x {config.vision_depth} blocks), from scratch"
+    )
+    say(
+        f"model: {model}; device: {accelerator.device}, {accelerator.num_processes} process(es), "
+        f"{jobs} job(s) x {threads if jobs > 1 else torch.get_num_threads()} thread(s)"
+    )
+    say(
+        f"plan: {len(tasks)} tasks = {len(config.seed_list)} seed(s) x (SFT {config.sft_steps} steps + "
+        f"{len(config.arm_list)} arm(s) x {config.rank_steps} steps: "
+        f"{', '.join(a.spec for a in config.arm_list)})"
+    )
     try:
-        run_plan(config, run_dir, accelerator=accelerator if jobs == 1 else None, jobs=jobs, threads=threads,
-                 show_progress=config.progress)  # fmt: skip
+        run_plan(
+            config,
+            run_dir,
+            accelerator=accelerator if jobs == 1 else None,
+            jobs=jobs,
+            threads=threads,
+            show_progress=config.progress,
+        )
     except StopRequested as exc:
         say(f"{exc}; checkpoints are in {run_dir}")
         say(f"continue with the same command plus: --output-dir {run_dir} --resume")
@@ -291,7 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = os.path.join(run_dir, "model")
     say("written:")
     if os.path.isdir(model_dir):
-        say(f"  trained model ({config.primary_arm.title(config.pairs)}, seed {config.seed_list[0]}): {model_dir}")
+        say(
+            f"  trained model ({config.primary_arm.title(config.pairs)}, seed {config.seed_list[0]}): "
+            f"{model_dir}"
+        )
     for name, path in paths.items():
         say(f"  {name}: {path}")
     say(f"total wall time: {time.perf_counter() - t_start:.0f} s")

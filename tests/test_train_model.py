@@ -56,8 +56,13 @@ def _naive_scores(model, batch, mcfg, fps=SYNTHETIC_FPS):
     types = (ids == mcfg.video_token_id).long() * 2
     per_video = batch.pixel_values_videos.view(batch.num_videos, -1, batch.pixel_values_videos.shape[-1])
     pixels = torch.cat([per_video[i] for i in owner.tolist()]).double()
-    out = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=batch.video_grid_thw[owner],
-                mm_token_type_ids=types, second_per_grid_ts=torch.full((ids.shape[0],), 2 / fps))  # fmt: skip
+    out = model(
+        input_ids=ids,
+        pixel_values_videos=pixels,
+        video_grid_thw=batch.video_grid_thw[owner],
+        mm_token_type_ids=types,
+        second_per_grid_ts=torch.full((ids.shape[0],), 2 / fps),
+    )
     P = batch.prefix_ids.shape[1]
     hf_labels = torch.cat([torch.full((ids.shape[0], P), IGNORE_INDEX), batch.labels], 1)
     labels = rankloss.shift_labels(hf_labels)
@@ -70,18 +75,28 @@ def test_prefix_matches_the_processor_and_positions_are_3d(setup):
     chains, frames, processor, mcfg, model, builder = setup
     batch = builder.build(chains[:2], frames)
     # The prefix is what the processor itself makes of the prompt and the video.
-    ref = processor(text=[builder.prompt_text], videos=[frames.frames[chains[0].index]],
-                    video_metadata=[{"total_num_frames": 4, "fps": SYNTHETIC_FPS, "frames_indices": [0, 1, 2, 3]}],
-                    return_tensors="pt")  # fmt: skip
+    ref = processor(
+        text=[builder.prompt_text],
+        videos=[frames.frames[chains[0].index]],
+        video_metadata=[{"total_num_frames": 4, "fps": SYNTHETIC_FPS, "frames_indices": [0, 1, 2, 3]}],
+        return_tensors="pt",
+    )
     assert batch.prefix_ids[0].tolist() == ref["input_ids"][0].tolist()
-    assert ref["mm_token_type_ids"][0].tolist() == ((batch.prefix_ids[0] == mcfg.video_token_id).long() * 2).tolist()
+    assert (
+        ref["mm_token_type_ids"][0].tolist()
+        == ((batch.prefix_ids[0] == mcfg.video_token_id).long() * 2).tolist()
+    )
     n_video = int(batch.video_grid_thw[0].prod()) // 4
     assert int((batch.prefix_ids[0] == mcfg.video_token_id).sum()) == n_video == 8
     # Positions equal the model's get_rope_index on the whole sequence (prefix + first caption) ...
     full = torch.cat([batch.prefix_ids[:1], batch.caption_ids[:1]], 1)
     types = (full == mcfg.video_token_id).long() * 2
-    pos, _ = model.model.get_rope_index(full, types, video_grid_thw=batch.video_grid_thw[:1],
-                                        second_per_grid_ts=torch.tensor([2 / SYNTHETIC_FPS]))  # fmt: skip
+    pos, _ = model.model.get_rope_index(
+        full,
+        types,
+        video_grid_thw=batch.video_grid_thw[:1],
+        second_per_grid_ts=torch.tensor([2 / SYNTHETIC_FPS]),
+    )
     mine = torch.cat([batch.prefix_positions[:, :1], batch.caption_positions[:, :1]], 2)
     assert torch.equal(pos, mine)
     # ... are really 3-D at the video tokens (height/width differ from time), and text continues after.
@@ -95,17 +110,28 @@ def test_prefix_matches_the_processor_and_positions_are_3d(setup):
     ids = torch.cat([batch.prefix_ids[owner], batch.caption_ids], 1)
     per_video = batch.pixel_values_videos.view(2, -1, batch.pixel_values_videos.shape[-1])
     pixels = torch.cat([per_video[i] for i in owner.tolist()]).double()
-    logits_1d = model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=batch.video_grid_thw[owner]).logits
-    assert not torch.allclose(logits_1d[:, -5:], model(input_ids=ids, pixel_values_videos=pixels,
-                              video_grid_thw=batch.video_grid_thw[owner], mm_token_type_ids=(ids == mcfg.video_token_id).long() * 2,
-                              second_per_grid_ts=torch.full((ids.shape[0],), 0.5)).logits[:, -5:])  # fmt: skip
+    logits_1d = model(
+        input_ids=ids, pixel_values_videos=pixels, video_grid_thw=batch.video_grid_thw[owner]
+    ).logits
+    assert not torch.allclose(
+        logits_1d[:, -5:],
+        model(
+            input_ids=ids,
+            pixel_values_videos=pixels,
+            video_grid_thw=batch.video_grid_thw[owner],
+            mm_token_type_ids=(ids == mcfg.video_token_id).long() * 2,
+            second_per_grid_ts=torch.full((ids.shape[0],), 0.5),
+        ).logits[:, -5:],
+    )
     assert torch.isfinite(s_mrope).all()
 
 
 def test_labels_are_shifted_hf_labels(setup):
     chains, frames, _, _, _, builder = setup
     batch = builder.build(chains[:2], frames)
-    hf = torch.cat([torch.full((batch.num_captions, 1), IGNORE_INDEX), batch.labels], 1)  # [last prefix, caption]
+    hf = torch.cat(
+        [torch.full((batch.num_captions, 1), IGNORE_INDEX), batch.labels], 1
+    )  # [last prefix, caption]
     assert torch.equal(rankloss.shift_labels(hf)[:, :-1], batch.labels)
     lengths = (batch.labels != IGNORE_INDEX).sum(1)
     assert all(batch.labels[s, n - 1] == builder.end_id for s, n in enumerate(lengths.tolist()))
@@ -121,23 +147,42 @@ def test_scores_match_naive_full_logits(setup, share_prefix):
     assert torch.equal(out["num_tokens"], n)
 
 
-@pytest.mark.parametrize("loss,options", [
-    ("plackett_luce", {}), ("dpo", {"pairs": "all"}), ("lipo", {}), ("plackett_luce", {"sft_weight": 0.7}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "loss,options",
+    [
+        ("plackett_luce", {}),
+        ("dpo", {"pairs": "all"}),
+        ("lipo", {}),
+        ("plackett_luce", {"sft_weight": 0.7}),
+    ],
+)
 def test_ranking_loss_matches_chain_loss_on_naive_scores(setup, loss, options):
     chains, frames, _, mcfg, model, builder = setup
-    ref = {c.id: (torch.randn(len(c.captions)) * 3 - 150, torch.ones(len(c.captions), dtype=torch.long))
-           for c in chains}  # fmt: skip
+    ref = {
+        c.id: (torch.randn(len(c.captions)) * 3 - 150, torch.ones(len(c.captions), dtype=torch.long))
+        for c in chains
+    }
     batch = builder.build(chains[:3], frames, ref_scores=ref)
     spec = LossSpec(loss=loss, beta=0.05, **options)
     wrapper = VideoChainModel(model)
     out = wrapper(batch, mode="rank", spec=spec)
-    params = [model.model.visual.patch_embed.proj.weight, model.lm_head.weight,
-              model.model.language_model.layers[0].self_attn.q_proj.weight]  # fmt: skip
+    params = [
+        model.model.visual.patch_embed.proj.weight,
+        model.lm_head.weight,
+        model.model.language_model.layers[0].self_attn.q_proj.weight,
+    ]
     grads = torch.autograd.grad(out["loss"], params)
     scores, n = _naive_scores(model, batch, mcfg)
-    naive = rankloss.chain_loss(scores, batch.chain_sizes.tolist(), batch.ref_scores.double(), loss=loss, beta=0.05,
-                                num_tokens=n, impl="reference", **options)  # fmt: skip
+    naive = rankloss.chain_loss(
+        scores,
+        batch.chain_sizes.tolist(),
+        batch.ref_scores.double(),
+        loss=loss,
+        beta=0.05,
+        num_tokens=n,
+        impl="reference",
+        **options,
+    )
     naive_grads = torch.autograd.grad(naive.loss, params)
     torch.testing.assert_close(out["loss"].double(), naive.loss, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(out["chain"].pairwise_accuracy.double(), naive.pairwise_accuracy.double())
@@ -158,7 +203,9 @@ def test_sft_loss_is_mean_per_token_nll(setup):
 def test_vision_tower_gets_gradients_unless_frozen(setup, mode):
     chains, frames, _, mcfg, _, builder = setup
     model = build_tiny_model(mcfg, seed=1)
-    ref = {c.id: (torch.zeros(len(c.captions)), torch.ones(len(c.captions), dtype=torch.long)) for c in chains}
+    ref = {
+        c.id: (torch.zeros(len(c.captions)), torch.ones(len(c.captions), dtype=torch.long)) for c in chains
+    }
     batch = builder.build(chains[:2], frames, best_only=mode == "sft", ref_scores=ref)
     wrapper = VideoChainModel(model)
     spec = LossSpec(sft_weight=0.5)
@@ -206,10 +253,17 @@ def test_left_padded_prefixes_match_one_by_one(setup):
         both = wrapper(together, mode="score")["scores"]
         one = torch.cat([wrapper(builder.build([c], Mixed), mode="score")["scores"] for c in (a1, b1)])
         torch.testing.assert_close(both, one, rtol=1e-9, atol=1e-8)
-    gen = VideoChainModel(model)(together, mode="generate", max_new_tokens=5, stop_ids=[builder.end_id], pad_id=0)
+    gen = VideoChainModel(model)(
+        together, mode="generate", max_new_tokens=5, stop_ids=[builder.end_id], pad_id=0
+    )
     for i, c in enumerate((a1, b1)):
-        alone = VideoChainModel(model)(builder.build([c], Mixed, with_captions=False), mode="generate",
-                                       max_new_tokens=5, stop_ids=[builder.end_id], pad_id=0)  # fmt: skip
+        alone = VideoChainModel(model)(
+            builder.build([c], Mixed, with_captions=False),
+            mode="generate",
+            max_new_tokens=5,
+            stop_ids=[builder.end_id],
+            pad_id=0,
+        )
         assert gen["tokens"][i].tolist() == alone["tokens"][0].tolist()
 
 

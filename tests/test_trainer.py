@@ -26,11 +26,38 @@ SCRIPT = REPO / "examples" / "train_video_rank.py"
 
 # A run of a few seconds: 10 videos (3 held out), chains of 3, 4 frames of 56 x 56, a 32-wide model.
 TINY = [
-    "--num-videos", "10", "--heldout", "3", "--chain-length", "3", "--frames", "4", "--max-objects", "2",
-    "--hidden-size", "32", "--num-layers", "1", "--vision-depth", "1", "--vision-hidden-size", "32",
-    "--vocab-size", "300", "--batch-size", "2", "--eval-batch-size", "4", "--max-new-tokens", "6",
-    "--log-every", "1", "--no-progress", "--threads", "1",
-]  # fmt: skip
+    "--num-videos",
+    "10",
+    "--heldout",
+    "3",
+    "--chain-length",
+    "3",
+    "--frames",
+    "4",
+    "--max-objects",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-layers",
+    "1",
+    "--vision-depth",
+    "1",
+    "--vision-hidden-size",
+    "32",
+    "--vocab-size",
+    "300",
+    "--batch-size",
+    "2",
+    "--eval-batch-size",
+    "4",
+    "--max-new-tokens",
+    "6",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def _load_script():
@@ -40,7 +67,9 @@ def _load_script():
     return module
 
 
-def _run(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], *, launcher: list[str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
     cmd = (launcher or [sys.executable]) + [str(SCRIPT), *args]
@@ -65,9 +94,30 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_comparison_writes_every_output(tmp_path: Path):
     run = tmp_path / "run"
-    result = _run([*TINY, "--sft-steps", "4", "--rank-steps", "2", "--seeds", "2", "--jobs", "2",
-                   "--output-dir", str(run)])  # fmt: skip
-    for name in ("config.json", "metrics.jsonl", "summary.md", "comparison.md", "comparison.png", "training_loss.png", "eval_curves.png"):
+    result = _run(
+        [
+            *TINY,
+            "--sft-steps",
+            "4",
+            "--rank-steps",
+            "2",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--output-dir",
+            str(run),
+        ]
+    )
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.md",
+        "comparison.md",
+        "comparison.png",
+        "training_loss.png",
+        "eval_curves.png",
+    ):
         assert (run / name).is_file(), f"{name} missing; output:\n{result.stdout}\n{result.stderr[-3000:]}"
     assert (run / "model" / "config.json").is_file()
     records = _records(run / "metrics.jsonl")
@@ -81,7 +131,9 @@ def test_comparison_writes_every_output(tmp_path: Path):
             m = r["metrics"]
             assert 0.0 <= m["pair_acc"] <= 1.0 and 0.0 <= m["gen_f1"] <= 1.0, m
             assert math.isfinite(m["best_logp_tok"]), m
-        train = [r for r in records if r["seed"] == seed and r["event"] == "train" and r["task"] == "plackett_luce"]
+        train = [
+            r for r in records if r["seed"] == seed and r["event"] == "train" and r["task"] == "plackett_luce"
+        ]
         assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
     table = (run / "comparison.md").read_text()
     assert "mean ± standard error over 2 seeds" in table
@@ -93,8 +145,20 @@ def test_comparison_writes_every_output(tmp_path: Path):
 
 def test_single_arm_trains_the_vision_tower_unless_frozen(tmp_path: Path):
     """--no-compare --loss plackett_luce changes the vision tower's weights; --freeze-vision keeps them."""
-    base = [*TINY, "--sft-steps", "2", "--rank-steps", "2", "--no-compare", "--loss", "plackett_luce",
-            "--save-models", "all", "--lr", "1e-2"]  # fmt: skip
+    base = [
+        *TINY,
+        "--sft-steps",
+        "2",
+        "--rank-steps",
+        "2",
+        "--no-compare",
+        "--loss",
+        "plackett_luce",
+        "--save-models",
+        "all",
+        "--lr",
+        "1e-2",
+    ]
     _run([*base, "--output-dir", str(tmp_path / "a")])
     _run([*base, "--freeze-vision", "--output-dir", str(tmp_path / "b")])
     sft = _weights(tmp_path / "a" / "seed0" / "sft" / "model")
@@ -109,8 +173,22 @@ def test_single_arm_trains_the_vision_tower_unless_frozen(tmp_path: Path):
 
 
 def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
-    args = [*TINY, "--sft-steps", "5", "--rank-steps", "4", "--no-compare", "--loss", "dpo", "--pairs", "all",
-            "--save-every", "1", "--jobs", "1"]  # fmt: skip
+    args = [
+        *TINY,
+        "--sft-steps",
+        "5",
+        "--rank-steps",
+        "4",
+        "--no-compare",
+        "--loss",
+        "dpo",
+        "--pairs",
+        "all",
+        "--save-every",
+        "1",
+        "--jobs",
+        "1",
+    ]
     _run([*args, "--output-dir", str(tmp_path / "full")])
     first = _run([*args, "--output-dir", str(tmp_path / "cut"), "--stop-after-steps", "3"])
     assert "--resume" in first.stdout + first.stderr
@@ -124,7 +202,11 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
     def train_losses(run: Path) -> list[tuple[str, int, float]]:
-        return [(r["task"], r["step"], r["loss"]) for r in _records(run / "metrics.jsonl") if r["event"] == "train"]
+        return [
+            (r["task"], r["step"], r["loss"])
+            for r in _records(run / "metrics.jsonl")
+            if r["event"] == "train"
+        ]
 
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
 
@@ -134,11 +216,36 @@ def test_accelerate_two_processes_match_one(tmp_path: Path):
     """Two gloo processes, each half of the global batch, give the same model as one process."""
     if shutil.which("accelerate") is None and importlib.util.find_spec("accelerate.commands.launch") is None:
         pytest.skip("accelerate launcher not available")
-    args = [*TINY, "--sft-steps", "3", "--rank-steps", "2", "--no-compare", "--loss", "plackett_luce",
-            "--batch-size", "4", "--jobs", "1", "--cpu"]  # fmt: skip
+    args = [
+        *TINY,
+        "--sft-steps",
+        "3",
+        "--rank-steps",
+        "2",
+        "--no-compare",
+        "--loss",
+        "plackett_luce",
+        "--batch-size",
+        "4",
+        "--jobs",
+        "1",
+        "--cpu",
+    ]
     _run([*args, "--output-dir", str(tmp_path / "one")])
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu"]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--cpu",
+    ]
     _run([*args, "--output-dir", str(tmp_path / "two")], launcher=launcher, timeout=900)
     a, b = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     for k in a:
@@ -174,7 +281,16 @@ def test_resume_refuses_changed_settings(tmp_path: Path):
     args = [*TINY, "--sft-steps", "2", "--rank-steps", "1", "--no-compare", "--jobs", "1"]
     _run([*args, "--output-dir", str(tmp_path / "r"), "--stop-after-steps", "1"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), *args, "--lr", "3e-3", "--output-dir", str(tmp_path / "r"), "--resume"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        *args,
+        "--lr",
+        "3e-3",
+        "--output-dir",
+        str(tmp_path / "r"),
+        "--resume",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "differ from the run's config.json" in result.stderr and "lr" in result.stderr
@@ -186,8 +302,27 @@ def test_chains_file_with_video_files(tmp_path: Path, with_scenes: bool):
     scenes generation is scored fact by fact, without them (as for real captions) by word overlap."""
     pytest.importorskip("av")
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "rankloss", "synthetic", "make", "--out", str(data), "--n", "9",
-                    "--frames", "8", "--seed", "3"], cwd=REPO, check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rankloss",
+            "synthetic",
+            "make",
+            "--out",
+            str(data),
+            "--n",
+            "9",
+            "--frames",
+            "8",
+            "--seed",
+            "3",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     chains = data / "chains.jsonl"
     if not with_scenes:
         rows = [json.loads(line) for line in chains.read_text().splitlines()]
@@ -196,10 +331,26 @@ def test_chains_file_with_video_files(tmp_path: Path, with_scenes: bool):
         chains.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = dict(zip(TINY[:-3:2], TINY[1:-3:2]))  # synthetic-only flags do not apply to --data
     assert TINY[-3:] == ["--no-progress", "--threads", "1"] and "--num-videos" in pairs
-    args = [x for k, v in pairs.items() if k not in ("--num-videos", "--max-objects") for x in (k, v)] + TINY[-3:]
+    args = [x for k, v in pairs.items() if k not in ("--num-videos", "--max-objects") for x in (k, v)] + TINY[
+        -3:
+    ]
     run = tmp_path / "run"
-    result = _run([*args, "--data", str(chains), "--sft-steps", "2", "--rank-steps", "2", "--no-compare",
-                   "--jobs", "1", "--output-dir", str(run)])  # fmt: skip
+    result = _run(
+        [
+            *args,
+            "--data",
+            str(chains),
+            "--sft-steps",
+            "2",
+            "--rank-steps",
+            "2",
+            "--no-compare",
+            "--jobs",
+            "1",
+            "--output-dir",
+            str(run),
+        ]
+    )
     assert (run / "data" / "frames.npy").is_file()  # decoded once, memory-mapped
     final = [r for r in _records(run / "metrics.jsonl") if r.get("tag") == "final"]
     assert len(final) == 1

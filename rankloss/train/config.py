@@ -25,7 +25,16 @@ _LOSS_TITLES = {"plackett_luce": "Plackett-Luce", "dpo": "DPO", "lipo": "LiPO", 
 
 #: Fields that only change how a run executes, not what it computes: they may differ on ``--resume``.
 RUNTIME_FIELDS = frozenset(
-    {"resume", "overwrite", "jobs", "threads", "progress", "stop_after_steps", "output_dir", "keep_checkpoints"}
+    {
+        "resume",
+        "overwrite",
+        "jobs",
+        "threads",
+        "progress",
+        "stop_after_steps",
+        "output_dir",
+        "keep_checkpoints",
+    }
 )
 
 
@@ -185,7 +194,8 @@ class TrainConfig:
         return arms[0]
 
     def loss_options(self, arm: Arm) -> dict[str, Any]:
-        """Keyword options of :func:`rankloss.fused_linear_chain_loss` for ``arm`` (``{}`` for the control)."""
+        """Keyword options of :func:`rankloss.fused_linear_chain_loss` for ``arm`` (``{}`` for the
+        control)."""
         if arm.loss == "sft":
             return {}
         opts: dict[str, Any] = {"loss": arm.loss, "beta": self.beta, "sft_weight": self.sft_weight}
@@ -222,12 +232,29 @@ class TrainConfig:
         def positive_float(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
-                raise ValueError(f"{flag(name)} must be a {'non-negative' if allow_zero else 'positive'} "
-                                 f"number, got {v!r}")  # fmt: skip
+                raise ValueError(
+                    f"{flag(name)} must be a {'non-negative' if allow_zero else 'positive'} number, got {v!r}"
+                )
 
-        for name in ("num_videos", "heldout", "frames", "frame_size", "max_objects", "hidden_size", "num_layers",
-                     "vision_depth", "vision_hidden_size", "vocab_size", "batch_size", "grad_accum",
-                     "eval_batch_size", "max_new_tokens", "log_every", "seeds", "keep_checkpoints"):  # fmt: skip
+        for name in (
+            "num_videos",
+            "heldout",
+            "frames",
+            "frame_size",
+            "max_objects",
+            "hidden_size",
+            "num_layers",
+            "vision_depth",
+            "vision_hidden_size",
+            "vocab_size",
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "max_new_tokens",
+            "log_every",
+            "seeds",
+            "keep_checkpoints",
+        ):
             positive(name)
         for name in ("sft_steps", "rank_steps", "save_every"):
             positive(name, allow_zero=True)
@@ -257,22 +284,28 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.pairs is not None and self.pairs not in ("adjacent", "all", "best_worst", "best_rest"):
-            raise ValueError(f"--pairs must be one of adjacent, all, best_worst, best_rest, got {self.pairs!r}")
+            raise ValueError(
+                f"--pairs must be one of adjacent, all, best_worst, best_rest, got {self.pairs!r}"
+            )
         if self.dpo_loss_type is not None and self.dpo_loss_type not in ("sigmoid", "hinge", "ipo"):
-            raise ValueError(f"--dpo-loss-type must be one of sigmoid, hinge, ipo, got {self.dpo_loss_type!r}")
+            raise ValueError(
+                f"--dpo-loss-type must be one of sigmoid, hinge, ipo, got {self.dpo_loss_type!r}"
+            )
         if self.top_k is not None:
             positive("top_k")
 
         # --- data source
         if self.synthetic:
             if self.video_root is not None:
-                raise ValueError("--video-root applies to --data (a chains file); the synthetic default has no "
-                                 "video files")  # fmt: skip
+                raise ValueError(
+                    "--video-root applies to --data (a chains file); the synthetic default has no video files"
+                )
             if self.chain_length is not None and self.chain_length < 2:
                 raise ValueError(f"--chain-length must be >= 2, got {self.chain_length}")
             if self.heldout >= self.num_videos:
-                raise ValueError(f"--heldout ({self.heldout}) must be smaller than --num-videos "
-                                 f"({self.num_videos})")  # fmt: skip
+                raise ValueError(
+                    f"--heldout ({self.heldout}) must be smaller than --num-videos ({self.num_videos})"
+                )
         else:
             for name in ("num_videos", "max_objects"):
                 if self._was_given(name):
@@ -289,23 +322,32 @@ class TrainConfig:
                 raise ValueError(f"--model: not a local checkpoint directory: {self.model!r}")
             for name in ("hidden_size", "num_layers", "vision_depth", "vision_hidden_size", "vocab_size"):
                 if self._was_given(name):
-                    raise ValueError(f"{flag(name)} sizes the tiny model built from scratch; it does not apply "
-                                     "to --model")  # fmt: skip
+                    raise ValueError(
+                        f"{flag(name)} sizes the tiny model built from scratch; it does not apply to --model"
+                    )
         elif self.prompt is not None:
-            raise ValueError("--prompt applies to --model checkpoints with a chat template; the tiny default "
-                             "model reads the video only")  # fmt: skip
+            raise ValueError(
+                "--prompt applies to --model checkpoints with a chat template; the tiny default "
+                "model reads the video only"
+            )
         if self.frame_size % 28:
-            raise ValueError(f"--frame-size must be a multiple of 28 (patch 14 x merge 2), got {self.frame_size}")
+            raise ValueError(
+                f"--frame-size must be a multiple of 28 (patch 14 x merge 2), got {self.frame_size}"
+            )
         if self.frames % 2:
-            raise ValueError(f"--frames must be even (the vision tower groups frames in pairs), got {self.frames}")
+            raise ValueError(
+                f"--frames must be even (the vision tower groups frames in pairs), got {self.frames}"
+            )
 
         # --- losses and arms
         if self.compare:
             arms = parse_arms(self.arms)
             for name in ("loss", "freeze_vision"):
                 if self._was_given(name):
-                    raise ValueError(f"{flag(name)} sets the single run's arm; with --compare the arms come from "
-                                     "--arms (add --no-compare for a single run)")  # fmt: skip
+                    raise ValueError(
+                        f"{flag(name)} sets the single run's arm; with --compare the arms come from "
+                        "--arms (add --no-compare for a single run)"
+                    )
             if self.rank_steps == 0:
                 raise ValueError("--compare needs --rank-steps >= 1 (the arms train after SFT)")
         else:
@@ -317,13 +359,19 @@ class TrainConfig:
         if self.pairs is not None and "dpo" not in losses:
             raise ValueError(f"--pairs applies to the dpo loss only; this run trains {sorted(losses)}")
         if self.dpo_loss_type is not None and "dpo" not in losses:
-            raise ValueError(f"--dpo-loss-type applies to the dpo loss only; this run trains {sorted(losses)}")
+            raise ValueError(
+                f"--dpo-loss-type applies to the dpo loss only; this run trains {sorted(losses)}"
+            )
         if self.top_k is not None and "plackett_luce" not in losses:
-            raise ValueError(f"--top-k applies to the plackett_luce loss only; this run trains {sorted(losses)}")
+            raise ValueError(
+                f"--top-k applies to the plackett_luce loss only; this run trains {sorted(losses)}"
+            )
         if losses == {"sft"}:
             for name in ("beta", "sft_weight", "length_normalize"):
                 if self._was_given(name):
-                    raise ValueError(f"{flag(name)} applies to the ranking losses; this run only continues SFT")
+                    raise ValueError(
+                        f"{flag(name)} applies to the ranking losses; this run only continues SFT"
+                    )
         if self.save_models == "primary" and self.compare and self.primary_arm not in arms:
             raise ValueError("--save-models primary needs the primary arm among --arms")
         if self.resume and self.overwrite:

@@ -218,7 +218,9 @@ def decode_videos(
         if meta.get("key") == key:
             return FrameStore(np.load(frames_path, mmap_mode="r"), np.asarray(meta["fps"], dtype=np.float64))
     tmp = frames_path + ".partial.npy"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(chains), num_frames, 3, size, size))
+    arr = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(len(chains), num_frames, 3, size, size)
+    )
     fps = []
     for i, c in enumerate(chains):
         arr[i] = load_video(c.video, num_frames, size=size)
@@ -234,11 +236,15 @@ def decode_videos(
     return FrameStore(np.load(frames_path, mmap_mode="r"), np.asarray(fps, dtype=np.float64))
 
 
-def split_by_video(chains: Sequence[VideoChain], heldout: int, seed: int) -> tuple[list[VideoChain], list[VideoChain]]:
+def split_by_video(
+    chains: Sequence[VideoChain], heldout: int, seed: int
+) -> tuple[list[VideoChain], list[VideoChain]]:
     """``(train, heldout)``: ``heldout`` videos drawn at random (``seed``), the rest for training; a video
     and all its captions are on one side only."""
     if not 0 < heldout < len(chains):
-        raise ValueError(f"--heldout must be in [1, {len(chains) - 1}] for {len(chains)} videos, got {heldout}")
+        raise ValueError(
+            f"--heldout must be in [1, {len(chains) - 1}] for {len(chains)} videos, got {heldout}"
+        )
     order = list(range(len(chains)))
     random.Random(seed).shuffle(order)
     held = sorted(order[:heldout])
@@ -378,7 +384,9 @@ class BatchBuilder:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         if self.tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token: captions need an end-of-text token to learn to stop")
+            raise ValueError(
+                "the tokenizer has no eos_token: captions need an end-of-text token to learn to stop"
+            )
         self.end_id = int(self.tokenizer.eos_token_id)
         self.prompt_text = self._prompt_text(prompt)
         self._layouts: dict[tuple, VideoLayout] = {}
@@ -386,16 +394,24 @@ class BatchBuilder:
         self._caption_cache: dict[str, list[int]] = {}
 
     def _prompt_text(self, prompt: str | None) -> str:
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        template = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
         if template:
             messages = [
-                {"role": "user", "content": [{"type": "video"},
-                                             {"type": "text", "text": prompt or "Describe this video in detail."}]}
-            ]  # fmt: skip
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video"},
+                        {"type": "text", "text": prompt or "Describe this video in detail."},
+                    ],
+                }
+            ]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             if self.video_token not in text:
                 raise ValueError(
-                    f"the chat template did not place the video token {self.video_token!r} in the prompt: {text!r}"
+                    f"the chat template did not place the video token {self.video_token!r} in the prompt: "
+                    f"{text!r}"
                 )
             return text
         start = getattr(self.tokenizer, "vision_start_token", None) or "<|vision_start|>"
@@ -422,7 +438,9 @@ class BatchBuilder:
         text = self.prompt_text.replace(self.video_token, self.video_token * n_tokens, 1)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if sum(i == self.video_token_id for i in ids) != n_tokens:
-            raise ValueError(f"the tokenizer does not keep {self.video_token!r} as one token per video patch group")
+            raise ValueError(
+                f"the tokenizer does not keep {self.video_token!r} as one token per video patch group"
+            )
         input_ids = torch.tensor([ids])
         types = (input_ids == self.video_token_id).long() * 2  # 0 text, 2 video (transformers' convention)
         kwargs: dict[str, Any] = {
@@ -456,8 +474,9 @@ class BatchBuilder:
             {"total_num_frames": int(v.shape[0]), "fps": f, "frames_indices": list(range(int(v.shape[0])))}
             for v, f in zip(videos, fps)
         ]
-        vp = self.video_processor(videos=[np.asarray(v) for v in videos], video_metadata=metadata,
-                                  return_tensors="pt")  # fmt: skip
+        vp = self.video_processor(
+            videos=[np.asarray(v) for v in videos], video_metadata=metadata, return_tensors="pt"
+        )
         grids = vp["video_grid_thw"]
         layouts = [self.layout(g.tolist(), self.temporal_patch / f) for g, f in zip(grids, fps)]
         P = max(len(lay.prefix_ids) for lay in layouts)

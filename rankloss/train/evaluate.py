@@ -89,7 +89,9 @@ def score_chains(
         if progress is not None:
             progress(len(chunk))
     rows = gather(local) if gather is not None else local
-    return {cid: (torch.tensor(s, dtype=torch.float32), torch.tensor(n, dtype=torch.long)) for cid, s, n in rows}
+    return {
+        cid: (torch.tensor(s, dtype=torch.float32), torch.tensor(n, dtype=torch.long)) for cid, s, n in rows
+    }
 
 
 def assessment_metrics(
@@ -168,8 +170,14 @@ def generation_metrics(
     for i in range(0, len(part), batch_size):
         chunk = part[i : i + batch_size]
         batch = builder.build(chunk, frames, with_captions=False).to(device)
-        out = model(batch, mode="generate", max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                    pad_id=builder.pad_id, stop_when_done=stop_when_done)  # fmt: skip
+        out = model(
+            batch,
+            mode="generate",
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            pad_id=builder.pad_id,
+            stop_when_done=stop_when_done,
+        )
         texts = tok.batch_decode(out["tokens"].cpu().tolist(), skip_special_tokens=True)
         for j, c in enumerate(chunk):
             if i + j < real:

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,8 +30,16 @@ import torch
 from torch import nn
 
 from .config import Arm, TrainConfig
-from .data import BatchBuilder, FrameStore, VideoChain, global_batch_indices, load_chains_file, synthetic_chains
-from .data import decode_videos, synthetic_frames
+from .data import (
+    BatchBuilder,
+    FrameStore,
+    VideoChain,
+    decode_videos,
+    global_batch_indices,
+    load_chains_file,
+    synthetic_chains,
+    synthetic_frames,
+)
 from .evaluate import EvalResult, assessment_metrics, generation_metrics, score_chains
 from .model import (
     LossSpec,
@@ -127,9 +134,12 @@ class Context:
         return bool(self.accelerator.is_main_process)
 
     def new_model(self, seed: int) -> nn.Module:
-        """The starting model of ``seed``: the tiny model drawn with ``seed``, or the ``--model`` checkpoint."""
+        """The starting model of ``seed``: the tiny model drawn with ``seed``, or the ``--model``
+        checkpoint."""
         if self.config.model is None:
-            return build_tiny_model(self.model_config, seed=seed, attn_implementation=self.attn_implementation)
+            return build_tiny_model(
+                self.model_config, seed=seed, attn_implementation=self.attn_implementation
+            )
         return self.load_model(self.config.model)
 
     def load_model(self, path: str) -> nn.Module:
@@ -193,7 +203,9 @@ def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter:
     by_id = {c.id: c for c in chains}
     train = [by_id[i] for i in split["train"]]
     heldout = [by_id[i] for i in split["heldout"]]
-    processor = load_processor(config.model if config.model is not None else os.path.join(run_dir, "processor"))
+    processor = load_processor(
+        config.model if config.model is not None else os.path.join(run_dir, "processor")
+    )
     attn = pick_attn_implementation(config.attn_implementation, accelerator.device)
     if config.model is None:
         model_config = tiny_config(
@@ -211,10 +223,12 @@ def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter:
 
     with torch.device("meta"):  # get_rope_index only reads the config: no weights needed
         skeleton = Qwen2_5_VLModel(model_config)
-    builder = BatchBuilder(processor, skeleton.get_rope_index, prompt=config.prompt,
-                           video_token_id=model_config.video_token_id)  # fmt: skip
-    return Context(config, run_dir, accelerator, train, heldout, frames, processor, model_config, builder, attn,
-                   reporter)  # fmt: skip
+    builder = BatchBuilder(
+        processor, skeleton.get_rope_index, prompt=config.prompt, video_token_id=model_config.video_token_id
+    )
+    return Context(
+        config, run_dir, accelerator, train, heldout, frames, processor, model_config, builder, attn, reporter
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -319,16 +333,37 @@ def evaluate(
     was_training = model.training
     model.eval()
     ctx.reporter.phase(task, "eval")
-    scores = score_chains(model, ctx.heldout, ctx.frames, ctx.builder, batch_size=cfg.eval_batch_size,
-                          device=ctx.device, rank=rank, world=world, gather=gather)  # fmt: skip
-    metrics = assessment_metrics(ctx.heldout, scores, ref_scores, beta=beta, length_normalize=cfg.length_normalize)
+    scores = score_chains(
+        model,
+        ctx.heldout,
+        ctx.frames,
+        ctx.builder,
+        batch_size=cfg.eval_batch_size,
+        device=ctx.device,
+        rank=rank,
+        world=world,
+        gather=gather,
+    )
+    metrics = assessment_metrics(
+        ctx.heldout, scores, ref_scores, beta=beta, length_normalize=cfg.length_normalize
+    )
     samples: list[dict[str, Any]] = []
     if generate:
         ctx.reporter.phase(task, "generate")
         fsdp = "FSDP" in str(acc.distributed_type)
-        gen = generation_metrics(model, ctx.heldout, ctx.frames, ctx.builder, batch_size=cfg.eval_batch_size,
-                                 device=ctx.device, max_new_tokens=cfg.max_new_tokens, stop_when_done=not fsdp,
-                                 rank=rank, world=world, gather=gather)  # fmt: skip
+        gen = generation_metrics(
+            model,
+            ctx.heldout,
+            ctx.frames,
+            ctx.builder,
+            batch_size=cfg.eval_batch_size,
+            device=ctx.device,
+            max_new_tokens=cfg.max_new_tokens,
+            stop_when_done=not fsdp,
+            rank=rank,
+            world=world,
+            gather=gather,
+        )
         metrics.update(gen.metrics)
         samples = gen.samples
     model.train(was_training)
@@ -342,9 +377,17 @@ def _reference_scores(ctx: Context, model: Any, task: str) -> dict[str, Any]:
     acc = ctx.accelerator
     ctx.reporter.phase(task, "reference scores")
     model.eval()
-    scores = score_chains(model, ctx.train + ctx.heldout, ctx.frames, ctx.builder,
-                          batch_size=ctx.config.eval_batch_size, device=ctx.device, rank=acc.process_index,
-                          world=acc.num_processes, gather=gather_object if acc.num_processes > 1 else None)  # fmt: skip
+    scores = score_chains(
+        model,
+        ctx.train + ctx.heldout,
+        ctx.frames,
+        ctx.builder,
+        batch_size=ctx.config.eval_batch_size,
+        device=ctx.device,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        gather=gather_object if acc.num_processes > 1 else None,
+    )
     ctx.reporter.phase(task, "")
     return scores
 
@@ -357,8 +400,8 @@ def _check_batch(ctx: Context) -> int:
     cfg, world = ctx.config, ctx.accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
-            f"--batch-size ({cfg.batch_size}, chains per optimizer step over all processes) must be divisible by "
-            f"the number of processes ({world}) x --grad-accum ({cfg.grad_accum})"
+            f"--batch-size ({cfg.batch_size}, chains per optimizer step over all processes) must be "
+            f"divisible by the number of processes ({world}) x --grad-accum ({cfg.grad_accum})"
         )
     return cfg.batch_size // (world * cfg.grad_accum)
 
@@ -465,14 +508,20 @@ def run_steps(
     for step in range(stage.start, stage.steps):
         if cfg.stop_after_steps is not None and ctx.steps_done >= cfg.stop_after_steps:
             _save_checkpoint(ctx, directory, step)
-            raise StopRequested(f"stopped after {ctx.steps_done} optimizer steps at seed {seed} {task} step {step}")
+            raise StopRequested(
+                f"stopped after {ctx.steps_done} optimizer steps at seed {seed} {task} step {step}"
+            )
         indices = global_batch_indices(len(ctx.train), cfg.batch_size, step, seed, task)
         mine = indices[rank * per_process : (rank + 1) * per_process]
         for m in range(cfg.grad_accum):
             chains = [ctx.train[i] for i in mine[m * micro : (m + 1) * micro]]
             with acc.accumulate(wrapper):
-                batch = ctx.builder.build(chains, ctx.frames, best_only=mode == "sft",
-                                          ref_scores=ref_scores if mode == "rank" else None)  # fmt: skip
+                batch = ctx.builder.build(
+                    chains,
+                    ctx.frames,
+                    best_only=mode == "sft",
+                    ref_scores=ref_scores if mode == "rank" else None,
+                )
                 batch = batch.to(acc.device, dtype)
                 out = wrapper(batch, mode=mode, spec=spec)
                 acc.backward(out["loss"])
@@ -496,13 +545,27 @@ def run_steps(
             now = time.perf_counter()
             rate = (done - s_last) / max(1e-9, now - t_last)
             t_last, s_last = now, done
-            log.write({"event": "train", "step": done, "lr": scheduler.get_last_lr()[0], "steps_per_s": rate, **vals})
+            log.write(
+                {
+                    "event": "train",
+                    "step": done,
+                    "lr": scheduler.get_last_lr()[0],
+                    "steps_per_s": rate,
+                    **vals,
+                }
+            )
             info = f"loss {vals['loss']:.3f}"
         ctx.reporter.advance(task, 1, info)
         every = cfg.eval_interval(stage.steps)
         if every and done % every == 0 and done < stage.steps:
-            res = evaluate(ctx, wrapper, task, ref_scores=ref_scores if mode == "rank" or task != "sft" else None,
-                           generate=False, beta=beta)  # fmt: skip
+            res = evaluate(
+                ctx,
+                wrapper,
+                task,
+                ref_scores=ref_scores if mode == "rank" or task != "sft" else None,
+                generate=False,
+                beta=beta,
+            )
             log.write({"event": "eval", "kind": "assess", "step": done, "metrics": res.metrics})
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.steps:
             _save_checkpoint(ctx, directory, done)
@@ -555,21 +618,58 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
     if ctx.main:
         os.makedirs(directory, exist_ok=True)
     acc.wait_for_everyone()
-    log = MetricsLog(os.path.join(directory, "metrics.jsonl"), {"seed": seed, "task": "sft", "stage": "sft"}, ctx.main)
+    log = MetricsLog(
+        os.path.join(directory, "metrics.jsonl"), {"seed": seed, "task": "sft", "stage": "sft"}, ctx.main
+    )
     if not _checkpoints(directory) and ctx.main and os.path.exists(log.path):
         os.remove(log.path)
     t0 = time.perf_counter()
-    stage = setup_stage(ctx, ctx.new_model(seed), seed=seed, task="sft", directory=directory, steps=cfg.sft_steps,
-                        lr=cfg.sft_lr, freeze_vision=False, log=log)  # fmt: skip
+    stage = setup_stage(
+        ctx,
+        ctx.new_model(seed),
+        seed=seed,
+        task="sft",
+        directory=directory,
+        steps=cfg.sft_steps,
+        lr=cfg.sft_lr,
+        freeze_vision=False,
+        log=log,
+    )
     if stage.start == 0 and not any(r.get("tag") == "init" for r in read_jsonl(log.path)):
         res = evaluate(ctx, stage.wrapper, "sft", ref_scores=None, generate=True, beta=cfg.beta)
-        log.write({"event": "eval", "kind": "full", "tag": "init", "step": 0, "metrics": res.metrics,
-                   "samples": res.samples})  # fmt: skip
-    run_steps(ctx, stage, seed=seed, task="sft", directory=directory, mode="sft", spec=None, ref_scores=None,
-              log=log, beta=cfg.beta)  # fmt: skip
+        log.write(
+            {
+                "event": "eval",
+                "kind": "full",
+                "tag": "init",
+                "step": 0,
+                "metrics": res.metrics,
+                "samples": res.samples,
+            }
+        )
+    run_steps(
+        ctx,
+        stage,
+        seed=seed,
+        task="sft",
+        directory=directory,
+        mode="sft",
+        spec=None,
+        ref_scores=None,
+        log=log,
+        beta=cfg.beta,
+    )
     res = evaluate(ctx, stage.wrapper, "sft", ref_scores=None, generate=True, beta=cfg.beta)
-    log.write({"event": "eval", "kind": "full", "tag": "sft", "step": cfg.sft_steps, "metrics": res.metrics,
-               "samples": res.samples})  # fmt: skip
+    log.write(
+        {
+            "event": "eval",
+            "kind": "full",
+            "tag": "sft",
+            "step": cfg.sft_steps,
+            "metrics": res.metrics,
+            "samples": res.samples,
+        }
+    )
     if cfg.sft_steps > 0 or cfg.model is None:
         _save_model(ctx, stage.wrapper, os.path.join(directory, "model"))
     ref = _reference_scores(ctx, stage.wrapper, "sft")
@@ -600,8 +700,9 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
         os.makedirs(directory, exist_ok=True)
     acc.wait_for_everyone()
     stage = "sft" if arm.loss == "sft" else "rank"
-    log = MetricsLog(os.path.join(directory, "metrics.jsonl"), {"seed": seed, "task": arm.name, "stage": stage},
-                     ctx.main)  # fmt: skip
+    log = MetricsLog(
+        os.path.join(directory, "metrics.jsonl"), {"seed": seed, "task": arm.name, "stage": stage}, ctx.main
+    )
     if not _checkpoints(directory) and ctx.main and os.path.exists(log.path):
         os.remove(log.path)
     t0 = time.perf_counter()
@@ -609,19 +710,49 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
     ref = torch.load(os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt"), weights_only=True)
     options = cfg.loss_options(arm)
     spec = LossSpec(length_normalize=cfg.length_normalize, **options) if stage == "rank" else None
-    st = setup_stage(ctx, model, seed=seed, task=arm.name, directory=directory, steps=cfg.rank_steps, lr=cfg.lr,
-                     freeze_vision=arm.frozen_vision, log=log)  # fmt: skip
-    run_steps(ctx, st, seed=seed, task=arm.name, directory=directory, mode=stage, spec=spec, ref_scores=ref,
-              log=log, beta=cfg.beta)  # fmt: skip
+    st = setup_stage(
+        ctx,
+        model,
+        seed=seed,
+        task=arm.name,
+        directory=directory,
+        steps=cfg.rank_steps,
+        lr=cfg.lr,
+        freeze_vision=arm.frozen_vision,
+        log=log,
+    )
+    run_steps(
+        ctx,
+        st,
+        seed=seed,
+        task=arm.name,
+        directory=directory,
+        mode=stage,
+        spec=spec,
+        ref_scores=ref,
+        log=log,
+        beta=cfg.beta,
+    )
     wrapper = st.wrapper
     res = evaluate(ctx, wrapper, arm.name, ref_scores=ref, generate=True, beta=cfg.beta)
-    log.write({"event": "eval", "kind": "full", "tag": "final", "step": cfg.rank_steps, "metrics": res.metrics,
-               "samples": res.samples})  # fmt: skip
+    log.write(
+        {
+            "event": "eval",
+            "kind": "full",
+            "tag": "final",
+            "step": cfg.rank_steps,
+            "metrics": res.metrics,
+            "samples": res.samples,
+        }
+    )
     if save_to is not None:
         _save_model(ctx, wrapper, save_to)
     acc.free_memory()
-    result = {"seed": seed, "task": arm.name, "final": res.metrics, "seconds": time.perf_counter() - t0,
-              "model": save_to}  # fmt: skip
+    result = {
+        "seed": seed,
+        "task": arm.name,
+        "final": res.metrics,
+        "seconds": time.perf_counter() - t0,
+        "model": save_to,
+    }
     return _finish_task(ctx, directory, result)
-
-

@@ -79,15 +79,18 @@ def train_tokenizer(captions: Sequence[str], vocab_size: int = 1000) -> Any:
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.Metaspace()
     specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=1,
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, min_frequency=1, show_progress=False
+    )
     tok.train_from_iterator(list(captions), trainer)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=SPECIAL_TOKENS["eos_token"],
         pad_token=SPECIAL_TOKENS["pad_token"],
         unk_token=SPECIAL_TOKENS["unk_token"],
-        extra_special_tokens={k: v for k, v in SPECIAL_TOKENS.items() if k.startswith(("vision", "video", "image"))},
+        extra_special_tokens={
+            k: v for k, v in SPECIAL_TOKENS.items() if k.startswith(("vision", "video", "image"))
+        },
     )
 
 
@@ -141,7 +144,11 @@ def tiny_config(
         "num_attention_heads": heads,
         "num_key_value_heads": max(1, heads // 2),
         "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(head_dim),
+        },
         "bos_token_id": None,
         "eos_token_id": ids["eos_token"],
         "pad_token_id": ids["pad_token"],
@@ -187,8 +194,10 @@ def pick_attn_implementation(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "flash_attention_2" if flash else "sdpa"
     if requested == "flash_attention_2" and not flash:
-        raise ValueError("--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
-                         "(pip install 'rankloss[flash]')")  # fmt: skip
+        raise ValueError(
+            "--attn-implementation flash_attention_2 needs a CUDA device and the flash-attn package "
+            "(pip install 'rankloss[flash]')"
+        )
     return requested
 
 
@@ -214,8 +223,10 @@ def load_pretrained(path: str, *, dtype: str = "float32", attn_implementation: s
     with open(cfg_path, encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")
     if model_type != "qwen2_5_vl":
-        raise ValueError(f"--model {path!r} is a {model_type!r} checkpoint; the trainer supports Qwen2.5-VL "
-                         "(model_type 'qwen2_5_vl')")  # fmt: skip
+        raise ValueError(
+            f"--model {path!r} is a {model_type!r} checkpoint; the trainer supports Qwen2.5-VL "
+            "(model_type 'qwen2_5_vl')"
+        )
     return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, local_files_only=True
     )
@@ -226,7 +237,9 @@ def load_processor(path: str) -> Any:
     transformers = _require_transformers()
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     if getattr(processor, "video_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise ValueError(f"the processor in {path!r} has no video processor or tokenizer: need a Qwen2.5-VL processor")
+        raise ValueError(
+            f"the processor in {path!r} has no video processor or tokenizer: need a Qwen2.5-VL processor"
+        )
     return processor
 
 
@@ -302,7 +315,9 @@ class VideoChainModel(nn.Module):
     def _prefix_embeds(self, batch: ChainBatch) -> Tensor:
         """Token embeddings of the prefixes with the vision tower's output at the video tokens."""
         embeds = self.lm.embed_tokens(batch.prefix_ids)
-        pixels = batch.pixel_values_videos.to(self.visual.dtype if hasattr(self.visual, "dtype") else embeds.dtype)
+        pixels = batch.pixel_values_videos.to(
+            self.visual.dtype if hasattr(self.visual, "dtype") else embeds.dtype
+        )
         out = self.visual(pixels, grid_thw=batch.video_grid_thw)
         video = out.pooler_output if hasattr(out, "pooler_output") else out
         if isinstance(video, (tuple, list)):
@@ -393,8 +408,9 @@ class VideoChainModel(nn.Module):
                 impl=self.impl,
             )
             return {"loss": out.loss, "chain": out}
-        token_logps = linear_token_logprobs(hidden, self._weight(), labels, bias=self._bias(),
-                                            ignore_index=IGNORE_INDEX, impl=self.impl)  # fmt: skip
+        token_logps = linear_token_logprobs(
+            hidden, self._weight(), labels, bias=self._bias(), ignore_index=IGNORE_INDEX, impl=self.impl
+        )
         sums = token_logps.sum(-1)
         counts = (labels != IGNORE_INDEX).sum(-1)
         if mode == "sft":

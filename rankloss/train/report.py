@@ -60,7 +60,9 @@ def _final_eval(records: Sequence[dict[str, Any]], seed: int, task: str, tag: st
     return None
 
 
-def final_metrics(config: TrainConfig, records: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+def final_metrics(
+    config: TrainConfig, records: Sequence[dict[str, Any]]
+) -> dict[str, dict[int, dict[str, float]]]:
     """``{row: {seed: metrics}}`` with rows ``"@init"`` (before SFT), ``"@sft"`` (after SFT) and every arm's
     name."""
     out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
@@ -111,8 +113,10 @@ def summary_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> str
     rows = final_metrics(config, records)
     cols = _columns(rows)
     titles = _row_titles(config)
-    lines = ["| seed | model | " + " | ".join(METRIC_TITLES[c] for c in cols) + " |",
-             "|---|---|" + "---:|" * len(cols)]  # fmt: skip
+    lines = [
+        "| seed | model | " + " | ".join(METRIC_TITLES[c] for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
     for seed in config.seed_list:
         for row in ["@init", "@sft"] + [a.name for a in config.arm_list]:
             m = rows.get(row, {}).get(seed)
@@ -131,10 +135,13 @@ def comparison_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> 
     titles = _row_titles(config)
     seeds = config.seed_list
     n = len(seeds)
-    lines = [f"Held-out metrics, mean ± standard error over {n} seed{'s' if n != 1 else ''} "
-             f"({', '.join(map(str, seeds))}):", "",
-             "| model | " + " | ".join(METRIC_TITLES[c] for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]  # fmt: skip
+    lines = [
+        f"Held-out metrics, mean ± standard error over {n} seed{'s' if n != 1 else ''} "
+        f"({', '.join(map(str, seeds))}):",
+        "",
+        "| model | " + " | ".join(METRIC_TITLES[c] for c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for row in ["@sft"] + [a.name for a in config.arm_list]:
         per_seed = rows.get(row, {})
         if not per_seed:
@@ -148,15 +155,24 @@ def comparison_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> 
     ranking = [a for a in config.arm_list if a.loss != "sft"]
     if control is not None and ranking and control.name in rows:
         dcols = [c for c in _DIFF_KEYS if c in cols]
-        lines += ["", f"Difference to {control.title()} (same seed), mean ± standard error:", "",
-                  "| model | " + " | ".join("Δ " + METRIC_TITLES[c] for c in dcols) + " |",
-                  "|---|" + "---:|" * len(dcols)]  # fmt: skip
+        lines += [
+            "",
+            f"Difference to {control.title()} (same seed), mean ± standard error:",
+            "",
+            "| model | " + " | ".join("Δ " + METRIC_TITLES[c] for c in dcols) + " |",
+            "|---|" + "---:|" * len(dcols),
+        ]
         for a in ranking:
             cells = []
             for c in dcols:
-                diffs = [rows[a.name][s][c] - rows[control.name][s][c] for s in seeds
-                         if s in rows.get(a.name, {}) and s in rows[control.name]
-                         and c in rows[a.name][s] and c in rows[control.name][s]]  # fmt: skip
+                diffs = [
+                    rows[a.name][s][c] - rows[control.name][s][c]
+                    for s in seeds
+                    if s in rows.get(a.name, {})
+                    and s in rows[control.name]
+                    and c in rows[a.name][s]
+                    and c in rows[control.name][s]
+                ]
                 mean, se = mean_se(diffs)
                 cells.append(_fmt(mean, se))
             lines.append(f"| {a.title(config.pairs)} | " + " | ".join(cells) + " |")
@@ -194,8 +210,11 @@ def plot_curves(config: TrainConfig, records: Sequence[dict[str, Any]], out_dir:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for seed in config.seed_list:
-            pts = [(r["step"], r["loss"]) for r in records
-                   if r.get("event") == "train" and r["task"] == task and r["seed"] == seed]  # fmt: skip
+            pts = [
+                (r["step"], r["loss"])
+                for r in records
+                if r.get("event") == "train" and r["task"] == task and r["seed"] == seed
+            ]
             if pts:
                 ax.plot(*zip(*pts), label=f"seed {seed}", lw=1.2)
         ax.set_title(titles[task], fontsize=9)
@@ -208,19 +227,42 @@ def plot_curves(config: TrainConfig, records: Sequence[dict[str, Any]], out_dir:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    keys = [k for k in ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1")
-            if any(k in r.get("metrics", {}) for r in records if r.get("event") == "eval")]  # fmt: skip
+    keys = [
+        k
+        for k in ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1")
+        if any(k in r.get("metrics", {}) for r in records if r.get("event") == "eval")
+    ]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        sft = _mean_curve([[(r["step"], r["metrics"][key]) for r in records
-                            if r.get("event") == "eval" and r["task"] == "sft" and r["seed"] == s
-                            and key in r["metrics"]] for s in config.seed_list])  # fmt: skip
+        sft = _mean_curve(
+            [
+                [
+                    (r["step"], r["metrics"][key])
+                    for r in records
+                    if r.get("event") == "eval"
+                    and r["task"] == "sft"
+                    and r["seed"] == s
+                    and key in r["metrics"]
+                ]
+                for s in config.seed_list
+            ]
+        )
         if sft:
             ax.plot(*zip(*sft), color="black", marker=".", label="SFT")
         for a in config.arm_list:
-            curve = _mean_curve([[(config.sft_steps + r["step"], r["metrics"][key]) for r in records
-                                  if r.get("event") == "eval" and r["task"] == a.name and r["seed"] == s
-                                  and key in r["metrics"]] for s in config.seed_list])  # fmt: skip
+            curve = _mean_curve(
+                [
+                    [
+                        (config.sft_steps + r["step"], r["metrics"][key])
+                        for r in records
+                        if r.get("event") == "eval"
+                        and r["task"] == a.name
+                        and r["seed"] == s
+                        and key in r["metrics"]
+                    ]
+                    for s in config.seed_list
+                ]
+            )
             if curve:
                 start = [x for x in sft[-1:] if key != "reward_pair_acc"]
                 ax.plot(*zip(*(start + curve)), marker=".", label=a.title(config.pairs))
@@ -241,7 +283,11 @@ def plot_comparison(config: TrainConfig, records: Sequence[dict[str, Any]], path
     """Bar charts of the final held-out metrics per arm with standard-error bars (``comparison.png``)."""
     plt = _pyplot()
     rows = final_metrics(config, records)
-    keys = [k for k in ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1") if k in _columns(rows)]
+    keys = [
+        k
+        for k in ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1")
+        if k in _columns(rows)
+    ]
     names = ["@sft"] + [a.name for a in config.arm_list]
     labels = ["after SFT"] + [a.title(config.pairs).replace(", ", ",\n") for a in config.arm_list]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.9 * len(keys), 3.6), squeeze=False)
@@ -290,4 +336,3 @@ def write_reports(config: TrainConfig, run_dir: str) -> dict[str, str]:
             f.write(comparison_table(config, records))
         out["comparison_plot"] = plot_comparison(config, records, os.path.join(run_dir, "comparison.png"))
     return out
-

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Arm, TrainConfig
-from .loop import Context, NullReporter, StopRequested, build_context, make_accelerator, run_arm_task, run_sft_task
+from .loop import (
+    Context,
+    NullReporter,
+    StopRequested,
+    build_context,
+    make_accelerator,
+    run_arm_task,
+    run_sft_task,
+)
 
 __all__ = ["Task", "plan_tasks", "TqdmReporter", "run_plan"]
 
@@ -98,7 +106,9 @@ class TqdmReporter:
             try:
                 from tqdm.auto import tqdm
 
-                self.bars[name] = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True, file=self.stream)
+                self.bars[name] = tqdm(
+                    total=total, desc=name, unit="step", dynamic_ncols=True, file=self.stream
+                )
             except ImportError:
                 self.enabled = False
 
@@ -136,8 +146,12 @@ class TqdmReporter:
             bar.close()
         elif self.totals.get(name):
             sec = time.perf_counter() - self.t0[name]
-            print(f"{name}: {self.counts[name]}/{self.totals[name]} steps in {sec:.0f} s {self.info.get(name, '')}",
-                  file=self.stream, flush=True)  # fmt: skip
+            print(
+                f"{name}: {self.counts[name]}/{self.totals[name]} steps in {sec:.0f} s "
+                f"{self.info.get(name, '')}",
+                file=self.stream,
+                flush=True,
+            )
 
 
 class _QueueReporter:
@@ -197,12 +211,17 @@ class _OverallBar:
         elif kind == "message":
             self.write(text)
         if self.bar is not None:
-            self.bar.set_postfix_str("; ".join(f"{k} {v}".strip() for k, v in sorted(self.active.items())),
-                                     refresh=False)  # fmt: skip
+            self.bar.set_postfix_str(
+                "; ".join(f"{k} {v}".strip() for k, v in sorted(self.active.items())), refresh=False
+            )
         elif time.perf_counter() - self.last_print > 30:
             self.last_print = time.perf_counter()
-            print(f"[{time.perf_counter() - self.t0:.0f} s] {self.done}/{self.total} steps; "
-                  + "; ".join(sorted(self.active)), file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[{time.perf_counter() - self.t0:.0f} s] {self.done}/{self.total} steps; "
+                + "; ".join(sorted(self.active)),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -273,12 +292,20 @@ def run_plan(
     manager = mp.get_context("spawn").Manager()
     q = manager.Queue()
     bar = _OverallBar(sum(t.steps(config) for t in tasks), show_progress)
-    pending_arms = {seed: [t for t in tasks if t.kind == "arm" and t.seed == seed] for seed in config.seed_list}
+    pending_arms = {
+        seed: [t for t in tasks if t.kind == "arm" and t.seed == seed] for seed in config.seed_list
+    }
     stopped: list[str] = []
     try:
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                    initargs=(config, run_dir, threads, q)) as pool:  # fmt: skip
-            futures: dict[cf.Future, Task] = {pool.submit(_worker_run, t): t for t in tasks if t.kind == "sft"}
+        with cf.ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(config, run_dir, threads, q),
+        ) as pool:
+            futures: dict[cf.Future, Task] = {
+                pool.submit(_worker_run, t): t for t in tasks if t.kind == "sft"
+            }
             while futures:
                 _drain(q, bar)
                 finished = [f for f in futures if f.done()]
