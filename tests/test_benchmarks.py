@@ -1,0 +1,80 @@
+"""The benchmark tooling works as documented (docs/benchmarks.md): the report script turns the committed
+pytest-benchmark JSON into markdown and a PNG, the smoke profile runs every suite end to end (timings,
+per-case memory probes in fresh processes, the report), and the GPU check's dry run passes on CPU.
+
+These check the harness, not the numbers: no time is asserted anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+RESULTS = BENCH / "results"
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "RANKLOSS_BENCH_THREADS": "2"}
+    env.pop("RANKLOSS_BENCH_PROFILE", None)
+    return env
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_report_of_the_committed_cpu_results(tmp_path: Path):
+    src = RESULTS / "cpu-quick.json"
+    assert src.is_file(), "benchmarks/results/cpu-quick.json is the committed CPU report"
+    data = json.loads(src.read_text())
+    impls = {b["extra_info"].get("impl") for b in data["benchmarks"]}
+    assert {"naive", "rankloss", "matmul"} <= impls, impls
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        for key in ("N", "D", "V", "dtype", "device", "flops", "tokens_per_s_min", "flop_per_s_min"):
+            assert key in info, (b["name"], key)
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    _run([sys.executable, str(BENCH / "report.py"), str(src), "--md", str(md), "--png", str(png)], 300)
+    text = md.read_text()
+    assert "## Targets" in text and "Issue 4" in text and "time vs naive" in text
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_every_suite_and_writes_the_report(tmp_path: Path):
+    result = _run(
+        [
+            sys.executable,
+            str(BENCH / "run.py"),
+            "--profile",
+            "smoke",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "smoke",
+        ],
+        1500,
+    )
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    suites = {b["extra_info"]["suite"] for b in data["benchmarks"]}
+    assert suites == {"logprobs", "chain", "matmul"}, suites
+    measured = [b for b in data["benchmarks"] if b["extra_info"].get("peak_mem_bytes") is not None]
+    assert measured, "no case has a peak-memory figure"
+    assert (tmp_path / "smoke.md").is_file() and (tmp_path / "smoke.png").is_file()
+    assert "benchmarks:" in result.stdout
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path):
+    result = _run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)], 600)
+    assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.json")), result.stdout[-2000:]
