@@ -121,9 +121,9 @@ class TrainConfig:
     # --- optimisation
     batch_size: int = 16
     grad_accum: int = 1
-    sft_steps: int = 1000
+    sft_steps: int = 800
     sft_lr: float = 5e-4
-    rank_steps: int = 150
+    rank_steps: int = 120
     lr: float = 1e-4
     lr_scheduler: str = "constant"
     warmup_ratio: float = 0.05
