@@ -123,7 +123,7 @@ class TrainConfig:
     grad_accum: int = 1
     sft_steps: int = 800
     sft_lr: float = 5e-4
-    rank_steps: int = 120
+    rank_steps: int = 100
     lr: float = 1e-4
     lr_scheduler: str = "constant"
     warmup_ratio: float = 0.05
