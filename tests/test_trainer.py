@@ -419,3 +419,20 @@ def test_saved_model_loads_back_with_model_flag(tmp_path: Path):
     assert [s["generated"] for s in started["samples"]] == [s["generated"] for s in ended["samples"]]
     # the loaded model is trained further, not replaced by a fresh tiny one
     assert json.loads((second / "config.json").read_text())["model"] == str(first / "model")
+
+
+def test_launch_whose_processes_did_not_join_one_group_is_refused():
+    """WORLD_SIZE=2 but a single-process Accelerator (accelerate's --use_fsdp without GPUs): the two
+    copies would each train alone into the same folder, so the trainer stops and says why."""
+    from types import SimpleNamespace
+
+    from rankloss.train.loop import check_process_group
+
+    alone = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO", device="cpu")
+    check_process_group(alone, {})
+    check_process_group(alone, {"WORLD_SIZE": "1"})
+    check_process_group(SimpleNamespace(num_processes=2), {"WORLD_SIZE": "2"})
+    with pytest.raises(SystemExit, match=r"launched as 2 processes \(WORLD_SIZE=2\) but accelerate set up 1"):
+        check_process_group(alone, {"WORLD_SIZE": "2"})
+    with pytest.raises(SystemExit, match="WORLD_SIZE='two'"):
+        check_process_group(alone, {"WORLD_SIZE": "two"})

@@ -152,12 +152,36 @@ def make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         cpu=config.cpu,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    check_process_group(accelerator, os.environ)
+    return accelerator
+
+
+def check_process_group(accelerator: Any, env: Any) -> None:
+    """Refuse a launch whose processes did not join one group.
+
+    ``accelerate launch --num_processes N`` (or ``torchrun``) sets ``WORLD_SIZE=N``; if ``Accelerator``
+    then sees a single process (accelerate 1.x does this for ``--use_fsdp`` without GPUs: distributed
+    type ``NO``), the N copies would each train the whole model on the whole batch and write into the
+    same run folder. Stop before that, naming both numbers.
+    """
+    world = env.get("WORLD_SIZE")
+    try:
+        world_size = int(world) if world is not None else 1
+    except ValueError:
+        raise SystemExit(f"error: WORLD_SIZE={world!r} in the environment is not an integer") from None
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise SystemExit(
+            f"error: launched as {world_size} processes (WORLD_SIZE={world_size}) but accelerate set up "
+            f"{accelerator.num_processes} ({accelerator.distributed_type}, device {accelerator.device}); "
+            "the processes would run as independent copies. On CPU use `accelerate launch --num_processes "
+            f"{world_size}` without --use_fsdp (accelerate's FSDP needs GPUs)."
+        )
 
 
 def task_dir(run_dir: str, seed: int, task: str) -> str:
