@@ -92,6 +92,38 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+SYNTHETIC_ONLY = ("--num-videos", "--max-objects")  # do not apply to --data
+TINY_MODEL = ("--hidden-size", "--num-layers", "--vision-depth", "--vision-hidden-size", "--vocab-size")
+
+
+def _tiny_without(*flags: str) -> list[str]:
+    """TINY minus ``flags`` and their values (the valueless ``--no-progress`` is kept)."""
+    out, i = [], 0
+    while i < len(TINY):
+        if TINY[i] in flags:
+            i += 2
+            continue
+        out.append(TINY[i])
+        i += 1
+    assert len(out) == len(TINY) - 2 * len(flags), flags
+    return out
+
+
+def _synthetic_chains_file(tmp_path: Path) -> Path:
+    """`rankloss synthetic make`: 9 mp4 videos of 8 frames and their chains JSONL (with scenes)."""
+    pytest.importorskip("av")
+    data = tmp_path / "data"
+    subprocess.run(
+        [sys.executable, "-m", "rankloss", "synthetic", "make", "--out", str(data), "--n", "9"]
+        + ["--frames", "8", "--seed", "3"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return data / "chains.jsonl"
+
+
 def test_comparison_writes_every_output(tmp_path: Path):
     run = tmp_path / "run"
     result = _run(
@@ -300,40 +332,13 @@ def test_resume_refuses_changed_settings(tmp_path: Path):
 def test_chains_file_with_video_files(tmp_path: Path, with_scenes: bool):
     """--data: the `rankloss synthetic make` output (mp4 files decoded with PyAV, chains JSONL); with its
     scenes generation is scored fact by fact, without them (as for real captions) by word overlap."""
-    pytest.importorskip("av")
-    data = tmp_path / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rankloss",
-            "synthetic",
-            "make",
-            "--out",
-            str(data),
-            "--n",
-            "9",
-            "--frames",
-            "8",
-            "--seed",
-            "3",
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    chains = data / "chains.jsonl"
+    chains = _synthetic_chains_file(tmp_path)
     if not with_scenes:
         rows = [json.loads(line) for line in chains.read_text().splitlines()]
         for r in rows:
             r.pop("source", None)
         chains.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs = dict(zip(TINY[:-3:2], TINY[1:-3:2]))  # synthetic-only flags do not apply to --data
-    assert TINY[-3:] == ["--no-progress", "--threads", "1"] and "--num-videos" in pairs
-    args = [x for k, v in pairs.items() if k not in ("--num-videos", "--max-objects") for x in (k, v)] + TINY[
-        -3:
-    ]
+    args = _tiny_without(*SYNTHETIC_ONLY)
     run = tmp_path / "run"
     result = _run(
         [
@@ -366,47 +371,14 @@ def test_saved_model_loads_back_with_model_flag(tmp_path: Path):
     """--model PATH: the folder a run writes (``save_pretrained`` model + processor) is a real local
     checkpoint to the trainer. On the same chains file and split, the second run starts exactly where
     the first ended: its before-SFT evaluation equals the first run's final one."""
-    pytest.importorskip("av")
-    data = tmp_path / "data"
-    subprocess.run(
-        [sys.executable, "-m", "rankloss", "synthetic", "make", "--out", str(data), "--n", "9"]
-        + ["--frames", "8", "--seed", "3"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    common = [
-        "--data",
-        str(data / "chains.jsonl"),
-        "--heldout",
-        "3",
-        "--chain-length",
-        "3",
-        "--frames",
-        "4",
-        "--batch-size",
-        "2",
-        "--eval-batch-size",
-        "4",
-        "--max-new-tokens",
-        "6",
-        "--sft-steps",
-        "2",
-        "--rank-steps",
-        "2",
-        "--no-compare",
-        "--jobs",
-        "1",
-        *TINY[-3:],
-    ]
-    tiny_model = ["--hidden-size", "32", "--num-layers", "1", "--vision-depth", "1"]
-    tiny_model += ["--vision-hidden-size", "32", "--vocab-size", "300"]
+    chains = _synthetic_chains_file(tmp_path)
+    common = ["--data", str(chains), "--sft-steps", "2", "--rank-steps", "2", "--no-compare", "--jobs", "1"]
     first, second = tmp_path / "first", tmp_path / "second"
-    _run([*common, *tiny_model, "--output-dir", str(first)])
+    _run([*common, *_tiny_without(*SYNTHETIC_ONLY), "--output-dir", str(first)])
     for name in ("config.json", "processor_config.json", "model.safetensors"):
         assert (first / "model" / name).is_file(), name
-    _run([*common, "--model", str(first / "model"), "--output-dir", str(second)])
+    data_flags = _tiny_without(*SYNTHETIC_ONLY, *TINY_MODEL)  # the model's sizes come from its folder
+    _run([*common, *data_flags, "--model", str(first / "model"), "--output-dir", str(second)])
 
     def full_eval(run: Path, tag: str) -> dict:
         rows = [r for r in _records(run / "metrics.jsonl") if r.get("tag") == tag]
