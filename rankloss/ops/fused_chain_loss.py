@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import accumulation_dtype, default_chunk_size, logprob_grad_
+from ._common import accumulation_dtype, default_chunk_size, logprob_grad_, softmax_
 
 __all__ = ["DEFAULT_CACHE_BYTES", "single_pass_chain_loss"]
 
@@ -192,7 +192,7 @@ def single_pass_chain_loss(
             rows, entry = chunks[i], cache[i]
             if entry is None:
                 p, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
-                _softmax_(p)
+                softmax_(p)
             else:
                 p, t = entry
                 cache[i] = None
@@ -221,11 +221,15 @@ def single_pass_chain_loss(
 
 
 def _softmax_(u: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: ``u [c, V]`` becomes ``softmax(u)``; also returns ``logsumexp(u) [c]`` (no ``[c, V]``
-    temporary)."""
-    m = u.amax(dim=1, keepdim=True)
-    total = u.sub_(m).exp_().sum(dim=1, keepdim=True)
-    return u.div_(total), (m + total.log()).squeeze(1)
+    """In place: ``u [c, V]`` becomes ``softmax(u)``; also returns ``logsumexp(u) [c]``.
+
+    One fused softmax kernel plus two cheap row maxima, no ``[c, V]`` temporary: the largest
+    probability is ``exp(max u - lse) = 1 / sum_j exp(u_j - max u)``, at least ``1 / V`` (it never
+    underflows), so ``lse = max u - log(max p)`` keeps full precision.
+    """
+    m = u.amax(dim=1)
+    p = softmax_(u)
+    return p, m - p.amax(dim=1).log()
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float, softcap: float | None):

@@ -17,7 +17,14 @@ registered with ``torch.library.register_autograd``, so a ``fullgraph=True`` com
 import torch
 from torch import Tensor
 
-from ._common import accumulation_dtype, default_chunk_size, kernel_module, logprob_grad_
+from ._common import (
+    accumulation_dtype,
+    default_chunk_size,
+    kernel_module,
+    log_softmax_pick,
+    logprob_grad_,
+    softmax_,
+)
 
 __all__ = [
     "linear_token_logprobs_op",
@@ -82,11 +89,10 @@ def linear_token_logprobs_torch_forward(
     scored = labels != ignore_index
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         u, _ = _logit_chunk(hidden[rows].to(acc), w, b, temperature, softcap)
-        lse_c = torch.logsumexp(u, dim=-1)
         ok = scored[rows]
         target = torch.where(ok, labels[rows], 0)  # ignored rows (non-CPU devices only) read column 0, zeroed
-
-        logp[rows] = torch.where(ok, u.gather(1, target[:, None]).squeeze(1) - lse_c, 0.0)
+        logp_c, lse_c = log_softmax_pick(u, target, out=u)  # u is this chunk's own buffer
+        logp[rows] = torch.where(ok, logp_c, 0.0)
         lse[rows] = torch.where(ok, lse_c, 0.0)
     return logp, lse
 
@@ -109,6 +115,7 @@ def linear_token_logprobs_torch_backward(
     """Chunked backward: recompute each chunk's logits, then ``dA = g (onehot - p) / tau [* (1 - t^2)]``.
 
     ``d hidden = dA W``, ``d weight += dA^T h``, ``d bias += sum dA``; returns them in the inputs' dtypes.
+    ``lse`` (the Triton backward's input) is not read: each chunk's softmax is recomputed whole.
     """
     acc = accumulation_dtype(hidden, weight, bias)
     N, D = hidden.shape
@@ -124,8 +131,8 @@ def linear_token_logprobs_torch_backward(
         h = hidden[rows].to(acc)
         u, t = _logit_chunk(h, w, b, temperature, softcap)
         g = g_all[rows]
-        # dA = g * (onehot - p) / tau, built in place in u's buffer.
-        p = u.sub_(lse[rows].to(acc)[:, None]).exp_()
+        # dA = g * (onehot - p) / tau, built in place in u's buffer (p = exp(u - lse), recomputed whole).
+        p = softmax_(u)
         da = logprob_grad_(p, torch.where(g_ok[rows], labels[rows], 0), g, temperature)
         if t is not None:
             da.mul_(1.0 - t.square_())

@@ -11,7 +11,14 @@
 import torch
 from torch import Tensor
 
-from ._common import accumulation_dtype, default_chunk_size, kernel_module, logprob_grad_
+from ._common import (
+    accumulation_dtype,
+    default_chunk_size,
+    kernel_module,
+    log_softmax_pick,
+    logprob_grad_,
+    softmax_,
+)
 
 __all__ = ["token_logprobs_op", "token_logprobs_torch_forward", "token_logprobs_torch_backward"]
 
@@ -24,16 +31,16 @@ def token_logprobs_torch_forward(
     N = logits.shape[0]
     logp = torch.empty(N, dtype=acc, device=logits.device)
     lse = torch.empty(N, dtype=acc, device=logits.device)
+    buf = torch.empty((min(chunk_size, N), logits.shape[1]), dtype=acc, device=logits.device)
     for start in range(0, N, chunk_size):
         sl = slice(start, start + chunk_size)
-        u = logits[sl].to(acc)
+        u = logits[sl].to(acc)  # may be the caller's logits: log_softmax goes to buf, never into u
         if temperature != 1.0:
             u = u / temperature
-        lse_c = torch.logsumexp(u, dim=-1)
         y = labels[sl]
         ok = y != ignore_index
-        picked = u.gather(1, torch.where(ok, y, 0)[:, None]).squeeze(1)
-        logp[sl] = torch.where(ok, picked - lse_c, 0.0)
+        logp_c, lse_c = log_softmax_pick(u, torch.where(ok, y, 0), out=buf[: u.shape[0]])
+        logp[sl] = torch.where(ok, logp_c, 0.0)
         lse[sl] = torch.where(ok, lse_c, 0.0)
     return logp, lse
 
@@ -58,7 +65,7 @@ def token_logprobs_torch_backward(
         u = logits[sl].to(acc, copy=True)
         if temperature != 1.0:
             u.div_(temperature)
-        p = u.sub_(lse[sl].to(acc)[:, None]).exp_()
+        p = softmax_(u)  # u is a copy; the forward's lse is not needed
         grad[sl] = logprob_grad_(p, torch.where(ok, y, 0), g, temperature)
     return grad
 
