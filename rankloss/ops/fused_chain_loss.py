@@ -159,7 +159,7 @@ def single_pass_chain_loss(
         for i, rows in enumerate(chunks):
             u, t = _logits(h_all[rows].to(acc), w, b, temperature, softcap)
             target = u.gather(1, labels[rows][:, None]).squeeze(1)
-            p, lse = _softmax_(u)
+            p, lse = _softmax_and_lse_(u)
             token_logp[i * chunk : i * chunk + len(rows)] = target - lse
             nbytes = p.numel() * p.element_size() * (2 if t is not None else 1)
             keep = cached + nbytes <= cache_bytes
@@ -220,7 +220,7 @@ def single_pass_chain_loss(
     return loss, scores, num_tokens
 
 
-def _softmax_(u: Tensor) -> tuple[Tensor, Tensor]:
+def _softmax_and_lse_(u: Tensor) -> tuple[Tensor, Tensor]:
     """In place: ``u [c, V]`` becomes ``softmax(u)``; also returns ``logsumexp(u) [c]``.
 
     One fused softmax kernel plus two cheap row maxima, no ``[c, V]`` temporary: the largest
