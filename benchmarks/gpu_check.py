@@ -127,6 +127,27 @@ def errors(ours: Tensor, truth: Tensor, mask: Tensor | None = None) -> dict[str,
     }
 
 
+def _rankloss_paths(args: argparse.Namespace) -> list[tuple[str, str | None, bool, bool]]:
+    """``(name, impl, deterministic, reproducible)`` of the rankloss paths checked and timed.
+
+    ``--impl auto`` on CUDA: the default (the vocabulary-chunked cuBLAS path, deterministic by
+    construction) and the fused Triton kernels in both backward modes. Otherwise the chosen ``impl``
+    with and without ``deterministic=True``. ``reproducible`` paths are run twice and must agree bitwise
+    (the atomic Triton backward need not).
+    """
+    if args.impl == "auto" and args.device == "cuda":
+        return [
+            ("rankloss", None, False, True),
+            ("rankloss impl=triton", "triton", False, False),
+            ("rankloss impl=triton deterministic", "triton", True, True),
+        ]
+    impl = None if args.impl == "auto" else args.impl
+    return [
+        ("rankloss", impl, False, impl != "triton"),
+        ("rankloss deterministic", impl, True, True),
+    ]
+
+
 def check_correctness(args: argparse.Namespace, sizes: tuple[int, int, int]) -> tuple[list[dict], bool]:
     """Errors of every path against the float32 truth; returns the rows and whether rankloss passed."""
     from cases import naive_logprobs
@@ -138,16 +159,18 @@ def check_correctness(args: argparse.Namespace, sizes: tuple[int, int, int]) -> 
     hidden, weight, labels, g = make_inputs(N, D, V, dtype, args.device, args.seed)
     truth = float32_truth(hidden, weight, labels, g, chunk=args.truth_chunk)
     mask = labels != IGNORE
-    impl = None if args.impl == "auto" else args.impl
     paths: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         f"naive ({args.dtype} logits)": lambda h, w: torch.where(
             mask, naive_logprobs(h, w, torch.where(mask, labels, 0)), 0.0
         ),
-        "rankloss": lambda h, w: rankloss.linear_token_logprobs(h, w, labels, impl=impl),
-        "rankloss deterministic": lambda h, w: rankloss.linear_token_logprobs(
-            h, w, labels, impl=impl, deterministic=True
-        ),
     }
+    reproducible = set()
+    for name, path_impl, det, repro in _rankloss_paths(args):
+        paths[name] = lambda h, w, i=path_impl, d=det: rankloss.linear_token_logprobs(
+            h, w, labels, impl=i, deterministic=d
+        )
+        if repro:
+            reproducible.add(name)
     rows: list[dict] = []
     for name, f in paths.items():
         try:
@@ -158,7 +181,7 @@ def check_correctness(args: argparse.Namespace, sizes: tuple[int, int, int]) -> 
             continue
         for what, ours, ref, m in zip(("log-probs", "d hidden", "d weight"), out, truth, (mask, None, None)):
             rows.append({"path": name, "quantity": what, **errors(ours, ref, m)})
-        if name == "rankloss deterministic":
+        if name in reproducible:
             again = logprobs_and_grads(f, hidden, weight, g)
             same = all(torch.equal(a, b) for a, b in zip(out, again))
             rows.append({"path": name, "quantity": "bitwise reproducible (2 runs)", "equal": same})
@@ -206,13 +229,14 @@ def _verdicts(rows: list[dict]) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Timings
 # --------------------------------------------------------------------------------------------------
-TIMED = (
-    ("matmul", "matmul only (3 GEMMs)"),
-    ("naive", "naive PyTorch"),
-    ("rankloss", "rankloss"),
-    ("rankloss_det", "rankloss deterministic"),
-    ("liger", "Liger fused linear CE"),
-)
+def _timed(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
+    """``(key, benchmarks/cases.py impl, label, rankloss impl=)`` of every timed implementation."""
+    out = [("matmul", "matmul", "matmul only (3 GEMMs)", None), ("naive", "naive", "naive PyTorch", None)]
+    for name, impl, det, _ in _rankloss_paths(args):
+        key = "rankloss" if name == "rankloss" else name.replace(" ", "_").replace("=", "_")
+        out.append((key, "rankloss_det" if det else "rankloss", name, impl))
+    out.append(("liger", "liger", "Liger fused linear CE", None))
+    return out
 
 
 @dataclass
@@ -255,13 +279,12 @@ def time_step(fn: Callable[[], object], device: str, warmup: int, reps: int) -> 
 
 
 def run_timings(args: argparse.Namespace, Ns: Sequence[int], D: int, V: int) -> list[Timing]:
-    backend = None if args.impl == "auto" else args.impl
     rows = []
     for N in Ns:
-        for impl, label in TIMED:
+        for impl, case_impl, label, backend in _timed(args):
             case = Case(
                 "matmul" if impl == "matmul" else "logprobs",
-                impl,
+                case_impl,
                 "fwdbwd",
                 N,
                 D,
@@ -392,7 +415,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny odd shapes (N=257, D=67, V=1031)")
-    p.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto", help="rankloss impl=")
+    p.add_argument(
+        "--impl", choices=("auto", "torch", "triton", "cublas"), default="auto", help="rankloss impl="
+    )
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bfloat16 (tiny: float32)")
     p.add_argument("--N", type=int, help="tokens for the correctness check (default 8192)")
     p.add_argument("--D", type=int, help="hidden size (default 4096)")

@@ -152,8 +152,9 @@ def fused_linear_chain_loss(
         bias, ignore_index, temperature, softcap, chunk_size, deterministic: as in
             :func:`rankloss.linear_token_logprobs`.
         cu_seqlens: ``[S + 1]`` offsets for the packed layout.
-        impl: ``None`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"``, ``"torch"`` or
-            ``"reference"``; used for both the log-probs and the chain loss.
+        impl: ``None`` (on CUDA the vocabulary-chunked cuBLAS log-probs and the Triton chain kernel; chunked
+            PyTorch on CPU), ``"cublas"``, ``"triton"``, ``"torch"`` or ``"reference"``; used for both the
+            log-probs and the chain loss (``"cublas"`` runs the chain loss with ``"triton"``).
         cache_bytes: the PyTorch path on CPU, when gradients are needed and ``reduction`` is ``"mean"``
             or ``"sum"``, runs in a single pass: it walks the batch in groups of whole chains, computes
             each group's chain loss and gradients right away and keeps each group's softmax chunks (up
@@ -179,7 +180,8 @@ def fused_linear_chain_loss(
         pairs=pairs,
         dpo_loss_type=dpo_loss_type,
         sft_weight=sft_weight,
-        impl=impl,
+        # impl="cublas" names a log-prob path; the chain loss over the scores then runs its Triton kernel.
+        impl="triton" if impl == "cublas" else impl,
     )
     if _single_pass_applies(hidden, lm_head_weight, bias, ref_scores, impl, reduction):
         return _single_pass(

@@ -106,13 +106,16 @@ def linear_token_logprobs(
         ignore_index: label value of positions that are not scored.
         temperature: logits are divided by it (after the soft-cap).
         softcap: optional logit soft-cap (Gemma 2 style), a positive number.
-        impl: ``None`` (automatic: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise), ``"triton"`` (the
-            fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch,
-            extra memory ``O(chunk_size * V)``) or ``"reference"`` (materialises the full logits).
+        impl: ``None`` (automatic: ``"cublas"`` for CUDA tensors, ``"torch"`` otherwise), ``"triton"`` (the
+            fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"cublas"`` (vocabulary
+            chunks: cuBLAS products and Triton epilogues, extra memory ``O(N * v)``; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch, extra memory ``O(chunk_size * V)``) or
+            ``"reference"`` (materialises the full logits).
         chunk_size: rows per chunk of the ``"torch"`` path (default: chosen from ``V`` and ``D``, see
-            :func:`rankloss.ops.default_chunk_size`).
+            :func:`rankloss.ops.default_chunk_size`); vocabulary columns per chunk of the ``"cublas"`` path
+            (default: a 256 MiB fp32 ``[N, v]`` chunk, see :func:`rankloss.ops.default_vocab_chunk`).
         deterministic: Triton backward without atomics (bitwise reproducible, one more recomputation of
-            the logits). The ``"torch"`` path is always deterministic.
+            the logits). The ``"cublas"`` and ``"torch"`` paths are always deterministic (no atomics).
 
     Under autocast, ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype first (as
     ``F.linear`` would be); the log-probs still come back in float32.
@@ -124,7 +127,12 @@ def linear_token_logprobs(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size, deterministic
     )
     hidden, weight, bias = _common_dtype(hidden, weight, bias)
-    impl = ops_common.resolve_impl(impl, hidden, weight, bias)
+    # On CUDA the vocabulary-chunked cuBLAS path is the default: on an H200 (bf16, D=4096, V=152064) its
+    # forward + backward took 134 ms at N=16384 where the fused Triton kernels took 1.77 s and the naive
+    # path 118 ms with 27 GB of logits (benchmarks/results/gpu_check-nvidia-h200.md).
+    impl = ops_common.resolve_impl(
+        impl, hidden, weight, bias, available=ops_common.LINEAR_LOGPROB_IMPLS, cuda_default="cublas"
+    )
     if impl == "reference":
         return ref.linear_token_logprobs(
             hidden,

@@ -1,4 +1,5 @@
-"""The fast per-token log-prob paths (Triton kernels and chunked PyTorch) against the float64 reference.
+"""The fast per-token log-prob paths (Triton kernels, vocabulary-chunked cuBLAS + Triton epilogues, chunked
+PyTorch) against the float64 reference.
 
 Tolerances follow apple/ml-cross-entropy: the error of a fast path against the float64 truth may be no
 larger than the error plain PyTorch makes on the same inputs in the same dtype, plus a small margin.
@@ -15,11 +16,13 @@ from hypothesis import strategies as st
 from rankloss.reference import logprobs as ref
 
 import rankloss
-from rankloss.ops import default_chunk_size
+from rankloss.ops import default_chunk_size, default_vocab_chunk
 from rankloss.ops.linear_token_logprobs import _linear_token_logprobs_fwd
 from rankloss.ops.token_logprobs import _token_logprobs_fwd
 
 FAST_IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+# linear_token_logprobs also has the vocabulary-chunked path (its epilogues are Triton kernels).
+LINEAR_IMPLS = [*FAST_IMPLS, pytest.param("cublas", marks=pytest.mark.triton)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Margin added to the plain-PyTorch error, per dtype (absolute, on values of order 1-10).
 MARGIN = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -57,7 +60,7 @@ def _run_linear(impl, hidden, weight, bias, labels, upstream, **kw):
     return out.detach(), h.grad, w.grad, (b.grad if b is not None else None)
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "options",
@@ -101,7 +104,7 @@ def test_triton_deterministic_backward_matches_atomic_and_repeats_bitwise(softca
         assert torch.equal(b, c)
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 def test_linear_all_rows_ignored_gives_zeros(impl):
     hidden, weight, bias, labels, upstream = _linear_case(19, 33, 131, torch.float32)
     labels[:] = -100
@@ -109,7 +112,7 @@ def test_linear_all_rows_ignored_gives_zeros(impl):
     assert torch.all(out == 0) and torch.all(dh == 0) and torch.all(dw == 0) and torch.all(db == 0)
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", LINEAR_IMPLS)
 def test_linear_without_bias_and_frozen_weight(impl):
     hidden, weight, _, labels, upstream = _linear_case(23, 35, 211, torch.float32, bias=False)
     h = hidden.clone().requires_grad_()
@@ -140,6 +143,77 @@ def test_triton_linear_hypothesis_shapes(N, D, V, seed, softcap, temperature, de
     )
     for f, t in zip(fast, truth):
         torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.triton
+@settings(max_examples=10)
+@given(
+    N=st.integers(1, 40),
+    D=st.integers(1, 50),
+    V=st.integers(2, 300),
+    chunk=st.one_of(st.none(), st.integers(1, 130)),
+    seed=st.integers(0, 2**16),
+    softcap=st.sampled_from([None, 3.0]),
+    temperature=st.sampled_from([1.0, 0.6]),
+    bias=st.booleans(),
+)
+def test_cublas_linear_hypothesis_shapes_and_chunks(N, D, V, chunk, seed, softcap, temperature, bias):
+    # Vocabulary chunks of any width (1 column, not dividing V, wider than V) against the float64 truth.
+    hidden, weight, b, labels, upstream = _linear_case(N, D, V, torch.float32, seed=seed, bias=bias)
+    kw = dict(softcap=softcap, temperature=temperature)
+    fast = _run_linear("cublas", hidden, weight, b, labels, upstream, chunk_size=chunk, **kw)
+    b64 = b.double() if b is not None else None
+    truth = _run_linear("reference", hidden.double(), weight.double(), b64, labels, upstream.double(), **kw)
+    for f, t in zip(fast, truth):
+        if t is None:
+            assert f is None
+            continue
+        torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
+    again = _run_linear("cublas", hidden, weight, b, labels, upstream, chunk_size=chunk, **kw)
+    assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(fast, again))  # no atomics
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_cublas_confident_target_keeps_its_bits(chunk):
+    # p_y -> 1: log p(y) ~ -(V - 1) e^-30 and its gradient g (1 - p_y) must not round to 0. The forward
+    # takes log p(y) = -log(1 + exp(lse_others - u_y)) and the backward 1 - p_y = -expm1(log p(y)); plain
+    # fp32 (u_y - lse, 1 - p_y) gives exactly 0 for both.
+    V, D = 61, 3
+    weight = torch.zeros(V, D)
+    weight[5, 0] = 30.0
+    hidden = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([5, 5])
+    out, dh, dw, _ = _run_linear("cublas", hidden, weight, None, labels, torch.ones(2), chunk_size=chunk)
+    others = (V - 1) * torch.exp(torch.tensor(-30.0, dtype=torch.float64))
+    exact_logp = -torch.log1p(others)
+    torch.testing.assert_close(out.double(), exact_logp.expand(2), rtol=1e-5, atol=0)
+    one_minus_p = others / (1 + others)
+    # d weight[y] = g (1 - p_y) h: nonzero and exact to float32 rounding.
+    torch.testing.assert_close(dw[5, 0].double(), 2 * one_minus_p, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("env", ["0", "1"])
+def test_cublas_path_errors_name_the_problem(monkeypatch, env):
+    monkeypatch.setenv("TRITON_INTERPRET", env)
+    h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    if env == "0":
+        with pytest.raises(ValueError, match="impl='cublas'.*TRITON_INTERPRET=1"):
+            rankloss.linear_token_logprobs(h, w, y, impl="cublas")
+    with pytest.raises(TypeError, match="impl='cublas'.*float64"):
+        rankloss.linear_token_logprobs(h.double(), w.double(), y, impl="cublas")
+    with pytest.raises(ValueError, match="impl must be"):
+        rankloss.token_logprobs(torch.randn(3, 5), y, impl="cublas")  # logits in hand: no product to chunk
+
+
+def test_default_vocab_chunk_follows_tokens():
+    assert default_vocab_chunk(16384, 152064) == 4096
+    assert default_vocab_chunk(8192, 152064) == 8192
+    assert default_vocab_chunk(37, 1031) == 1031  # one chunk
+    assert default_vocab_chunk(10**7, 152064) == 256  # never below 256 columns
+    for N in (1, 1000, 4096, 65536):
+        v = default_vocab_chunk(N, 152064)
+        assert 1 <= v <= 152064 and (v * N * 4 <= 256 * 2**20 or v == 256)
 
 
 @settings(max_examples=15)
@@ -352,10 +426,10 @@ def test_matches_a_transformers_causal_lm_loss():
 _AOT = """
 import triton
 from triton.backends.compiler import GPUTarget
-from rankloss.kernels import linear_token_logprobs as L, token_logprobs as T
+from rankloss.kernels import linear_token_logprobs as L, token_logprobs as T, linear_logprobs_chunked as C
 
 def arg_type(name, dtype):
-    if name in ("h_ptr", "w_ptr", "b_ptr", "logits_ptr", "grad_logits_ptr"):
+    if name in ("h_ptr", "w_ptr", "b_ptr", "logits_ptr", "grad_logits_ptr", "da_ptr"):
         return "*" + dtype
     if name in ("labels_ptr", "rows_ptr"):
         return "*i64"
@@ -383,6 +457,9 @@ for dtype, precision, bias, softcap in [("bf16", "ieee", True, True), ("fp32", "
     compile_for_sm90(L._bwd_dweight_kernel, dtype, dict(base, COMPUTE_DW=True, COMPUTE_DB=bias), nw)
     compile_for_sm90(T._token_logprobs_fwd_kernel, dtype, dict(BLOCK_V=4096), 4)
     compile_for_sm90(T._token_logprobs_bwd_kernel, dtype, dict(BLOCK_V=4096), 4)
+    meta = dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, BLOCK_V=C.GPU_META["BLOCK_V"])
+    compile_for_sm90(C._lse_chunk_kernel, dtype, meta, C.GPU_META["num_warps"])
+    compile_for_sm90(C._grad_chunk_kernel, dtype, dict(meta, WRITE_F32=bias), C.GPU_META["num_warps"])
 """
 
 

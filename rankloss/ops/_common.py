@@ -12,9 +12,16 @@ from torch import Tensor
 from .._validation import check_impl
 
 LOGPROB_IMPLS = ("triton", "torch", "reference")
+# linear_token_logprobs also has the vocabulary-chunked cuBLAS path.
+LINEAR_LOGPROB_IMPLS = ("triton", "cublas", "torch", "reference")
+# Triton-backed paths: CUDA, or CPU tensors under the interpreter; float32 compute.
+TRITON_IMPLS = ("triton", "cublas")
 
 # Bytes of one [chunk, V] fp32 buffer the chunked paths aim for; a few such buffers live at once.
 CHUNK_BUDGET_BYTES = 32 * 2**20
+# Bytes of the [N, v] fp32 logits chunk of the vocabulary-chunked (cuBLAS) path: large enough that each
+# product is a big GEMM (v = 4096 columns at N = 16384), small next to the [N, V] logits.
+VOCAB_CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
 def triton_available() -> bool:
@@ -39,8 +46,14 @@ def kernel_module(name: str) -> ModuleType:
     return importlib.import_module(f"rankloss.kernels.{name}")
 
 
-def resolve_impl(impl: object, *tensors: Tensor | None, available: tuple[str, ...] = LOGPROB_IMPLS) -> str:
-    """Pick the implementation: Triton on CUDA tensors (when triton is installed), chunked torch otherwise.
+def resolve_impl(
+    impl: object,
+    *tensors: Tensor | None,
+    available: tuple[str, ...] = LOGPROB_IMPLS,
+    cuda_default: str = "triton",
+) -> str:
+    """Pick the implementation: ``cuda_default`` on CUDA tensors (when triton is installed), chunked torch
+    otherwise.
 
     ``impl="triton"`` on CPU tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` in the
     environment before the first kernel is imported); float64 inputs need ``"torch"`` or ``"reference"``.
@@ -51,23 +64,23 @@ def resolve_impl(impl: object, *tensors: Tensor | None, available: tuple[str, ..
     fp64 = any(t.dtype == torch.float64 for t in present)
     if chosen is None:
         if device.type == "cuda" and triton_available() and not fp64:
-            return "triton"
+            return cuda_default
         return "torch"
-    if chosen == "triton":
+    if chosen in TRITON_IMPLS:
         if not triton_available():
-            raise ValueError("impl='triton' needs the triton package, which is not installed")
+            raise ValueError(f"impl={chosen!r} needs the triton package, which is not installed")
         if fp64:
             raise TypeError(
-                "impl='triton' computes in float32 and does not take float64 inputs; use impl='torch' "
+                f"impl={chosen!r} computes in float32 and does not take float64 inputs; use impl='torch' "
                 "or impl='reference' for float64"
             )
         if device.type == "cpu" and not interpreting():
             raise ValueError(
-                "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
+                f"impl={chosen!r} on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
                 "environment before rankloss runs its first kernel (or use impl='torch', the CPU path)"
             )
         if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"impl='triton' runs on CUDA (or CPU with TRITON_INTERPRET=1), got {device}")
+            raise ValueError(f"impl={chosen!r} runs on CUDA (or CPU with TRITON_INTERPRET=1), got {device}")
     return chosen
 
 
@@ -91,6 +104,17 @@ def default_chunk_size(vocab_size: int, hidden_size: int = 0) -> int:
     while c * 2 <= min(rows, 4096):
         c *= 2
     return c
+
+
+def default_vocab_chunk(n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per chunk of the ``"cublas"`` path, from ``N`` and ``V``.
+
+    The largest multiple of 256 with ``N * v * 4 bytes <= 256 MiB`` (at least 256, at most ``V``): one
+    ``[N, v]`` fp32 logits chunk (plus its ``[N, v]`` gradient in the inputs' dtype in the backward).
+    ``N = 16384`` gives 4096 columns, ``N = 8192`` 8192.
+    """
+    cols = VOCAB_CHUNK_BUDGET_BYTES // (4 * max(n_rows, 1)) // 256 * 256
+    return max(1, min(vocab_size, max(cols, 256)))
 
 
 def check_chunk_size(chunk_size: object) -> int | None:

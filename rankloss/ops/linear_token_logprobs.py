@@ -5,6 +5,10 @@ without ever building the ``[N, V]`` logits (see ``rankloss.kernels.linear_token
 maths and the backward). Two implementations sit behind one ``torch.library`` custom op:
 
 * ``"triton"``: the fused kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
+* ``"cublas"``: vocabulary-chunked: the three matrix products of each ``[N, v]`` chunk of the logits go to
+  cuBLAS (torch matmuls), the softmax bookkeeping to two Triton row kernels
+  (``rankloss.kernels.linear_logprobs_chunked``); ``d weight`` is owned per chunk (no atomics,
+  deterministic), ``d hidden`` accumulates in fp32. Extra memory ``O(N * v)``;
 * ``"torch"``: chunked PyTorch: ``chunk_size`` rows at a time (chosen from ``V`` and ``D``), so the extra
   memory is ``O(chunk_size * V)``; on CPU only the scored rows are computed.
 
@@ -20,6 +24,7 @@ from torch import Tensor
 from ._common import (
     accumulation_dtype,
     default_chunk_size,
+    default_vocab_chunk,
     kernel_module,
     log_softmax_pick,
     logprob_grad_,
@@ -30,6 +35,8 @@ __all__ = [
     "linear_token_logprobs_op",
     "linear_token_logprobs_torch_forward",
     "linear_token_logprobs_torch_backward",
+    "linear_token_logprobs_cublas_forward",
+    "linear_token_logprobs_cublas_backward",
 ]
 
 
@@ -150,6 +157,143 @@ def linear_token_logprobs_torch_backward(
 
 
 # --------------------------------------------------------------------------------------------------
+# Vocabulary-chunked path: cuBLAS products, Triton epilogues
+# --------------------------------------------------------------------------------------------------
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b^T`` in float32 for ``a [n, D]``, ``b [v, D]`` of one dtype: on CUDA one cuBLAS call that
+    reads bf16/fp16 operands and writes fp32 (``out_dtype``); elsewhere (the interpreter tests) the
+    already-rounded operands are widened first, which gives the same fp32-accumulated products."""
+    if a.dtype == torch.float32:
+        return a @ b.T
+    if a.device.type == "cuda":
+        return torch.mm(a, b.T, out_dtype=torch.float32)
+    return a.float() @ b.float().T
+
+
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` float32 and ``a [n, v]``, ``b [v, D]`` of one dtype (fp32 accumulation)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b`` in ``out``'s dtype (= the operands' dtype), accumulated in fp32."""
+    if a.device.type == "cuda" or a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.float() @ b.float())
+
+
+def linear_token_logprobs_cublas_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    chunk_columns: int,
+) -> tuple[Tensor, Tensor]:
+    """Vocabulary-chunked forward: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp, lse)`` ``[N]`` fp32.
+
+    For each chunk of ``chunk_columns`` vocabulary rows: ``z = hidden W_chunk^T`` (fp32 out of cuBLAS),
+    then a Triton row kernel merges the chunk's log-sum-exp of the non-target columns into ``lso`` and
+    picks the target logit ``u_y``. ``log p(y) = -log(1 + exp(lso - u_y))`` keeps its bits when
+    ``p_y -> 1``; ``lse = u_y - log p(y)``. 0 on ignored rows. No host synchronisation.
+    """
+    kernels = kernel_module("linear_logprobs_chunked")
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    chunk_columns = chunk_columns or default_vocab_chunk(N, V)
+    lso = torch.full((N,), -float("inf"), dtype=torch.float32, device=hidden.device)
+    target = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, V, chunk_columns):
+        v1 = min(V, v0 + chunk_columns)
+        z = _mm_f32(hidden, weight[v0:v1])
+        kernels.lse_chunk_(
+            z, bias[v0:v1] if bias is not None else None, labels, v0, lso, target,
+            ignore_index, temperature, softcap,
+        )  # fmt: skip
+        del z
+    scored = labels != ignore_index
+    logp = -torch.logaddexp(torch.zeros_like(lso), lso - target)
+    logp = torch.where(scored, logp, 0.0)
+    lse = torch.where(scored, target - logp, 0.0)
+    return logp, lse
+
+
+def linear_token_logprobs_cublas_backward(
+    grad_out: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    logp: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    chunk_columns: int,
+    needs_hidden: bool,
+    needs_weight: bool,
+    needs_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Vocabulary-chunked backward; returns ``(d hidden, d weight, d bias)`` in the inputs' dtypes.
+
+    Per chunk: recompute ``z = hidden W_chunk^T`` (fp32), a Triton row kernel turns it into
+    ``dA = g (onehot - p) / tau [* (1 - t^2)]`` in the inputs' dtype, then ``d weight[chunk] = dA^T hidden``
+    (one cuBLAS call that owns its rows: no atomics, deterministic) and ``d hidden += dA W_chunk`` (fp32
+    accumulator). The target entry uses ``1 - p_y = -expm1(log p(y))`` from the forward.
+    """
+    kernels = kernel_module("linear_logprobs_chunked")
+    N, D = hidden.shape
+    V = weight.shape[0]
+    chunk_columns = chunk_columns or default_vocab_chunk(N, V)
+    device = hidden.device
+    needs_bias = needs_bias and bias is not None
+    dh = torch.zeros((N, D), dtype=torch.float32, device=device) if needs_hidden else None
+    dw = torch.empty_like(weight) if needs_weight else None
+    db = torch.empty(V, dtype=torch.float32, device=device) if needs_bias else None
+    if N == 0:
+        if dw is not None:
+            dw.zero_()
+        if db is not None:
+            db.zero_()
+    else:
+        scored = labels != ignore_index
+        coef = torch.where(scored, grad_out.to(torch.float32), 0.0) / temperature
+        one_minus_p = -torch.expm1(logp)
+        fp32 = hidden.dtype == torch.float32
+        for v0 in range(0, V, chunk_columns):
+            v1 = min(V, v0 + chunk_columns)
+            w = weight[v0:v1]
+            z = _mm_f32(hidden, w)
+            # fp32 inputs: dA overwrites the logits; otherwise a buffer in the products' dtype, and the
+            # fp32 values also go over the logits when the bias gradient needs them.
+            da = z if fp32 else torch.empty(z.shape, dtype=hidden.dtype, device=device)
+            kernels.grad_chunk_(
+                z, da, bias[v0:v1] if bias is not None else None, labels, v0, lse, coef, one_minus_p,
+                temperature, softcap, write_f32=needs_bias and not fp32,
+            )  # fmt: skip
+            if dw is not None:
+                _mm_into(dw[v0:v1], da.T, hidden)
+            if dh is not None:
+                _addmm_f32_(dh, da, w)
+            if db is not None:
+                db[v0:v1] = z.sum(dim=0)
+            del z, da
+    return (
+        dh.to(hidden.dtype) if dh is not None else None,
+        dw,
+        db.to(bias.dtype) if db is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Custom ops (opaque to torch.compile) and autograd
 # --------------------------------------------------------------------------------------------------
 def _no_autocast(device: torch.device) -> torch.autocast:
@@ -176,6 +320,10 @@ def _linear_token_logprobs_fwd(
             return kernel_module("linear_token_logprobs").linear_token_logprobs_forward(
                 hidden, weight, labels, bias, ignore_index, temperature, softcap
             )
+        if impl == "cublas":
+            return linear_token_logprobs_cublas_forward(
+                hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size
+            )
         return linear_token_logprobs_torch_forward(
             hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size
         )
@@ -194,6 +342,7 @@ def _linear_token_logprobs_bwd(
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None,
+    logp: Tensor,
     lse: Tensor,
     ignore_index: int,
     temperature: float,
@@ -221,6 +370,23 @@ def _linear_token_logprobs_bwd(
                 needs_weight=needs_weight,
                 needs_bias=needs_bias,
                 deterministic=deterministic,
+            )
+        elif impl == "cublas":
+            dh, dw, db = linear_token_logprobs_cublas_backward(
+                grad_out,
+                hidden,
+                weight,
+                labels,
+                bias,
+                logp,
+                lse,
+                ignore_index,
+                temperature,
+                softcap,
+                chunk_size,
+                needs_hidden,
+                needs_weight,
+                needs_bias,
             )
         else:
             dh, dw, db = linear_token_logprobs_torch_backward(
@@ -254,6 +420,7 @@ def _(
     weight,
     labels,
     bias,
+    logp,
     lse,
     ignore_index,
     temperature,
@@ -274,12 +441,12 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic = inputs
-    ctx.save_for_backward(hidden, weight, labels, bias, output[1])
+    ctx.save_for_backward(hidden, weight, labels, bias, output[0], output[1])
     ctx.options = (ignore_index, temperature, softcap, impl, chunk_size, deterministic)
 
 
 def _backward(ctx, grad_logp, grad_lse):
-    hidden, weight, labels, bias, lse = ctx.saved_tensors
+    hidden, weight, labels, bias, logp, lse = ctx.saved_tensors
     ignore_index, temperature, softcap, impl, chunk_size, deterministic = ctx.options
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     dh, dw, db = _linear_token_logprobs_bwd(
@@ -288,6 +455,7 @@ def _backward(ctx, grad_logp, grad_lse):
         weight,
         labels,
         bias,
+        logp,
         lse,
         ignore_index,
         temperature,
@@ -330,12 +498,15 @@ def linear_token_logprobs_op(
 ) -> Tensor:
     """Run the op on validated inputs: ``hidden [..., D]``, ``labels [...]`` -> log-probs ``[...]``.
 
-    ``impl`` is ``"triton"`` or ``"torch"`` (already resolved). The gradient of the returned log-probs
+    ``impl`` is ``"triton"``, ``"cublas"`` or ``"torch"`` (already resolved). The gradient of the returned log-probs
     flows to ``hidden``, ``weight`` and ``bias``.
     """
     lead = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    chunk = chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
+    if impl == "cublas":
+        chunk = chunk_size or 0  # 0: chosen inside the op from N (not traced, so no guard on N)
+    else:
+        chunk = chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
     logp, _ = _linear_token_logprobs_fwd(
         h2,
         weight,
