@@ -226,6 +226,51 @@ def _verdicts(rows: list[dict]) -> bool:
     return ok
 
 
+def check_last_tile_targets(args: argparse.Namespace, V: int, repeats: int = 20) -> tuple[list[dict], bool]:
+    """``token_logprobs`` backward with every label in the last vocabulary tile, ``repeats`` times.
+
+    The target entry of the gradient used to be written twice by different threads with no barrier
+    between (a race on a GPU when the label lies in the last tile: ids >= 151552 at V=152064, Qwen's
+    ``<|im_end|>`` among them). Checks the gradient against float32 autograd and that every repeat is
+    bitwise equal to the first.
+    """
+    import rankloss
+
+    N = 1024 if not args.tiny else 37
+    gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
+    logits = torch.randn(N, V, device=args.device, generator=gen).mul_(2.0).to(DTYPES[args.dtype])
+    tile = 4096 if args.device == "cuda" else 1024
+    last = (V - 1) // tile * tile
+    labels = torch.randint(last, V, (N,), device=args.device, generator=gen)
+    g = torch.randn(N, device=args.device, generator=gen)
+    impl = None if args.impl in ("auto", "cublas") else args.impl
+
+    def grad() -> Tensor:
+        z = logits.detach().requires_grad_()
+        (out,) = torch.autograd.grad(rankloss.token_logprobs(z, labels, impl=impl), z, g)
+        return out
+
+    first = grad()
+    same = all(torch.equal(first, grad()) for _ in range(repeats - 1))
+    z = logits.detach().float().requires_grad_()
+    lp = torch.log_softmax(z, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    (truth,) = torch.autograd.grad(lp, z, g)
+    target = lambda t: t.gather(1, labels[:, None]).squeeze(1)  # noqa: E731
+    err = errors(target(first), target(truth))
+    name = "token_logprobs, labels in the last tile"
+    rows = [
+        {"path": name, "quantity": "target entries of d logits", **err},
+        {"path": name, "quantity": f"bitwise equal over {repeats} runs", "equal": same},
+    ]
+    # The target entries must match float32 autograd to bf16/fp16 output rounding (or fp32 for fp32).
+    tol = 2 * torch.finfo(DTYPES[args.dtype]).eps * max(err["truth_max_abs"], 1e-30) + 1e-6
+    ok = same and err["finite"] and err["max_abs"] <= tol
+    rows[0]["pass"] = err["finite"] and err["max_abs"] <= tol
+    rows[0]["bound"] = f"{tol:.3g}"
+    rows[1]["pass"] = same
+    return rows, ok
+
+
 # --------------------------------------------------------------------------------------------------
 # Timings
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +373,47 @@ def run_timings(args: argparse.Namespace, Ns: Sequence[int], D: int, V: int) -> 
 
 def _rate(t: Timing) -> float:
     return t.flops / t.t_min if t.status == "ok" else float("nan")
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers, spills, shared memory, warps and stages of every compiled rankloss kernel in this process.
+
+    Read from Triton's in-memory cache of each ``@triton.jit`` function (empty under the interpreter).
+    The cache's layout differs between Triton releases, so unknown layouts give an empty list.
+    """
+    import importlib
+
+    out = []
+    for module in ("linear_logprobs_chunked", "linear_token_logprobs", "token_logprobs", "chain_loss"):
+        try:
+            mod = importlib.import_module(f"rankloss.kernels.{module}")
+        except ImportError:
+            continue
+        for name, fn in sorted(vars(mod).items()):
+            caches = getattr(fn, "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            for entry in caches.values():
+                cache = entry[0] if isinstance(entry, tuple) else entry
+                if not isinstance(cache, dict):
+                    continue
+                for compiled in cache.values():
+                    try:
+                        compiled._init_handles()
+                    except Exception:  # noqa: BLE001 - metadata is best effort
+                        pass
+                    meta = getattr(compiled, "metadata", None)
+                    out.append(
+                        {
+                            "kernel": f"{module}.{name}",
+                            "n_regs": getattr(compiled, "n_regs", None),
+                            "n_spills": getattr(compiled, "n_spills", None),
+                            "shared": getattr(meta, "shared", None),
+                            "num_warps": getattr(meta, "num_warps", None),
+                            "num_stages": getattr(meta, "num_stages", None),
+                        }
+                    )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     correctness, ok = check_correctness(args, args.sizes)
+    last_tile, ok_last = check_last_tile_targets(args, V)
+    correctness += last_tile
+    ok = ok and ok_last
     md = [
         f"# gpu_check: {name}",
         "",
@@ -496,6 +585,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         print("\n".join(tmd), flush=True)
         md += tmd
+    kernels = compiled_kernels()
+    if kernels:
+        kmd = [
+            "Compiled Triton kernels (every specialisation this run launched)",
+            "",
+            "| kernel | registers | spills (B) | shared memory (B) | warps | stages |",
+            "|---|--:|--:|--:|--:|--:|",
+            *(
+                f"| {k['kernel']} | {k['n_regs']} | {k['n_spills']} | {k['shared']} | {k['num_warps']} "
+                f"| {k['num_stages']} |"
+                for k in kernels
+            ),
+            "",
+        ]
+        print("\n".join(kmd), flush=True)
+        md += kmd
     wall = time.perf_counter() - t0
     md.append(f"Wall time: {wall:.0f} s. Result: {'PASS' if ok else 'FAIL'}.")
 
@@ -511,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "correctness": correctness,
                 "timings": [t.__dict__ for t in timings],
+                "kernels": kernels,
                 "pass": ok,
                 "wall_s": wall,
             },

@@ -80,7 +80,7 @@ def _raw_logit_tile(
             other=0.0,
         )
         w = tl.load(
-            w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
+            w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
             mask=col_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
@@ -231,7 +231,7 @@ def _bwd_atomic_kernel(
         d_mask = dd < D
         if COMPUTE_DH:
             w = tl.load(
-                w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
+                w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
                 mask=col_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
@@ -279,7 +279,7 @@ def _bwd_dhidden_kernel(
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
             w = tl.load(
-                w_ptr + cols[:, None] * stride_wv + dd[None, :] * stride_wd,
+                w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
                 mask=col_mask[:, None] & (dd < D)[None, :],
                 other=0.0,
             )
@@ -418,6 +418,8 @@ def linear_token_logprobs_forward(
     lse = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
     lse = torch.where(scored, lse, torch.zeros_like(lse))
     logp = torch.where(scored, part_target.sum(dim=0) - lse, torch.zeros_like(lse))
+    # A label outside [0, V) matches no column (nothing is read or written for it): NaN, not -lse.
+    logp = torch.where(scored & ((labels < 0) | (labels >= V)), float("nan"), logp)
     return logp, lse
 
 

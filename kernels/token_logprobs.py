@@ -56,7 +56,10 @@ def _token_logprobs_fwd_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
-    target = tl.load(row_ptr + label).to(tl.float32) * inv_temp
+    # A label outside [0, V) (other than ignore_index) is never read: its log-prob is NaN, so the bad
+    # input shows in the loss (RANKLOSS_VALIDATE=1 raises a clear error before the launch instead).
+    valid = (label >= 0) & (label < V)
+    target = tl.load(row_ptr + label, mask=valid, other=float("nan")).to(tl.float32) * inv_temp
     tl.store(out_ptr + row, target - lse)
     tl.store(lse_ptr + row, lse)
 
@@ -95,9 +98,12 @@ def _token_logprobs_bwd_kernel(
         is_target = cols == label
         p = tl.where(is_target, 0.0, p)
         others += tl.sum(p, axis=0)
-        tl.store(out_row + cols, (-g * inv_temp) * p, mask=mask)
-    # The target column was written as 0 above (p masked); overwrite it with its exact value.
-    tl.store(out_row + label, g * inv_temp * others)
+        # The target column is left out here: the store after the loop is its only writer. (Writing it
+        # here too, then overwriting it from another thread without a barrier, is a race on a GPU.)
+        tl.store(out_row + cols, (-g * inv_temp) * p, mask=mask & ~is_target)
+    # The target entry from the sum of the other probabilities; a label outside [0, V) writes nothing
+    # out of bounds (its forward log-prob is NaN).
+    tl.store(out_row + label, g * inv_temp * others, mask=(label >= 0) & (label < V))
 
 
 def _block_v(V: int) -> int:

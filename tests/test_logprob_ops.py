@@ -480,3 +480,61 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "No module named 'triton.backends" in proc.stderr):
         pytest.skip(f"no CUDA toolchain for ahead-of-time compilation: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels outside [0, V) when value checks are off (the default on CUDA): never an out-of-bounds read or
+# write, and a NaN log-prob instead of a plausible number. (CPU tensors are always value-checked, so the
+# tests switch the check off as it is off for CUDA tensors.)
+# --------------------------------------------------------------------------------------------------
+def _no_value_checks(monkeypatch):
+    import rankloss._validation as validation
+
+    monkeypatch.setattr(validation, "values_checkable", lambda t: False)
+
+
+@pytest.mark.triton
+def test_token_logprobs_out_of_range_label_touches_nothing_else(monkeypatch):
+    _no_value_checks(monkeypatch)
+    V = 37
+    logits = torch.randn(3, V)
+    labels = torch.tensor([4, -1, V + 5])  # ignore_index is -100: -1 and V + 5 are bad labels
+    z = logits.clone().requires_grad_()
+    out = rankloss.token_logprobs(z, labels, impl="triton")
+    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and torch.isnan(out[2])
+    out[0].backward()
+    # Row 0's gradient is intact (a label of -1 in row 1 used to write at row 1's offset - 1).
+    expected = -torch.softmax(logits[0], dim=0)
+    expected[4] += 1
+    torch.testing.assert_close(z.grad[0], expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(z.grad[1:] == 0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+def test_linear_out_of_range_label_gives_nan_not_minus_lse(monkeypatch, impl):
+    _no_value_checks(monkeypatch)
+    hidden, weight, _, _, _ = _linear_case(4, 9, 53, torch.float32, bias=False)
+    labels = torch.tensor([3, -1, 53, -100])
+    out = rankloss.linear_token_logprobs(hidden, weight, labels, impl=impl)
+    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and torch.isnan(out[2]) and out[3] == 0
+
+
+@pytest.mark.triton
+def test_token_logprobs_target_in_the_last_tile_is_written_once():
+    # The backward used to write the target column twice (0 inside the tile loop, then the exact value
+    # from another thread with no barrier between): a race on a GPU. Now only the final store writes it;
+    # check the value for targets in the last, partial tile, repeatedly and bitwise.
+    V = 1000  # interpreter tiles of 1024: one partial tile; on a GPU 4096-wide tiles
+    logits = torch.randn(4, V)
+    labels = torch.tensor([V - 1, V - 2, 0, 517])
+    grads = []
+    for _ in range(3):
+        z = logits.clone().requires_grad_()
+        rankloss.token_logprobs(z, labels, impl="triton").sum().backward()
+        grads.append(z.grad)
+    p = torch.softmax(logits.double(), dim=1)
+    expected = -p
+    expected[torch.arange(4), labels] += 1
+    torch.testing.assert_close(grads[0].double(), expected, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

@@ -223,6 +223,8 @@ def linear_token_logprobs_cublas_forward(
     logp = -torch.logaddexp(torch.zeros_like(lso), lso - target)
     logp = torch.where(scored, logp, 0.0)
     lse = torch.where(scored, target - logp, 0.0)
+    # A label outside [0, V) matches no column (nothing is read or written for it): NaN, not -lse.
+    logp = torch.where(scored & ((labels < 0) | (labels >= V)), float("nan"), logp)
     return logp, lse
 
 
