@@ -1,27 +1,38 @@
-"""GPU check of the fused LM-head log-prob op at real sizes: correctness against float32, and timings.
+"""GPU check of rankloss's LM-head log-prob paths at real sizes, within one device lease.
 
-    python benchmarks/gpu_check.py            # needs CUDA: N=8192, D=4096, V=152064, bf16
-    python benchmarks/gpu_check.py --quick    # same correctness check, timings at N=8192 only, fewer reps
-    python benchmarks/gpu_check.py --dry-run  # the same code on tiny CPU shapes with impl='torch'
+    python benchmarks/gpu_check.py              # needs CUDA: N=8192, D=4096, V=152064, bf16; budget 420 s
+    python benchmarks/gpu_check.py --budget-s 200 --out $OUT
+    python benchmarks/gpu_check.py --quick      # timings at N=8192 only, 3 repetitions
+    python benchmarks/gpu_check.py --dry-run    # the same code on tiny CPU shapes with impl='torch'
+
+On a bare machine (no network) it installs the repository first when ``import rankloss`` fails:
+``python -m pip install --no-build-isolation --no-deps --no-index <repo>`` (torch and triton come with
+the machine's image).
 
 1. **Correctness** (``N=8192, D=4096, V=152064``, bf16 inputs, ~3% of the labels ``ignore_index``, random
    per-token upstream gradients): log-probs, ``d hidden`` and ``d weight`` of
-   ``rankloss.linear_token_logprobs`` (``impl=None``: the Triton kernels on CUDA; and
-   ``deterministic=True``, run twice to check that it is bitwise reproducible) against a float32
-   computation done in row chunks from the same bf16 inputs (no TF32). The yardstick is the naive PyTorch
-   path in the inputs' dtype (bf16 logits, float32 ``log_softmax``): rankloss passes when its max and mean
-   errors are no worse than twice the naive path's plus 16 float32 ulps of the truth's magnitude
-   (DESIGN.md §5). Exit status 1 when a check fails.
-2. **Timings** of forward + backward (``6 N V D`` FLOPs) at ``N`` in {8192, 16384} (``--quick``: 8192):
-   rankloss, rankloss deterministic, the naive path (where it fits in memory), Liger-Kernel's fused
-   linear cross entropy (where installed) and the three GEMMs alone (``hidden @ W^T``, ``logits @ W``,
-   ``logits^T @ hidden``): minimum and median over repetitions (CUDA events), FLOP/s, the share of the
-   measured matmul rate, and the peak extra memory (``torch.cuda.max_memory_allocated`` above the
-   inputs). The issue-3 GPU targets are checked at ``N=16384``.
+   ``rankloss.linear_token_logprobs`` against a float32 computation done in row chunks from the same
+   bf16 inputs (no TF32). With ``--impl auto`` on CUDA: the default (the vocabulary-chunked cuBLAS path)
+   and the fused Triton kernels in both backward modes; reproducible paths run twice and are compared
+   bitwise. The yardstick is the naive PyTorch path in the inputs' dtype (bf16 logits, float32
+   ``log_softmax``): rankloss passes when its max and mean errors are no worse than twice the naive
+   path's plus 16 float32 ulps of the truth's magnitude (DESIGN.md §5). Then ``token_logprobs``' backward
+   with every label in the last vocabulary tile, 20 times, compared bitwise. Exit status 1 when a check
+   fails (or when the budget let none run).
+2. **Timings** at ``N`` in {16384, 8192} (``--quick``: 8192), forward + backward (``6 N V D`` FLOPs) and
+   forward only (``2 N V D``), most important first: the GEMMs alone, the naive path and the rankloss
+   default at each ``N``; then the other rankloss paths, Liger-Kernel's fused linear cross entropy (where
+   installed) and ``torch.compile`` of the naive path (at the smaller ``N``). Minimum and median over
+   repetitions (CUDA events), FLOP/s, the share of the measured matmul rate, the peak extra memory
+   (``torch.cuda.max_memory_allocated`` above the inputs), the backward alone (difference of the two
+   modes), the issue-3 GPU targets, and the registers/spills/shared memory of every compiled kernel.
 
-The table is printed and saved as ``benchmarks/results/gpu_check-<gpu name>[-quick].{json,md}``
-(``--dry-run``: a temporary folder unless ``--out`` is given). Without CUDA the script stops with exit
-status 2 unless ``--dry-run`` (``--device cpu --tiny --impl torch``) is given.
+``--budget-s`` (default 420) bounds the whole run: each case's first call sets how many repetitions fit,
+and what does not fit is recorded as skipped. The report is rewritten after every result (atomically:
+a temporary file, then a rename), so a run killed at the end of a lease leaves everything it measured.
+It goes to ``benchmarks/results/gpu_check-<gpu name>[-quick].{json,md}`` (``--out`` elsewhere;
+``--dry-run``: a temporary folder). Without CUDA the script stops with exit status 2 unless
+``--dry-run`` (``--device cpu --tiny --impl torch``) is given.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +50,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def _ensure_rankloss() -> None:
+    """Install this repository (offline, no dependencies) when ``rankloss`` is not importable."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("rankloss") is not None:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--no-index"]
+    print(f"gpu_check: rankloss is not installed; running {' '.join(cmd)} {HERE.parent}", flush=True)
+    subprocess.run([*cmd, str(HERE.parent)], check=True)
+    importlib.invalidate_caches()
+
+
+if __name__ == "__main__":
+    _ensure_rankloss()
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
@@ -148,8 +177,17 @@ def _rankloss_paths(args: argparse.Namespace) -> list[tuple[str, str | None, boo
     ]
 
 
-def check_correctness(args: argparse.Namespace, sizes: tuple[int, int, int]) -> tuple[list[dict], bool]:
-    """Errors of every path against the float32 truth; returns the rows and whether rankloss passed."""
+def check_correctness(
+    args: argparse.Namespace,
+    sizes: tuple[int, int, int],
+    deadline: float = float("inf"),
+    on_rows: Callable[[list[dict]], None] = lambda rows: None,
+) -> tuple[list[dict], bool]:
+    """Errors of every path against the float32 truth; returns the rows and whether rankloss passed.
+
+    A path whose turn comes after ``deadline`` (``time.perf_counter()`` seconds) is recorded as skipped;
+    ``on_rows`` sees the rows after every path (the caller saves the report then).
+    """
     from cases import naive_logprobs
 
     import rankloss
@@ -173,6 +211,10 @@ def check_correctness(args: argparse.Namespace, sizes: tuple[int, int, int]) -> 
             reproducible.add(name)
     rows: list[dict] = []
     for name, f in paths.items():
+        if time.perf_counter() > deadline:
+            rows.append({"path": name, "status": "skipped: budget spent"})
+            on_rows(rows)
+            continue
         try:
             out = logprobs_and_grads(f, hidden, weight, g)
         except torch.cuda.OutOfMemoryError:
@@ -188,6 +230,7 @@ def check_correctness(args: argparse.Namespace, sizes: tuple[int, int, int]) -> 
             del again
         del out
         _free()
+        on_rows(rows)
     ok = _verdicts(rows)
     return rows, ok
 
@@ -202,9 +245,12 @@ def _verdicts(rows: list[dict]) -> bool:
     :data:`FP32_MARGIN` times the truth's max (or mean) magnitude."""
     naive = {r["quantity"]: r for r in rows if r["path"].startswith("naive") and "max_abs" in r}
     ok = True
+    checked = 0
     for r in rows:
         if not r["path"].startswith("rankloss"):
             continue
+        if r.get("status", "").startswith("skipped"):
+            continue  # not run (budget): neither a pass nor a failure
         if "equal" in r:
             r["pass"] = r["equal"]
         elif "max_abs" in r:
@@ -222,8 +268,9 @@ def _verdicts(rows: list[dict]) -> bool:
                 )
         else:
             r["pass"] = False
+        checked += 1
         ok = ok and r["pass"]
-    return ok
+    return ok and checked > 0  # a run that checked nothing (budget spent) does not pass
 
 
 def check_last_tile_targets(args: argparse.Namespace, V: int, repeats: int = 20) -> tuple[list[dict], bool]:
@@ -274,14 +321,36 @@ def check_last_tile_targets(args: argparse.Namespace, V: int, repeats: int = 20)
 # --------------------------------------------------------------------------------------------------
 # Timings
 # --------------------------------------------------------------------------------------------------
-def _timed(args: argparse.Namespace) -> list[tuple[str, str, str, str | None]]:
-    """``(key, benchmarks/cases.py impl, label, rankloss impl=)`` of every timed implementation."""
-    out = [("matmul", "matmul", "matmul only (3 GEMMs)", None), ("naive", "naive", "naive PyTorch", None)]
-    for name, impl, det, _ in _rankloss_paths(args):
+def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str | None]]:
+    """The timing plan, most important first: ``(N, mode, key, cases.py impl, label, rankloss impl=)``.
+
+    First the GEMMs alone, the naive path and the rankloss default at the largest ``N``, forward +
+    backward then forward only; then the same at the other ``N``; then the other rankloss paths (the
+    fused Triton kernels are slow), ``torch.compile`` of the naive path at the smallest ``N`` and Liger.
+    A budget that runs out skips the tail of this list, not its head.
+    """
+    Ns = sorted(args.timing_Ns, reverse=True)
+    paths = _rankloss_paths(args)
+    default, others = paths[0], paths[1:]
+
+    def rankloss_entry(N, mode, path):
+        name, impl, det, _ = path
         key = "rankloss" if name == "rankloss" else name.replace(" ", "_").replace("=", "_")
-        out.append((key, "rankloss_det" if det else "rankloss", name, impl))
-    out.append(("liger", "liger", "Liger fused linear CE", None))
-    return out
+        return (N, mode, key, "rankloss_det" if det else "rankloss", name, impl)
+
+    plan = []
+    for N in Ns:
+        for mode in ("fwdbwd", "fwd"):
+            plan.append((N, mode, "matmul", "matmul", "matmul only (GEMMs)", None))
+            plan.append((N, mode, "naive", "naive", "naive PyTorch", None))
+            plan.append(rankloss_entry(N, mode, default))
+    for N in Ns:
+        for path in others:
+            plan.append(rankloss_entry(N, "fwdbwd", path))
+        plan.append((N, "fwdbwd", "liger", "liger", "Liger fused linear CE", None))
+    if not args.tiny:  # compiling takes longer than the whole tiny dry run
+        plan.append((Ns[-1], "fwdbwd", "compile", "compile", "torch.compile(naive)", None))
+    return plan
 
 
 @dataclass
@@ -295,12 +364,19 @@ class Timing:
     flops: int = 0
     peak_bytes: int | None = None
     grad_bytes: int = 0
+    mode: str = "fwdbwd"
+    reps: int = 0
 
 
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_step(fn: Callable[[], object], device: str, warmup: int, reps: int) -> list[float]:
@@ -323,51 +399,83 @@ def time_step(fn: Callable[[], object], device: str, warmup: int, reps: int) -> 
     return out
 
 
-def run_timings(args: argparse.Namespace, Ns: Sequence[int], D: int, V: int) -> list[Timing]:
+def run_timings(
+    args: argparse.Namespace, D: int, V: int, deadline: float, on_row: Callable[[Timing], None]
+) -> list[Timing]:
+    """Time the plan of :func:`_timed` until ``deadline`` (``time.perf_counter()`` seconds).
+
+    Each case is set up and called once (JIT compilation, autotuning, cuBLAS heuristics); that call's
+    time sets how many repetitions fit before the deadline (at most ``--reps``, after ``--warmup``
+    calls). A case that does not fit at all is recorded as skipped. ``on_row`` sees every row as soon as
+    it exists (the caller saves the report then, so a killed run keeps what it measured).
+    """
     rows = []
-    for N in Ns:
-        for impl, case_impl, label, backend in _timed(args):
-            case = Case(
-                "matmul" if impl == "matmul" else "logprobs",
-                case_impl,
-                "fwdbwd",
-                N,
-                D,
-                V,
-                dtype=args.dtype,
-                device=args.device,
-                backend=backend if impl.startswith("rankloss") else None,
-            )
-            try:
-                prepared = prepare(case, seed=args.seed)
-                prepared.fn()  # JIT, autotuning
-                peak = None
-                if impl != "matmul":
-                    peak = measure_peak(case, prepared if args.device == "cuda" else None)["peak_bytes"]
-                times = time_step(prepared.fn, args.device, args.warmup, args.reps)
-            except Unavailable as exc:
-                rows.append(Timing(impl, label, N, f"skipped: {exc}"))
-                continue
-            except torch.cuda.OutOfMemoryError:
-                rows.append(Timing(impl, label, N, "out of memory"))
-                prepared = None
+    for N, mode, impl, case_impl, label, backend in _timed(args):
+        left = deadline - time.perf_counter()
+        if left < 2.0:
+            rows.append(Timing(impl, label, N, "skipped: budget spent", mode=mode))
+            on_row(rows[-1])
+            continue
+        case = Case(
+            "matmul" if impl == "matmul" else "logprobs",
+            case_impl,
+            mode,
+            N,
+            D,
+            V,
+            dtype=args.dtype,
+            device=args.device,
+            backend=backend if impl.startswith("rankloss") else None,
+        )
+        try:
+            prepared = prepare(case, seed=args.seed)
+            _sync(args.device)
+            t0 = time.perf_counter()
+            prepared.fn()  # JIT, autotuning
+            _sync(args.device)
+            first = time.perf_counter() - t0
+            # The peak-memory run, the warm-up calls and the timed ones must fit in what is left.
+            fit = int((deadline - time.perf_counter()) / max(first, 1e-4)) - args.warmup - 2
+            reps = min(args.reps, fit)
+            if reps < 1:
+                status = f"skipped: budget (one call took {first:.2f} s)"
+                rows.append(Timing(impl, label, N, status, mode=mode))
+                on_row(rows[-1])
+                del prepared
                 _free()
                 continue
-            rows.append(
-                Timing(
-                    impl,
-                    label,
-                    N,
-                    "ok",
-                    min(times),
-                    statistics.median(times),
-                    case.flops,
-                    peak,
-                    case.grad_bytes,
-                )
-            )
-            del prepared
+            peak = None
+            if impl != "matmul":
+                peak = measure_peak(case, prepared if args.device == "cuda" else None)["peak_bytes"]
+            times = time_step(prepared.fn, args.device, args.warmup, reps)
+        except Unavailable as exc:
+            rows.append(Timing(impl, label, N, f"skipped: {exc}", mode=mode))
+            on_row(rows[-1])
+            continue
+        except torch.cuda.OutOfMemoryError:
+            rows.append(Timing(impl, label, N, "out of memory", mode=mode))
+            on_row(rows[-1])
+            prepared = None
             _free()
+            continue
+        rows.append(
+            Timing(
+                impl,
+                label,
+                N,
+                "ok",
+                min(times),
+                statistics.median(times),
+                case.flops,
+                peak,
+                case.grad_bytes,
+                mode=mode,
+                reps=len(times),
+            )
+        )
+        on_row(rows[-1])
+        del prepared
+        _free()
     return rows
 
 
@@ -428,7 +536,8 @@ def correctness_table(rows: list[dict]) -> list[str]:
         if "status" in r:
             lines.append(f"| {r['path']} | - | {r['status']} | | | | |")
         elif "equal" in r:
-            lines.append(f"| {r['path']} | {r['quantity']} | | | | | {'yes' if r['pass'] else 'NO'} |")
+            verdict = {True: "yes", False: "NO"}.get(r.get("pass"), "")
+            lines.append(f"| {r['path']} | {r['quantity']} | | | | | {verdict} |")
         else:
             bound = (
                 f"{r['bound_max_abs']:.3g} / {r['bound_mean_abs']:.3g}"
@@ -445,32 +554,60 @@ def correctness_table(rows: list[dict]) -> list[str]:
 
 def timing_table(rows: list[Timing], D: int, V: int) -> list[str]:
     lines = [
-        "| N | implementation | min ms | median ms | TFLOP/s (6NVD) | of matmul rate | time vs naive "
+        "| N | mode | implementation | min ms | median ms | reps | TFLOP/s | of matmul rate | time vs naive "
         "| peak extra MiB | beyond the gradients MiB |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for t in rows:
         if t.status != "ok":
-            lines.append(f"| {t.N} | {t.label} | {t.status} | | | | | | |")
+            lines.append(f"| {t.N} | {t.mode} | {t.label} | {t.status} | | | | | | | |")
             continue
-        mm = next((m for m in rows if m.N == t.N and m.impl == "matmul" and m.status == "ok"), None)
-        naive = next((m for m in rows if m.N == t.N and m.impl == "naive" and m.status == "ok"), None)
+        same = [m for m in rows if m.N == t.N and m.mode == t.mode and m.status == "ok"]
+        mm = next((m for m in same if m.impl == "matmul"), None)
+        naive = next((m for m in same if m.impl == "naive"), None)
         frac = f"{100 * _rate(t) / _rate(mm):.0f}%" if mm and t.impl != "matmul" else "-"
         vs = f"{t.t_min / naive.t_min:.2f}x" if naive and t.impl != "matmul" else "-"
         peak = f"{t.peak_bytes / 2**20:,.0f}" if t.peak_bytes is not None else "-"
         beyond = f"{(t.peak_bytes - t.grad_bytes) / 2**20:,.0f}" if t.peak_bytes is not None else "-"
         lines.append(
-            f"| {t.N} | {t.label} | {t.t_min * 1e3:.3g} | {t.t_median * 1e3:.3g} | {_rate(t) / 1e12:.3g} "
-            f"| {frac} | {vs} | {peak} | {beyond} |"
+            f"| {t.N} | {t.mode} | {t.label} | {t.t_min * 1e3:.3g} | {t.t_median * 1e3:.3g} | {t.reps} "
+            f"| {_rate(t) / 1e12:.3g} | {frac} | {vs} | {peak} | {beyond} |"
         )
     return lines
 
 
+def backward_lines(rows: list[Timing]) -> list[str]:
+    """Backward alone, as forward + backward minus forward (minimum times), where both were measured."""
+    out = []
+    for t in rows:
+        if t.mode != "fwdbwd" or t.status != "ok":
+            continue
+        f = next((m for m in rows if (m.N, m.impl, m.mode, m.status) == (t.N, t.impl, "fwd", "ok")), None)
+        if f is not None:
+            out.append(
+                f"| {t.N} | {t.label} | {f.t_min * 1e3:.3g} | {(t.t_min - f.t_min) * 1e3:.3g} "
+                f"| {t.t_min * 1e3:.3g} |"
+            )
+    if not out:
+        return []
+    return [
+        "Forward and backward separately (backward = forward + backward minus forward, minimum times, ms)",
+        "",
+        "| N | implementation | forward | backward | forward + backward |",
+        "|--:|---|--:|--:|--:|",
+        *out,
+        "",
+    ]
+
+
 def target_lines(rows: list[Timing]) -> list[str]:
-    """Issue 3's GPU targets on the largest N timed (16384 in the full run)."""
-    N = max(t.N for t in rows)
-    get = lambda impl: next((t for t in rows if t.N == N and t.impl == impl and t.status == "ok"), None)  # noqa: E731
-    ours, mm, liger = get("rankloss"), get("matmul"), get("liger")
+    """Issue 3's GPU targets on the largest N timed forward + backward (16384 in the full run)."""
+    timed = [t for t in rows if t.mode == "fwdbwd" and t.status == "ok"]
+    if not timed:
+        return ["no forward + backward timing completed"]
+    N = max(t.N for t in timed)
+    get = lambda impl: next((t for t in timed if t.N == N and t.impl == impl), None)  # noqa: E731
+    ours, mm = get("rankloss"), get("matmul")
     if ours is None:
         return [f"rankloss did not run at N={N}"]
     out = [f"Issue 3 GPU targets at N={N} (defined at N=16384, D=4096, V=152064, bf16, on an H100):"]
@@ -485,11 +622,16 @@ def target_lines(rows: list[Timing]) -> list[str]:
             f"- extra memory <= 256 MB: {'met' if beyond <= 256e6 else 'missed'} ({beyond / 2**20:,.0f} MiB "
             f"beyond the inputs and the returned gradients; {ours.peak_bytes / 2**20:,.0f} MiB with them)"
         )
-    if liger:
-        r = ours.t_min / liger.t_min
-        out.append(
-            f"- faster than Liger's fused linear CE: {'met' if r < 1 else 'missed'} ({r:.2f}x its time)"
-        )
+    others = (
+        ("naive", "naive PyTorch"),
+        ("compile", "torch.compile(naive)"),
+        ("liger", "Liger's fused linear CE"),
+    )
+    for key, what in others:
+        other = get(key)
+        if other is not None:
+            r = ours.t_min / other.t_min
+            out.append(f"- faster than {what}: {'met' if r < 1 else 'missed'} ({r:.2f}x its time)")
     return out
 
 
@@ -514,6 +656,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-timings", action="store_true")
     p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="seconds for the whole check (default 420: a 15-minute device lease minus the machine's start, "
+        "the install and a rerun); what does not fit is skipped, most important first",
+    )
+    p.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results; dry run: a temp folder)"
     )
     args = p.parse_args(argv)
@@ -528,10 +677,92 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
     args.reps = args.reps or (3 if args.quick or args.tiny else 10)
     if args.tiny:
-        args.timing_Ns = (args.sizes[0],) if args.quick else (args.sizes[0], 2 * args.sizes[0])
+        args.timing_Ns = (args.sizes[0],)  # one size: the logic is the same at every size
     else:
         args.timing_Ns = (args.sizes[0],) if args.quick else (args.sizes[0], 16384)
     return args
+
+
+class Report:
+    """What the run has measured so far, rewritten to ``<stem>.md`` and ``<stem>.json`` after every result.
+
+    Each write goes to a temporary file that then replaces the old one, so a run killed at any moment
+    (the end of a device lease) leaves a complete report of what it had measured.
+    """
+
+    def __init__(self, stem: Path, machine: dict, args: argparse.Namespace, name: str) -> None:
+        self.stem, self.machine, self.args, self.name = stem, machine, args, name
+        self.correctness: list[dict] = []
+        self.timings: list[Timing] = []
+        self.kernels: list[dict] = []
+        self.ok = True
+        self.finished = False
+        self.t0 = time.perf_counter()
+
+    def markdown(self) -> list[str]:
+        a = self.args
+        N, D, V = a.sizes
+        md = [
+            f"# gpu_check: {self.name}",
+            "",
+            f"- torch {self.machine['torch']}, triton {self.machine['triton']}, liger-kernel "
+            f"{self.machine['liger_kernel']}, rankloss {self.machine['rankloss']}; rankloss impl={a.impl}; "
+            f"budget {a.budget_s:.0f} s",
+            f"- Correctness at N={N}, D={D}, V={V}, {a.dtype} inputs, ~3% ignored labels, random upstream "
+            "gradients, against float32 computed in chunks from the same inputs (no TF32); bound: twice the "
+            "naive path's error plus 16 float32 ulps of the truth's magnitude",
+            "",
+            *correctness_table(self.correctness),
+            "",
+        ]
+        if self.timings:
+            md += [
+                f"Timings, D={D}, V={V}, {a.dtype}: minimum and median of up to {a.reps} repetitions after "
+                f"{a.warmup} warm-up calls (fewer when the budget was short: see reps); TFLOP/s count "
+                "6 N V D for forward + backward and 2 N V D for forward only",
+                "",
+                *timing_table(self.timings, D, V),
+                "",
+                *backward_lines(self.timings),
+                *target_lines(self.timings),
+                "",
+            ]
+        if self.kernels:
+            md += [
+                "Compiled Triton kernels (every specialisation this run launched)",
+                "",
+                "| kernel | registers | spills (B) | shared memory (B) | warps | stages |",
+                "|---|--:|--:|--:|--:|--:|",
+                *(
+                    f"| {k['kernel']} | {k['n_regs']} | {k['n_spills']} | {k['shared']} | {k['num_warps']} "
+                    f"| {k['num_stages']} |"
+                    for k in self.kernels
+                ),
+                "",
+            ]
+        wall = time.perf_counter() - self.t0
+        state = ("PASS" if self.ok else "FAIL") if self.finished else "INCOMPLETE (still running or killed)"
+        md.append(f"Wall time: {wall:.0f} s. Result: {state}.")
+        return md
+
+    def save(self) -> None:
+        self.stem.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "machine": self.machine,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+            "correctness": self.correctness,
+            "timings": [t.__dict__ for t in self.timings],
+            "kernels": self.kernels,
+            "pass": self.ok if self.finished else None,
+            "finished": self.finished,
+            "wall_s": time.perf_counter() - self.t0,
+        }
+        texts = {".md": "\n".join(self.markdown()) + "\n", ".json": json.dumps(payload, indent=1)}
+        for suffix, text in texts.items():
+            target = self.stem.with_suffix(suffix)
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -539,91 +770,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "gpu_check: no CUDA device is available (torch.cuda.is_available() is False). This script checks "
-            "the Triton kernels at real sizes on a GPU; run it on a CUDA machine, or use --dry-run to check "
-            "its logic on tiny CPU shapes.",
+            "rankloss's GPU paths at real sizes; run it on a CUDA machine, or use --dry-run to check its "
+            "logic on tiny CPU shapes.",
             file=sys.stderr,
         )
         return 2
-    if args.impl == "triton" and args.device == "cpu":
-        import os
-
+    if args.impl in ("triton", "cublas") and args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     N, D, V = args.sizes
     machine = describe_machine()
     name = machine.get("gpu") if args.device == "cuda" else f"{machine['cpu']}, {machine['cpu_cores']} cores"
-    print(f"gpu_check on {name}: N={N} D={D} V={V} {args.dtype}, rankloss impl={args.impl}", flush=True)
-
-    t0 = time.perf_counter()
-    correctness, ok = check_correctness(args, args.sizes)
-    last_tile, ok_last = check_last_tile_targets(args, V)
-    correctness += last_tile
-    ok = ok and ok_last
-    md = [
-        f"# gpu_check: {name}",
-        "",
-        f"- torch {machine['torch']}, triton {machine['triton']}, liger-kernel {machine['liger_kernel']}, "
-        f"rankloss {machine['rankloss']}; rankloss impl={args.impl}",
-        f"- Correctness at N={N}, D={D}, V={V}, {args.dtype} inputs, ~3% ignored labels, random upstream "
-        "gradients, against float32 computed in chunks from the same inputs (no TF32); bound: twice the "
-        "naive path's error plus 16 float32 ulps of the truth's magnitude",
-        "",
-        *correctness_table(correctness),
-        "",
-    ]
-    print("\n".join(md[4:]), flush=True)
-    timings: list[Timing] = []
-    if not args.skip_timings:
-        timings = run_timings(args, args.timing_Ns, D, V)
-        tmd = [
-            f"Forward + backward timings, D={D}, V={V}, {args.dtype}: minimum and median of {args.reps} "
-            f"repetitions after {args.warmup} warm-up calls",
-            "",
-            *timing_table(timings, D, V),
-            "",
-            *target_lines(timings),
-            "",
-        ]
-        print("\n".join(tmd), flush=True)
-        md += tmd
-    kernels = compiled_kernels()
-    if kernels:
-        kmd = [
-            "Compiled Triton kernels (every specialisation this run launched)",
-            "",
-            "| kernel | registers | spills (B) | shared memory (B) | warps | stages |",
-            "|---|--:|--:|--:|--:|--:|",
-            *(
-                f"| {k['kernel']} | {k['n_regs']} | {k['n_spills']} | {k['shared']} | {k['num_warps']} "
-                f"| {k['num_stages']} |"
-                for k in kernels
-            ),
-            "",
-        ]
-        print("\n".join(kmd), flush=True)
-        md += kmd
-    wall = time.perf_counter() - t0
-    md.append(f"Wall time: {wall:.0f} s. Result: {'PASS' if ok else 'FAIL'}.")
-
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check-")) if args.dry_run else HERE / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = device_tag(args.device) + ("-tiny" if args.tiny else "") + ("-quick" if args.quick else "")
-    stem = out_dir / f"gpu_check-{tag}"
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    stem.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "correctness": correctness,
-                "timings": [t.__dict__ for t in timings],
-                "kernels": kernels,
-                "pass": ok,
-                "wall_s": wall,
-            },
-            indent=1,
-        )
+    print(
+        f"gpu_check on {name}: N={N} D={D} V={V} {args.dtype}, rankloss impl={args.impl}, "
+        f"budget {args.budget_s:.0f} s",
+        flush=True,
     )
-    print(f"{'PASS' if ok else 'FAIL'} in {wall:.0f} s; wrote {stem}.md and {stem}.json")
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="gpu_check-")) if args.dry_run else HERE / "results")
+    tag = device_tag(args.device) + ("-tiny" if args.tiny else "") + ("-quick" if args.quick else "")
+    report = Report(out_dir / f"gpu_check-{tag}", machine, args, name)
+    deadline = report.t0 + args.budget_s
+
+    def correctness_rows(rows: list[dict]) -> None:
+        report.correctness = rows
+        report.save()
+
+    correctness, ok = check_correctness(args, args.sizes, deadline, correctness_rows)
+    if time.perf_counter() < deadline:
+        last_tile, ok_last = check_last_tile_targets(args, V)
+        correctness += last_tile
+        ok = ok and ok_last
+    report.correctness, report.ok = correctness, ok
+    report.save()
+    print("\n".join(correctness_table(correctness)), flush=True)
+    if not args.skip_timings:
+
+        def timing_row(row: Timing) -> None:
+            report.timings.append(row)
+            report.save()
+            speed = f"{row.t_min * 1e3:.3g} ms (x{row.reps})" if row.status == "ok" else row.status
+            print(f"  N={row.N} {row.mode} {row.label}: {speed}", flush=True)
+
+        run_timings(args, D, V, deadline, timing_row)
+    report.kernels = compiled_kernels()
+    report.finished = True
+    report.save()
+    summary = [*backward_lines(report.timings), *target_lines(report.timings)] if report.timings else []
+    print("\n".join(["", *timing_table(report.timings, D, V), "", *summary]), flush=True)
+    print(f"{'PASS' if ok else 'FAIL'}; wrote {report.stem}.md and {report.stem}.json")
     return 0 if ok else 1
 
 

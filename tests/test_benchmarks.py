@@ -78,3 +78,39 @@ def test_smoke_profile_runs_every_suite_and_writes_the_report(tmp_path: Path):
 def test_gpu_check_dry_run_on_cpu(tmp_path: Path):
     result = _run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)], 600)
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.json")), result.stdout[-2000:]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["finished"] and data["pass"] is True
+    timed = {(t["N"], t["mode"], t["impl"]) for t in data["timings"] if t["status"] == "ok"}
+    # Both modes of the core paths, and the extra rankloss path (deterministic=True).
+    assert {(257, "fwd", "rankloss"), (257, "fwdbwd", "rankloss"), (257, "fwdbwd", "naive")} <= timed
+    assert any(t["impl"] == "rankloss_deterministic" for t in data["timings"])
+    assert any(r["path"].startswith("token_logprobs, labels in the last tile") for r in data["correctness"])
+
+
+def test_gpu_check_budget_skips_the_tail_and_keeps_a_complete_report(tmp_path: Path):
+    # A budget spent by the correctness checks: every timing is recorded as skipped (none is lost), and
+    # the report on disk is complete JSON.
+    script = str(BENCH / "gpu_check.py")
+    cmd = [sys.executable, script, "--dry-run", "--budget-s", "0", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["finished"] and data["pass"] is False, result.stdout[-2000:]  # nothing was checked
+    assert result.returncode == 1
+    assert data["timings"] and all(t["status"] == "skipped: budget spent" for t in data["timings"])
+    assert all(r.get("status") == "skipped: budget spent" for r in data["correctness"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_gpu_check_report_is_saved_after_every_row(tmp_path: Path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+
+    args = gpu_check.parse_args(["--dry-run"])
+    machine = {"torch": "t", "triton": "t", "liger_kernel": None, "rankloss": "r"}
+    report = gpu_check.Report(tmp_path / "gpu_check-x", machine, args, "x")
+    row = gpu_check.Timing("naive", "naive PyTorch", 257, "ok", 0.01, 0.01, 10, 100, 0, reps=3)
+    report.timings.append(row)
+    report.save()
+    data = json.loads((tmp_path / "gpu_check-x.json").read_text())
+    assert data["finished"] is False and data["pass"] is None and len(data["timings"]) == 1
+    assert "INCOMPLETE" in (tmp_path / "gpu_check-x.md").read_text()

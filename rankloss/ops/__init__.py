@@ -3,7 +3,13 @@
 The Triton kernels they launch live in ``rankloss.kernels`` and are imported on first use only.
 """
 
-from ._common import LINEAR_LOGPROB_IMPLS, LOGPROB_IMPLS, default_chunk_size, default_vocab_chunk, resolve_impl
+from ._common import (
+    LINEAR_LOGPROB_IMPLS,
+    LOGPROB_IMPLS,
+    default_chunk_size,
+    default_vocab_chunk,
+    resolve_impl,
+)
 from .linear_token_logprobs import linear_token_logprobs_op
 from .token_logprobs import token_logprobs_op
 

@@ -171,7 +171,7 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` float32 and ``a [n, v]``, ``b [v, D]`` of one dtype (fp32 accumulation)."""
+    """``acc += a @ b`` for ``acc`` float32 and ``a [n, v]``, ``b [v, D]`` of one dtype, in fp32."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.device.type == "cuda":
@@ -198,7 +198,9 @@ def linear_token_logprobs_cublas_forward(
     softcap: float | None,
     chunk_columns: int,
 ) -> tuple[Tensor, Tensor]:
-    """Vocabulary-chunked forward: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp, lse)`` ``[N]`` fp32.
+    """Vocabulary-chunked forward: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp, lse)``.
+
+    Both ``[N]`` fp32.
 
     For each chunk of ``chunk_columns`` vocabulary rows: ``z = hidden W_chunk^T`` (fp32 out of cuBLAS),
     then a Triton row kernel merges the chunk's log-sum-exp of the non-target columns into ``lso`` and
@@ -500,8 +502,8 @@ def linear_token_logprobs_op(
 ) -> Tensor:
     """Run the op on validated inputs: ``hidden [..., D]``, ``labels [...]`` -> log-probs ``[...]``.
 
-    ``impl`` is ``"triton"``, ``"cublas"`` or ``"torch"`` (already resolved). The gradient of the returned log-probs
-    flows to ``hidden``, ``weight`` and ``bias``.
+    ``impl`` is ``"triton"``, ``"cublas"`` or ``"torch"`` (already resolved). The gradient of the
+    returned log-probs flows to ``hidden``, ``weight`` and ``bias``.
     """
     lead = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
