@@ -53,6 +53,23 @@ def check_int_tensor(x: object, name: str, *, ndim: int | None = None) -> Tensor
     return x
 
 
+def check_labels(labels: object, ignore_index: int, name: str = "labels") -> Tensor:
+    """An integer tensor whose dtype can hold ``ignore_index``.
+
+    ``uint8`` labels cannot hold the default ``-100``: a comparison with it wraps around (``-100`` reads
+    as 156), so token 156 would silently count as ignored in some places and not in others.
+    """
+    check_int_tensor(labels, name)
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise TypeError(
+            f"{name} of dtype {labels.dtype} cannot hold ignore_index={ignore_index} (the dtype holds "
+            f"[{info.min}, {info.max}]); pass {name} as torch.long (or torch.int32), or an ignore_index "
+            "in that range"
+        )
+    return labels
+
+
 def _check_ndim(x: Tensor, name: str, ndim: int | None, min_ndim: int | None) -> None:
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)} ({x.ndim}-D)")
@@ -107,6 +124,8 @@ def check_labels_range(labels: Tensor, vocab_size: int, ignore_index: int, name:
     """Every label must lie in ``[0, vocab_size)`` or equal ``ignore_index`` (value check)."""
     if not values_checkable(labels) or labels.numel() == 0:
         return
+    # In int64: a narrower dtype would wrap vocab_size (in int8, 300 reads as 44) and reject good labels.
+    labels = labels.long()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         first = labels[bad][0].item()

@@ -32,6 +32,7 @@ def shift_labels(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
     if labels.ndim < 1:
         raise ValueError(f"labels must have at least 1 dimension [..., T], got shape {tuple(labels.shape)}")
     ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_labels(labels, ignore_index)
     out = torch.full_like(labels, ignore_index)
     out[..., :-1] = labels[..., 1:]
     return out
@@ -39,7 +40,9 @@ def shift_labels(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
 
 def _check_logprob_common(labels: Tensor, ignore_index: object, temperature: object) -> tuple[int, float]:
     V.check_int_tensor(labels, "labels")
-    return V.check_int(ignore_index, "ignore_index"), V.check_positive_float(temperature, "temperature")
+    ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_labels(labels, ignore_index)
+    return ignore_index, V.check_positive_float(temperature, "temperature")
 
 
 def token_logprobs(
@@ -205,6 +208,7 @@ def sequence_logprobs(
     V.check_float_tensor(token_logps, "token_logps", min_ndim=1)
     V.check_int_tensor(labels, "labels")
     ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_labels(labels, ignore_index)
     V.check_shape(labels, "labels", token_logps.shape, "token_logps.shape")
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")

@@ -297,6 +297,13 @@ TOKEN_CASES = [
         r"logits must be a floating",
     ),
     ("logits-0d", (torch.tensor(1.0), LABELS), {}, ValueError, r"logits must have at least 1 dimensions"),
+    (
+        "labels-uint8",
+        (LOGITS, LABELS.to(torch.uint8)),
+        {},
+        TypeError,
+        r"labels of dtype torch\.uint8 cannot hold ignore_index=-100 .* torch\.long",
+    ),
     ("labels-float", (LOGITS, LABELS.float()), {}, TypeError, r"labels must be an integer tensor.*float32"),
     ("labels-bool", (LOGITS, LABELS > 2), {}, TypeError, r"labels must be an integer tensor.*bool"),
     ("labels-list", (LOGITS, LABELS.tolist()), {}, TypeError, r"labels must be a torch\.Tensor of integers"),

@@ -1,0 +1,105 @@
+"""Bad and degenerate inputs of the tensor API that used to pass silently, crash, or fail obscurely.
+
+Label dtypes that cannot hold ``ignore_index``, exact pair losses for large margins, the opt-in
+NaN/infinity check, empty captions (``T = 0``), empty batches (``S = 0``), ``chain_sizes`` as a tensor
+under ``torch.compile``, and captions without scored tokens. Small shapes throughout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rankloss
+from rankloss import _validation
+
+TRITON = pytest.param("triton", marks=pytest.mark.triton)
+
+
+# --------------------------------------------------------------------------------------------------
+# Label dtypes
+# --------------------------------------------------------------------------------------------------
+def _uint8_calls():
+    y = torch.randint(0, 20, (4, 3), dtype=torch.uint8)
+    h, w, logits = torch.randn(4, 3, 8), torch.randn(20, 8), torch.randn(4, 3, 20)
+    return {
+        "sequence_logprobs": lambda: rankloss.sequence_logprobs(torch.randn(4, 3), y),
+        "token_logprobs": lambda: rankloss.token_logprobs(logits, y),
+        "linear_token_logprobs": lambda: rankloss.linear_token_logprobs(h, w, y),
+        "fused_linear_chain_loss": lambda: rankloss.fused_linear_chain_loss(h, w, y, [2, 2]),
+        "chain_loss_from_logits": lambda: rankloss.chain_loss_from_logits(logits, y, [2, 2]),
+        "sequence_scores": lambda: rankloss.sequence_scores(h, w, y),
+        "shift_labels": lambda: rankloss.shift_labels(y),
+    }
+
+
+@pytest.mark.parametrize("name", list(_uint8_calls()))
+def test_uint8_labels_cannot_hold_the_default_ignore_index(name):
+    # -100 wraps to 156 in uint8: token 156 was counted as ignored by some paths and not by others.
+    with pytest.raises(TypeError, match=r"labels of dtype torch\.uint8 cannot hold ignore_index=-100"):
+        _uint8_calls()[name]()
+
+
+def test_uint8_labels_with_an_ignore_index_they_hold_match_int64():
+    torch.manual_seed(0)
+    y = torch.randint(0, 200, (5, 6))
+    y[0, 3] = 156  # the token -100 wraps to
+    y[1, :2] = 255
+    h, w = torch.randn(5, 6, 8), torch.randn(200, 8)
+    for fn in (
+        lambda labels: rankloss.sequence_scores(h, w, labels, ignore_index=255),
+        lambda labels: rankloss.fused_linear_chain_loss(h, w, labels, [2, 3], ignore_index=255).loss,
+    ):
+        torch.testing.assert_close(fn(y.to(torch.uint8)), fn(y), rtol=0, atol=0)
+
+
+@st.composite
+def _label_case(draw):
+    dtype = draw(st.sampled_from(_validation.INT_DTYPES))
+    info = torch.iinfo(dtype)
+    vocab = draw(st.integers(2, 300))
+    ignore_index = draw(st.sampled_from([-100, -1, 0, 255, 300, vocab - 1]))
+    S, T = draw(st.integers(2, 4)), draw(st.integers(1, 4))
+    top = min(vocab, info.max + 1)  # token ids the dtype can hold
+    ids = draw(st.lists(st.integers(0, top - 1), min_size=S * T, max_size=S * T))
+    ignored = draw(st.lists(st.booleans(), min_size=S * T, max_size=S * T))
+    return dtype, vocab, ignore_index, ids, ignored, S, T
+
+
+@given(_label_case())
+def test_every_label_dtype_gives_the_int64_result_or_a_clear_error(case):
+    dtype, vocab, ignore_index, ids, ignored, S, T = case
+    info = torch.iinfo(dtype)
+    y64 = torch.tensor(ids).reshape(S, T)
+    if info.min <= ignore_index <= info.max:
+        y64 = torch.where(torch.tensor(ignored).reshape(S, T), ignore_index, y64)
+    gen = torch.Generator().manual_seed(len(ids))
+    hidden = torch.randn(S, T, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, 6, generator=gen, dtype=torch.float64)
+    sizes = [2] * (S // 2 - 1) + [2 + S % 2] if S >= 2 else [S]
+
+    def run(labels):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp = rankloss.linear_token_logprobs(h, w, labels, ignore_index=ignore_index)
+        s = rankloss.sequence_logprobs(lp, labels, ignore_index=ignore_index, length_normalize=True)
+        out = rankloss.fused_linear_chain_loss(
+            h, w, labels, sizes, ignore_index=ignore_index, length_normalize=True
+        )
+        (out.loss + s.sum()).backward()
+        return lp.detach(), s.detach(), out.loss.detach(), h.grad, w.grad
+
+    if not info.min <= ignore_index <= info.max:
+        with pytest.raises(TypeError, match=rf"labels of dtype {dtype} cannot hold ignore_index"):
+            run(y64.to(dtype))
+        return
+    for got, want in zip(run(y64.to(dtype)), run(y64)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_label_range_check_does_not_wrap_the_vocabulary_size():
+    # In int8, a comparison with V = 300 reads 300 as 44: label 100 was rejected as out of range.
+    y = torch.tensor([[100, 5], [-100, 127]], dtype=torch.int8)
+    logits = torch.randn(2, 2, 300)
+    torch.testing.assert_close(rankloss.token_logprobs(logits, y), rankloss.token_logprobs(logits, y.long()))
