@@ -7,10 +7,13 @@ under ``torch.compile``, and captions without scored tokens. Small shapes throug
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from rankloss.reference import losses as ref_losses
 
 import rankloss
 from rankloss import _validation
@@ -103,3 +106,28 @@ def test_label_range_check_does_not_wrap_the_vocabulary_size():
     y = torch.tensor([[100, 5], [-100, 127]], dtype=torch.int8)
     logits = torch.randn(2, 2, 300)
     torch.testing.assert_close(rankloss.token_logprobs(logits, y), rankloss.token_logprobs(logits, y.long()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact pair losses for large margins
+# --------------------------------------------------------------------------------------------------
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference", TRITON])
+@pytest.mark.parametrize("margin", [-20.5, -35.0, 20.5])
+def test_dpo_sigmoid_is_exact_beyond_softplus_threshold(impl, margin):
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    s = torch.tensor([0.0, -margin], dtype=dtype)
+    got = rankloss.dpo_chain_loss(s, [2], beta=1.0, impl=impl).loss.item()
+    assert got == pytest.approx(_softplus(-margin), rel=1e-6 if impl == "triton" else 1e-15)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_lipo_is_exact_beyond_softplus_threshold(impl):
+    r = torch.tensor([0.0, 21.0, 40.0, -3.0], dtype=torch.float64)  # three badly ordered pairs
+    w = ref_losses.lipo_weights(r)
+    want = sum(w[k, j].item() * _softplus(-(r[k] - r[j]).item()) for k in range(4) for j in range(k + 1, 4))
+    got = rankloss.lipo_loss(r, [4], beta=1.0, impl=impl).loss.item()
+    assert got == pytest.approx(want, rel=1e-15)
