@@ -4,7 +4,9 @@ Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong 
 message that names the argument and says what was expected. Shape and dtype checks are free; checks
 that must read tensor *values* (label ranges, chain sizes given as a tensor) run on CPU tensors always,
 on CUDA tensors only when ``RANKLOSS_VALIDATE=1`` (they would cost a host sync), and never while
-``torch.compile`` traces (they would break the graph).
+``torch.compile`` traces (they would break the graph). Checks that read every element of a large
+float tensor (NaN and infinity in ``hidden``, ``weight``, ``scores``, ...) run only with
+``RANKLOSS_VALIDATE=1``, on every device.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def validating() -> bool:
+    """Whether ``RANKLOSS_VALIDATE=1`` asks for the value checks that cost a pass or a host sync."""
+    return os.environ.get("RANKLOSS_VALIDATE", "0") == "1"
+
+
 def values_checkable(t: Tensor) -> bool:
     """Whether value checks on ``t`` are allowed now (no host sync on CUDA unless asked, no graph break)."""
     if _compiling() or t.device.type == "meta":
         return False
-    return t.device.type == "cpu" or os.environ.get("RANKLOSS_VALIDATE", "0") == "1"
+    return t.device.type == "cpu" or validating()
 
 
 def check_float_tensor(
@@ -68,6 +75,33 @@ def check_labels(labels: object, ignore_index: int, name: str = "labels") -> Ten
             "in that range"
         )
     return labels
+
+
+def check_finite(
+    x: Tensor | None, name: str, *, allow_neg_inf: bool = False, where: Tensor | None = None
+) -> None:
+    """With ``RANKLOSS_VALIDATE=1``: ``x`` holds no NaN and no infinity (``-inf`` allowed with
+    ``allow_neg_inf``: masked logits), only at the positions ``where`` is true when it is given.
+
+    The error names the tensor, the first bad index and how many there are. Off by default: it reads
+    every element (and on CUDA costs a host sync); never while ``torch.compile`` traces.
+    """
+    if x is None or _compiling() or not validating() or x.device.type == "meta" or x.numel() == 0:
+        return
+    with torch.no_grad():
+        bad = (torch.isnan(x) | (x == math.inf)) if allow_neg_inf else ~torch.isfinite(x)
+        if where is not None:
+            bad &= where
+        if not bool(bad.any()):
+            return
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        value = x[first].item()
+        count = int(bad.sum())
+    what = "NaN or +inf" if allow_neg_inf else "NaN or infinity"
+    raise ValueError(
+        f"{name} must not hold {what} (checked because RANKLOSS_VALIDATE=1): found {count} such "
+        f"value(s), the first {name}[{', '.join(map(str, first))}] = {value}"
+    )
 
 
 def _check_ndim(x: Tensor, name: str, ndim: int | None, min_ndim: int | None) -> None:

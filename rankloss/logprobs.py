@@ -78,6 +78,7 @@ def token_logprobs(
     impl = ops_common.resolve_impl(impl, logits)
     chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, logits.shape[-1], ignore_index)
+    V.check_finite(logits, "logits", allow_neg_inf=True)
     if impl == "reference":
         return ref.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
     return token_logprobs_op(logits, labels, ignore_index, temperature, impl, chunk_size)
@@ -174,6 +175,9 @@ def check_linear_inputs(
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, weight.shape[0], ignore_index)
+    V.check_finite(hidden, "hidden")
+    V.check_finite(weight, "weight")
+    V.check_finite(bias, "bias", allow_neg_inf=True)
     return ignore_index, temperature, softcap, chunk_size
 
 
@@ -220,6 +224,7 @@ def sequence_logprobs(
             )
         V.check_cu_seqlens(cu_seqlens, token_logps.shape[0])
     V.check_same_device(token_logps=token_logps, labels=labels, cu_seqlens=cu_seqlens)
+    V.check_finite(token_logps, "token_logps", allow_neg_inf=True, where=labels != ignore_index)
     return ref.sequence_logprobs(
         token_logps,
         labels,

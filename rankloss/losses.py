@@ -41,6 +41,10 @@ def _check_scores(
             )
         V.check_shape(num_tokens, "num_tokens", scores.shape, "scores.shape [S]")
     V.check_same_device(scores=scores, ref_scores=ref_scores, num_tokens=num_tokens)
+    V.check_finite(scores, "scores")
+    V.check_finite(ref_scores, "ref_scores")
+    if num_tokens is not None and num_tokens.is_floating_point():
+        V.check_finite(num_tokens, "num_tokens")
     return sizes
 
 

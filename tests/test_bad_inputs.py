@@ -131,3 +131,58 @@ def test_lipo_is_exact_beyond_softplus_threshold(impl):
     want = sum(w[k, j].item() * _softplus(-(r[k] - r[j]).item()) for k in range(4) for j in range(k + 1, 4))
     got = rankloss.lipo_loss(r, [4], beta=1.0, impl=impl).loss.item()
     assert got == pytest.approx(want, rel=1e-15)
+
+
+# --------------------------------------------------------------------------------------------------
+# Opt-in NaN / infinity check
+# --------------------------------------------------------------------------------------------------
+def _nonfinite_cases():
+    def bad(shape, index, value):
+        t = torch.randn(*shape)
+        t[index] = value
+        return t
+
+    y = torch.randint(0, 9, (4, 3))
+    y[1, 0] = -100
+    return [
+        ("ref-inf", lambda: rankloss.chain_loss(torch.randn(5), [2, 3], bad((5,), 2, math.inf)),
+         r"ref_scores must not hold NaN or infinity .* 1 such value\(s\), the first ref_scores\[2\] = inf"),
+        ("scores-nan", lambda: rankloss.plackett_luce_loss(bad((5,), 4, math.nan), [2, 3]),
+         r"scores\[4\] = nan"),
+        ("hidden-nan", lambda: rankloss.fused_linear_chain_loss(bad((4, 3, 5), (2, 1, 3), math.nan),
+                                                                 torch.randn(9, 5), y, [2, 2]),
+         r"hidden\[2, 1, 3\] = nan"),
+        ("weight-inf", lambda: rankloss.linear_token_logprobs(torch.randn(4, 3, 5),
+                                                              bad((9, 5), (7, 0), -math.inf), y),
+         r"weight\[7, 0\] = -inf"),
+        ("logits-nan", lambda: rankloss.token_logprobs(bad((4, 3, 9), (3, 2, 8), math.nan), y),
+         r"logits must not hold NaN or \+inf .* logits\[3, 2, 8\] = nan"),
+        ("token-logps-inf", lambda: rankloss.sequence_logprobs(bad((4, 3), (3, 1), math.inf), y),
+         r"token_logps\[3, 1\] = inf"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, match", [c[1:] for c in _nonfinite_cases()], ids=[c[0] for c in _nonfinite_cases()]
+)
+def test_validate_names_the_first_non_finite_value(monkeypatch, call, match):
+    monkeypatch.setenv("RANKLOSS_VALIDATE", "1")
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_non_finite_check_is_opt_in_and_allows_masks(monkeypatch):
+    ref = torch.tensor([0.0, 0.0, math.inf, 0.0, 0.0])
+    monkeypatch.delenv("RANKLOSS_VALIDATE", raising=False)
+    rankloss.chain_loss(torch.randn(5), [2, 3], ref)  # off by default: no check, no error
+    monkeypatch.setenv("RANKLOSS_VALIDATE", "1")
+    y = torch.randint(0, 9, (4, 3))
+    y[1, 0] = -100
+    logits = torch.randn(4, 3, 9)
+    logits[0, 0, 8] = -math.inf  # a masked vocabulary entry is fine
+    token_logps = torch.randn(4, 3)
+    token_logps[1, 0] = math.nan  # at an ignored position: never read
+    if y[0, 0] == 8:
+        y[0, 0] = 0
+    rankloss.token_logprobs(logits, y)
+    rankloss.sequence_logprobs(token_logps, y)
