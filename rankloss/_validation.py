@@ -175,12 +175,15 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
     """``chain_sizes`` as a list of ints, each >= 2, summing to ``num_scores``.
 
     Accepts a list/tuple of ints or a 1-D integer tensor (a CUDA tensor costs one host sync; pass a
-    list to avoid it).
+    list to avoid it). An empty batch (``num_scores == 0``) takes an empty ``chain_sizes``.
+
+    Under ``torch.compile`` a tensor's values are unknown while tracing: a tensor here is a graph break
+    (``fullgraph=True`` stops with a message saying to pass a list), after which the values are read.
     """
     if isinstance(chain_sizes, Tensor):
         check_int_tensor(chain_sizes, name, ndim=1)
         if _compiling():
-            raise TypeError(f"{name} must be a list of ints (not a tensor) inside torch.compile")
+            _graph_break_for_tensor_sizes(name)
         if chain_sizes.device.type == "meta":
             raise ValueError(
                 f"{name} must be a list of ints or a tensor with values, got a tensor on the meta device"
@@ -206,6 +209,17 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
             f"from {name}={_short(sizes)}"
         )
     return sizes
+
+
+def _graph_break_for_tensor_sizes(name: str) -> None:
+    # A graph break, not an exception: an exception raised while tracing reaches the user as dynamo's
+    # "Observed exception" with the message hidden in its debug context; a graph break's message is its
+    # explanation under fullgraph=True, and without fullgraph the values are then read eagerly.
+    torch._dynamo.graph_break(
+        msg=f"{name} given as a tensor: its values are unknown while torch.compile traces, so "
+        f"fullgraph=True cannot compile this call; pass {name} as a list of ints (e.g. "
+        f"{name}.tolist() outside the compiled function)"
+    )
 
 
 def _short(values: list[int], limit: int = 8) -> str:

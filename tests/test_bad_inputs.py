@@ -186,3 +186,22 @@ def test_non_finite_check_is_opt_in_and_allows_masks(monkeypatch):
         y[0, 0] = 0
     rankloss.token_logprobs(logits, y)
     rankloss.sequence_logprobs(token_logps, y)
+
+
+# --------------------------------------------------------------------------------------------------
+# chain_sizes as a tensor under torch.compile
+# --------------------------------------------------------------------------------------------------
+def test_tensor_chain_sizes_under_compile():
+    import torch._dynamo
+
+    def f(s, sizes):
+        return rankloss.plackett_luce_loss(s, sizes).loss
+
+    s = torch.randn(5)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"pass chain_sizes as a list of ints"):
+        torch.compile(f, fullgraph=True, backend="eager")(s, torch.tensor([2, 3]))
+    # Without fullgraph the tensor's values are read after a graph break: the same loss as eager.
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="eager")(s, torch.tensor([2, 3]))
+    torch.testing.assert_close(got, f(s, [2, 3]))
