@@ -198,8 +198,11 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
         raise TypeError(
             f"{name} must be a list of ints or a 1-D integer tensor, got {type(chain_sizes).__name__}"
         )
-    if len(sizes) == 0:
-        raise ValueError(f"{name} must hold at least one chain, got an empty sequence")
+    if len(sizes) == 0 and num_scores != 0:
+        raise ValueError(
+            f"{name} must hold at least one chain when there are captions, got an empty sequence "
+            f"for S = {num_scores} scores"
+        )
     for i, k in enumerate(sizes):
         if k < 2:
             raise ValueError(f"{name}[{i}] = {k}: every chain needs at least 2 captions")
@@ -237,10 +240,13 @@ def check_impl(impl: object, available: Sequence[str]) -> str | None:
 
 
 def check_cu_seqlens(cu_seqlens: object, num_tokens: int, name: str = "cu_seqlens") -> Tensor:
-    """Packed-layout offsets: a 1-D integer tensor ``[S + 1]``, non-decreasing from 0 to ``num_tokens``."""
+    """Packed-layout offsets: a 1-D integer tensor ``[S + 1]``, non-decreasing from 0 to ``num_tokens``
+    (``[0]`` for an empty batch)."""
     check_int_tensor(cu_seqlens, name, ndim=1)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"{name} must hold S + 1 offsets, starting with 0 ([0] for no sequences), got an empty tensor"
+        )
     if values_checkable(cu_seqlens):
         b = cu_seqlens.tolist()
         if b[0] != 0 or b[-1] != num_tokens or any(x > y for x, y in zip(b[:-1], b[1:])):

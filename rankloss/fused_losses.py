@@ -59,15 +59,7 @@ def _check_layout(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor | None, wha
         raise ValueError(
             f"{what} must be 2-D [N, ...] in the packed layout (cu_seqlens given), got {tuple(hidden.shape)}"
         )
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
-    if V.values_checkable(cu_seqlens):
-        b = cu_seqlens.tolist()
-        if b[0] != 0 or b[-1] != hidden.shape[0] or any(x > y for x, y in zip(b[:-1], b[1:])):
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing offsets from 0 to N = {hidden.shape[0]}, got {b[:8]}"
-                + ("..." if len(b) > 8 else "")
-            )
+    V.check_cu_seqlens(cu_seqlens, hidden.shape[0])
 
 
 def _scores_from_token_logps(
@@ -283,7 +275,7 @@ def _single_pass(
     sizes = options.pop("chain_sizes")
     if cu_seqlens is None:
         T = hidden.shape[1]
-        rows_h, rows_y = hidden.reshape(S * T, -1), labels.reshape(S * T)
+        rows_h, rows_y = hidden.reshape(S * T, hidden.shape[-1]), labels.reshape(S * T)
         caption_of_row = torch.arange(S).repeat_interleave(T)
     else:
         rows_h, rows_y = hidden, labels

@@ -72,6 +72,8 @@ def token_logprobs(
         its own dtype.
     """
     V.check_float_tensor(logits, "logits", min_ndim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
     V.check_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
     V.check_same_device(logits=logits, labels=labels)
@@ -165,6 +167,8 @@ def check_linear_inputs(
             f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
             f"got {tuple(weight.shape)}"
         )
+    if 0 in weight.shape:
+        raise ValueError(f"weight must be [V, D] with V >= 1 and D >= 1, got shape {tuple(weight.shape)}")
     V.check_shape(labels, "labels", hidden.shape[:-1], "hidden.shape[:-1]")
     if bias is not None:
         V.check_float_tensor(bias, "bias", ndim=1)

@@ -8,6 +8,7 @@ under ``torch.compile``, and captions without scored tokens. Small shapes throug
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -186,6 +187,123 @@ def test_non_finite_check_is_opt_in_and_allows_masks(monkeypatch):
         y[0, 0] = 0
     rankloss.token_logprobs(logits, y)
     rankloss.sequence_logprobs(token_logps, y)
+
+
+# --------------------------------------------------------------------------------------------------
+# Empty captions (T = 0) and empty batches (S = 0)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", [None, "reference", TRITON])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_captions_without_tokens_work_with_gradients(impl, reduction):
+    hidden = torch.randn(7, 0, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # every caption is empty, on purpose
+        out = rankloss.fused_linear_chain_loss(
+            hidden, weight, torch.zeros(7, 0, dtype=torch.long), [3, 4], impl=impl, reduction=reduction
+        )
+    want = rankloss.plackett_luce_loss(torch.zeros(7), [3, 4], reduction=reduction).loss
+    torch.testing.assert_close(out.loss, want)
+    out.loss.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+    assert weight.grad is not None and not weight.grad.any()
+
+
+@pytest.mark.parametrize("loss", rankloss.CHAIN_LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", [None, "reference", TRITON])
+def test_empty_batch_gives_a_zero_loss_connected_to_the_scores(loss, reduction, impl):
+    scores = torch.zeros(0, requires_grad=True)
+    ref = torch.zeros(0, requires_grad=True)
+    out = rankloss.chain_loss(scores, [], ref, loss=loss, reduction=reduction, impl=impl, sft_weight=0.5,
+                              num_tokens=torch.zeros(0))  # fmt: skip
+    assert out.loss.shape == ((0,) if reduction == "none" else ())
+    assert out.loss.grad_fn is not None and not out.loss.any()
+    assert out.chain_losses.shape == out.kendall_tau.shape == out.sft_loss.shape == (0,)
+    out.loss.sum().backward()
+    assert scores.grad is not None and ref.grad is not None
+
+
+@pytest.mark.parametrize("impl", [None, "torch", "reference", TRITON])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_empty_batch_reaches_the_lm_head_with_zero_gradients(impl, packed):
+    # What a data-parallel job needs from an uneven last micro-batch: every parameter gets a gradient.
+    weight = torch.randn(50, 16, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    if packed:
+        hidden, labels, cu = (
+            torch.randn(0, 16, requires_grad=True),
+            torch.zeros(0, dtype=torch.long),
+            torch.tensor([0]),
+        )
+    else:
+        hidden, labels, cu = (
+            torch.randn(0, 5, 16, requires_grad=True),
+            torch.zeros(0, 5, dtype=torch.long),
+            None,
+        )
+    chain_sizes = torch.tensor([], dtype=torch.long) if impl is None else []
+    out = rankloss.fused_linear_chain_loss(
+        hidden, weight, labels, chain_sizes, bias=bias, cu_seqlens=cu, impl=impl, sft_weight=1.0
+    )
+    assert out.loss.item() == 0.0 and out.rewards.shape == (0,)
+    out.loss.backward()
+    for p in (hidden, weight, bias):
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+    lg = torch.randn(0, 5, 9, requires_grad=True)
+    rankloss.chain_loss_from_logits(lg, torch.zeros(0, 5, dtype=torch.long), []).loss.backward()
+    assert lg.grad is not None
+
+
+@st.composite
+def _degenerate_batch(draw):
+    sizes = draw(st.lists(st.integers(2, 3), max_size=3))  # [] is an empty batch
+    S = sum(sizes)
+    lengths = draw(st.lists(st.integers(0, 3), min_size=S, max_size=S))  # captions of 0 tokens too
+    packed = draw(st.booleans())
+    T = max(lengths, default=draw(st.integers(0, 2)))
+    V, D = draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    N = sum(lengths) if packed else S * T
+    ids = draw(st.lists(st.integers(-1, V - 1), min_size=N, max_size=N))  # -1: ignored below
+    options = dict(
+        loss=draw(st.sampled_from(rankloss.CHAIN_LOSSES)),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        length_normalize=draw(st.booleans()),
+        sft_weight=draw(st.sampled_from([0.0, 0.5])),
+    )
+    return sizes, lengths, packed, T, V, D, ids, options
+
+
+@given(_degenerate_batch())
+def test_degenerate_shapes_agree_with_the_reference(case):
+    sizes, lengths, packed, T, V, D, ids, options = case
+    gen = torch.Generator().manual_seed(len(ids) + 7 * V + D)
+    labels = torch.tensor(ids, dtype=torch.long).masked_fill(torch.tensor(ids) < 0, -100)
+    if packed:
+        cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()])
+        hidden = torch.randn(labels.shape[0], D, generator=gen, dtype=torch.float64)
+    else:
+        cu, labels = None, labels.reshape(len(lengths), T)
+        hidden = torch.randn(len(lengths), T, D, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=gen, dtype=torch.float64)
+
+    def run(impl):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # captions without scored tokens, on purpose
+            out = rankloss.fused_linear_chain_loss(h, w, labels, sizes, cu_seqlens=cu, impl=impl, **options)
+        out.loss.sum().backward()
+        return out.loss.detach(), out.chain_losses, out.rewards, h.grad, w.grad
+
+    for got, want in zip(run(None), run("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_chain_sizes_need_an_empty_batch():
+    with pytest.raises(ValueError, match=r"chain_sizes must hold at least one chain when there are captions"):
+        rankloss.fused_linear_chain_loss(
+            torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3).long(), []
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def single_pass_chain_loss(
     # A group fits in the cache plus its last chunk (kept on top of the cache, see step 1).
     max_rows = max(chunk, cache_bytes // (4 * V * (2 if softcap is not None else 1))) + chunk
     C = len(chain_sizes)
-    scale = 1.0 / C if reduction == "mean" else 1.0
+    scale = 1.0 / C if reduction == "mean" and C > 0 else 1.0
 
     scores = torch.zeros(S, dtype=acc)
     d_hidden = torch.zeros((N, D), dtype=acc) if hidden.requires_grad else None
