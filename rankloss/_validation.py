@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -253,3 +254,36 @@ def check_cu_seqlens(cu_seqlens: object, num_tokens: int, name: str = "cu_seqlen
             shown = f"{b[:8]}..." if len(b) > 8 else f"{b}"
             raise ValueError(f"{name} must be non-decreasing offsets from 0 to N = {num_tokens}, got {shown}")
     return cu_seqlens
+
+
+_warned_zero_token_caption = False
+
+
+def warn_zero_token_captions(counts: Tensor | Sequence[int]) -> None:
+    """Warn, once per process, when a caption of a chain batch has no scored tokens.
+
+    ``counts [S]``: scored tokens per caption. Such a caption scores 0, i.e. log-probability 0 (the model
+    is "certain" of it), or its reward is ``-beta * ref_score``: almost always labels that are all
+    ``ignore_index`` by mistake (truncation, a prompt mask that covers the caption). A tensor is read
+    only when that costs no host sync (CPU, or ``RANKLOSS_VALIDATE=1``) and never under torch.compile.
+    """
+    global _warned_zero_token_caption
+    if _compiling() or _warned_zero_token_caption:
+        return
+    if isinstance(counts, Tensor):
+        if not values_checkable(counts) or counts.numel() == 0:
+            return
+        empty = (counts == 0).nonzero().flatten().tolist()
+    else:
+        empty = [i for i, n in enumerate(counts) if n == 0]
+    if not empty:
+        return
+    _warned_zero_token_caption = True
+    warnings.warn(
+        f"{len(empty)} caption(s) of {len(counts)} have no scored tokens (every label is ignore_index), "
+        f"e.g. caption {empty[0]}: such a caption scores 0, as if the model were certain of it, and "
+        "its chain's loss and metrics treat it so; check the labels (truncation, prompt mask). "
+        "This warning is shown once per process.",
+        RuntimeWarning,
+        stacklevel=5,
+    )

@@ -68,9 +68,15 @@ def _scores_from_token_logps(
     ignore_index: int,
     length_normalize: bool,
     cu_seqlens: Tensor | None,
+    warn_empty: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``(scores [S], num_tokens [S])``; scores are means over scored tokens when ``length_normalize``."""
+    """``(scores [S], num_tokens [S])``; scores are means over scored tokens when ``length_normalize``.
+
+    A caption without scored tokens scores 0 either way; ``warn_empty`` warns (once) when there is one.
+    """
     sums, counts = _segment_scores(token_logps, labels, ignore_index, cu_seqlens)
+    if warn_empty:
+        V.warn_zero_token_captions(counts)
     if length_normalize:
         return sums / counts.clamp(min=1).to(sums.dtype), torch.ones_like(counts)
     return sums, counts
@@ -92,7 +98,7 @@ def _chain_loss_of_tokens(
     ``length_normalize`` the scores already are means, so ``num_tokens`` is 1.
     """
     scores, num_tokens = _scores_from_token_logps(
-        token_logps, labels, ignore_index, length_normalize, cu_seqlens
+        token_logps, labels, ignore_index, length_normalize, cu_seqlens, warn_empty=True
     )
     return chain_loss(scores, chain_sizes, ref_scores, num_tokens=num_tokens, **chain_options)
 
@@ -128,6 +134,11 @@ def fused_linear_chain_loss(
     tokens (the mean when ``length_normalize``), then :func:`rankloss.chain_loss` on ``s`` with rewards
     ``r = beta * (s - ref_scores)``. Gradients reach ``hidden``, ``lm_head_weight`` and ``bias``; the
     ``[tokens x vocab]`` logits are never materialised.
+
+    A caption without scored tokens scores 0 (sum or mean), as if the model were certain of it; a
+    ``RuntimeWarning`` says so once per process (on CPU tensors, or with ``RANKLOSS_VALIDATE=1``). An
+    empty batch (``S = 0``, ``chain_sizes=[]``) gives a zero loss connected to ``hidden`` and
+    ``lm_head_weight`` (zero gradients), so a data-parallel step does not wait for missing gradients.
 
     Args:
         hidden: ``[S, T, D]`` (padded: one row per caption, chains contiguous and best first) or ``[N, D]``

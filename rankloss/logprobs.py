@@ -210,8 +210,11 @@ def sequence_logprobs(
 
     Padded layout: ``token_logps [S, T]`` (any leading dims) and ``labels [S, T]`` -> ``[S]``.
     Packed layout: ``token_logps [N]``, ``labels [N]`` and ``cu_seqlens [S + 1]`` (flash-attn varlen style:
-    caption ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``) -> ``[S]``. A caption without scored
-    tokens scores 0.
+    caption ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``) -> ``[S]``.
+
+    A caption without scored tokens (every label ``ignore_index``) scores 0, with or without
+    ``length_normalize``: log-probability 0, as if the model were certain of it. The chain losses from
+    hidden states or logits warn once when a batch holds such a caption.
     """
     V.check_float_tensor(token_logps, "token_logps", min_ndim=1)
     V.check_int_tensor(labels, "labels")

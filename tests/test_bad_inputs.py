@@ -323,3 +323,21 @@ def test_tensor_chain_sizes_under_compile():
     torch._dynamo.reset()
     got = torch.compile(f, backend="eager")(s, torch.tensor([2, 3]))
     torch.testing.assert_close(got, f(s, [2, 3]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions without scored tokens: they score 0; a warning once per process
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grad", [True, False], ids=["single-pass", "composed"])
+def test_caption_without_scored_tokens_scores_zero_and_warns_once(monkeypatch, grad):
+    monkeypatch.setattr(_validation, "_warned_zero_token_caption", False)
+    hidden = torch.randn(5, 4, 8, requires_grad=grad)
+    weight = torch.randn(11, 8)
+    labels = torch.randint(0, 11, (5, 4))
+    labels[3] = -100
+    with pytest.warns(RuntimeWarning, match=r"1 caption\(s\) of 5 have no scored tokens .* caption 3"):
+        out = rankloss.fused_linear_chain_loss(hidden, weight, labels, [2, 3], length_normalize=True)
+    assert out.rewards[3].item() == 0.0  # beta * (0 - 0): scored as "certain"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rankloss.fused_linear_chain_loss(hidden, weight, labels, [2, 3])
