@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -194,7 +196,7 @@ def test_directories_as_input_or_output_are_named(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# Repeated ids
+# Repeated ids; no torch for the rules engine
 # --------------------------------------------------------------------------------------------------
 def test_repeated_ids_are_counted_in_the_summary(tmp_path):
     lines = [json.dumps({"video": "x.mp4", "caption": c}).encode() for c in CAPTIONS]
@@ -202,3 +204,18 @@ def test_repeated_ids_are_counted_in_the_summary(tmp_path):
     assert s.ids_renamed == 2 and s.renamed == ["x.mp4 -> x.mp4#2", "x.mp4 -> x.mp4#3"]
     assert "repeated ids: 2 record(s) took an id already used" in s.format()
     assert "x.mp4 -> x.mp4#2" in s.format() and s.to_dict()["ids_renamed"] == 2
+
+
+def test_chains_make_with_the_rules_engine_does_not_import_torch(tmp_path):
+    path = _write(tmp_path / "in.jsonl", _lines(3))
+    code = (
+        "import sys\n"
+        "from rankloss.cli import main\n"
+        f"rc = main(['chains', 'make', '--in', {path!r}, '--out', {str(tmp_path / 'o.jsonl')!r}])\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'triton') if m in sys.modules)\n"
+        "assert rc == 0 and not heavy, (rc, heavy)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o.jsonl").exists()
