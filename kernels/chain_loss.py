@@ -51,8 +51,12 @@ def _load_rewards(scores_ptr, ref_ptr, start, idx, mask, beta, HAS_REF: tl.const
 
 @triton.jit
 def _softplus(x):
-    # log(1 + exp(x)) without overflow: max(x, 0) + log(1 + exp(-|x|)).
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    # log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|)). log1p(z) as z * log(u) / (u - 1)
+    # with u = 1 + z (z itself where u rounds to 1): log(1 + z) alone is 0 for z < 2^-24, |x| > 17.
+    z = tl.exp(-tl.abs(x))
+    u = 1.0 + z
+    d = u - 1.0
+    return tl.maximum(x, 0.0) + tl.where(d == 0.0, z, tl.log(u) * (z / tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit

@@ -19,11 +19,50 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "reference")):
     __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))  # noqa: F821
 
 from ._version import __version__  # noqa: E402
-from .fused_losses import ChainLoss, chain_loss_from_logits, fused_linear_chain_loss, sequence_scores
-from .logprobs import linear_token_logprobs, sequence_logprobs, shift_labels, token_logprobs
-from .losses import CHAIN_LOSSES, chain_loss, dpo_chain_loss, lipo_loss, plackett_luce_loss
-from .modules import DPOChainLoss, LinearTokenLogProbs, LiPOLoss, PlackettLuceLoss, TokenLogProbs
-from .outputs import ChainLossOutput
+
+# The API is imported on first use (PEP 562), so that the tools that need no torch (``rankloss chains
+# make`` with the rules engine, ``rankloss.chains``) start without importing it. ``from rankloss import
+# chain_loss`` and ``rankloss.chain_loss`` work as before.
+_API = {
+    "ChainLoss": "fused_losses",
+    "chain_loss_from_logits": "fused_losses",
+    "fused_linear_chain_loss": "fused_losses",
+    "sequence_scores": "fused_losses",
+    "linear_token_logprobs": "logprobs",
+    "sequence_logprobs": "logprobs",
+    "shift_labels": "logprobs",
+    "token_logprobs": "logprobs",
+    "CHAIN_LOSSES": "losses",
+    "chain_loss": "losses",
+    "dpo_chain_loss": "losses",
+    "lipo_loss": "losses",
+    "plackett_luce_loss": "losses",
+    "DPOChainLoss": "modules",
+    "LinearTokenLogProbs": "modules",
+    "LiPOLoss": "modules",
+    "PlackettLuceLoss": "modules",
+    "TokenLogProbs": "modules",
+    "ChainLossOutput": "outputs",
+}
+# Submodules that ``import rankloss`` used to import (so ``rankloss.ops`` after ``import rankloss`` works).
+_SUBMODULES = ("fused_losses", "logprobs", "losses", "modules", "outputs", "ops", "reference", "_validation")
+
+
+def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
 
 __all__ = [
     "CHAIN_LOSSES",

@@ -4,7 +4,9 @@ Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong 
 message that names the argument and says what was expected. Shape and dtype checks are free; checks
 that must read tensor *values* (label ranges, chain sizes given as a tensor) run on CPU tensors always,
 on CUDA tensors only when ``RANKLOSS_VALIDATE=1`` (they would cost a host sync), and never while
-``torch.compile`` traces (they would break the graph).
+``torch.compile`` traces (they would break the graph). Checks that read every element of a large
+float tensor (NaN and infinity in ``hidden``, ``weight``, ``scores``, ...) run only with
+``RANKLOSS_VALIDATE=1``, on every device.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,11 +29,16 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def validating() -> bool:
+    """Whether ``RANKLOSS_VALIDATE=1`` asks for the value checks that cost a pass or a host sync."""
+    return os.environ.get("RANKLOSS_VALIDATE", "0") == "1"
+
+
 def values_checkable(t: Tensor) -> bool:
     """Whether value checks on ``t`` are allowed now (no host sync on CUDA unless asked, no graph break)."""
     if _compiling() or t.device.type == "meta":
         return False
-    return t.device.type == "cpu" or os.environ.get("RANKLOSS_VALIDATE", "0") == "1"
+    return t.device.type == "cpu" or validating()
 
 
 def check_float_tensor(
@@ -51,6 +59,50 @@ def check_int_tensor(x: object, name: str, *, ndim: int | None = None) -> Tensor
         raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {x.dtype}")
     _check_ndim(x, name, ndim, None)
     return x
+
+
+def check_labels(labels: object, ignore_index: int, name: str = "labels") -> Tensor:
+    """An integer tensor whose dtype can hold ``ignore_index``.
+
+    ``uint8`` labels cannot hold the default ``-100``: a comparison with it wraps around (``-100`` reads
+    as 156), so token 156 would silently count as ignored in some places and not in others.
+    """
+    check_int_tensor(labels, name)
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise TypeError(
+            f"{name} of dtype {labels.dtype} cannot hold ignore_index={ignore_index} (the dtype holds "
+            f"[{info.min}, {info.max}]); pass {name} as torch.long (or torch.int32), or an ignore_index "
+            "in that range"
+        )
+    return labels
+
+
+def check_finite(
+    x: Tensor | None, name: str, *, allow_neg_inf: bool = False, where: Tensor | None = None
+) -> None:
+    """With ``RANKLOSS_VALIDATE=1``: ``x`` holds no NaN and no infinity (``-inf`` allowed with
+    ``allow_neg_inf``: masked logits), only at the positions ``where`` is true when it is given.
+
+    The error names the tensor, the first bad index and how many there are. Off by default: it reads
+    every element (and on CUDA costs a host sync); never while ``torch.compile`` traces.
+    """
+    if x is None or _compiling() or not validating() or x.device.type == "meta" or x.numel() == 0:
+        return
+    with torch.no_grad():
+        bad = (torch.isnan(x) | (x == math.inf)) if allow_neg_inf else ~torch.isfinite(x)
+        if where is not None:
+            bad &= where
+        if not bool(bad.any()):
+            return
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        value = x[first].item()
+        count = int(bad.sum())
+    what = "NaN or +inf" if allow_neg_inf else "NaN or infinity"
+    raise ValueError(
+        f"{name} must not hold {what} (checked because RANKLOSS_VALIDATE=1): found {count} such "
+        f"value(s), the first {name}[{', '.join(map(str, first))}] = {value}"
+    )
 
 
 def _check_ndim(x: Tensor, name: str, ndim: int | None, min_ndim: int | None) -> None:
@@ -107,6 +159,8 @@ def check_labels_range(labels: Tensor, vocab_size: int, ignore_index: int, name:
     """Every label must lie in ``[0, vocab_size)`` or equal ``ignore_index`` (value check)."""
     if not values_checkable(labels) or labels.numel() == 0:
         return
+    # In int64: a narrower dtype would wrap vocab_size (in int8, 300 reads as 44) and reject good labels.
+    labels = labels.long()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         first = labels[bad][0].item()
@@ -122,12 +176,15 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
     """``chain_sizes`` as a list of ints, each >= 2, summing to ``num_scores``.
 
     Accepts a list/tuple of ints or a 1-D integer tensor (a CUDA tensor costs one host sync; pass a
-    list to avoid it).
+    list to avoid it). An empty batch (``num_scores == 0``) takes an empty ``chain_sizes``.
+
+    Under ``torch.compile`` a tensor's values are unknown while tracing: a tensor here is a graph break
+    (``fullgraph=True`` stops with a message saying to pass a list), after which the values are read.
     """
     if isinstance(chain_sizes, Tensor):
         check_int_tensor(chain_sizes, name, ndim=1)
         if _compiling():
-            raise TypeError(f"{name} must be a list of ints (not a tensor) inside torch.compile")
+            _graph_break_for_tensor_sizes(name)
         if chain_sizes.device.type == "meta":
             raise ValueError(
                 f"{name} must be a list of ints or a tensor with values, got a tensor on the meta device"
@@ -142,8 +199,11 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
         raise TypeError(
             f"{name} must be a list of ints or a 1-D integer tensor, got {type(chain_sizes).__name__}"
         )
-    if len(sizes) == 0:
-        raise ValueError(f"{name} must hold at least one chain, got an empty sequence")
+    if len(sizes) == 0 and num_scores != 0:
+        raise ValueError(
+            f"{name} must hold at least one chain when there are captions, got an empty sequence "
+            f"for S = {num_scores} scores"
+        )
     for i, k in enumerate(sizes):
         if k < 2:
             raise ValueError(f"{name}[{i}] = {k}: every chain needs at least 2 captions")
@@ -153,6 +213,17 @@ def check_chain_sizes(chain_sizes: object, num_scores: int, name: str = "chain_s
             f"from {name}={_short(sizes)}"
         )
     return sizes
+
+
+def _graph_break_for_tensor_sizes(name: str) -> None:
+    # A graph break, not an exception: an exception raised while tracing reaches the user as dynamo's
+    # "Observed exception" with the message hidden in its debug context; a graph break's message is its
+    # explanation under fullgraph=True, and without fullgraph the values are then read eagerly.
+    torch._dynamo.graph_break(
+        msg=f"{name} given as a tensor: its values are unknown while torch.compile traces, so "
+        f"fullgraph=True cannot compile this call; pass {name} as a list of ints (e.g. "
+        f"{name}.tolist() outside the compiled function)"
+    )
 
 
 def _short(values: list[int], limit: int = 8) -> str:
@@ -170,13 +241,49 @@ def check_impl(impl: object, available: Sequence[str]) -> str | None:
 
 
 def check_cu_seqlens(cu_seqlens: object, num_tokens: int, name: str = "cu_seqlens") -> Tensor:
-    """Packed-layout offsets: a 1-D integer tensor ``[S + 1]``, non-decreasing from 0 to ``num_tokens``."""
+    """Packed-layout offsets: a 1-D integer tensor ``[S + 1]``, non-decreasing from 0 to ``num_tokens``
+    (``[0]`` for an empty batch)."""
     check_int_tensor(cu_seqlens, name, ndim=1)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"{name} must hold S + 1 offsets, starting with 0 ([0] for no sequences), got an empty tensor"
+        )
     if values_checkable(cu_seqlens):
         b = cu_seqlens.tolist()
         if b[0] != 0 or b[-1] != num_tokens or any(x > y for x, y in zip(b[:-1], b[1:])):
             shown = f"{b[:8]}..." if len(b) > 8 else f"{b}"
             raise ValueError(f"{name} must be non-decreasing offsets from 0 to N = {num_tokens}, got {shown}")
     return cu_seqlens
+
+
+_warned_zero_token_caption = False
+
+
+def warn_zero_token_captions(counts: Tensor | Sequence[int]) -> None:
+    """Warn, once per process, when a caption of a chain batch has no scored tokens.
+
+    ``counts [S]``: scored tokens per caption. Such a caption scores 0, i.e. log-probability 0 (the model
+    is "certain" of it), or its reward is ``-beta * ref_score``: almost always labels that are all
+    ``ignore_index`` by mistake (truncation, a prompt mask that covers the caption). A tensor is read
+    only when that costs no host sync (CPU, or ``RANKLOSS_VALIDATE=1``) and never under torch.compile.
+    """
+    global _warned_zero_token_caption
+    if _compiling() or _warned_zero_token_caption:
+        return
+    if isinstance(counts, Tensor):
+        if not values_checkable(counts) or counts.numel() == 0:
+            return
+        empty = (counts == 0).nonzero().flatten().tolist()
+    else:
+        empty = [i for i, n in enumerate(counts) if n == 0]
+    if not empty:
+        return
+    _warned_zero_token_caption = True
+    warnings.warn(
+        f"{len(empty)} caption(s) of {len(counts)} have no scored tokens (every label is ignore_index), "
+        f"e.g. caption {empty[0]}: such a caption scores 0, as if the model were certain of it, and "
+        "its chain's loss and metrics treat it so; check the labels (truncation, prompt mask). "
+        "This warning is shown once per process.",
+        RuntimeWarning,
+        stacklevel=5,
+    )

@@ -3,7 +3,8 @@
 ::
 
     rankloss chains make --in captions.jsonl --out chains.jsonl --length 6 --seed 0 [--engine rules|llm
-                         --llm-model PATH] [--types ...] [--strict] [--no-resume] [--overwrite]
+                         --llm-model PATH] [--types ...] [--strict] [--encoding utf-8] [--no-resume]
+                         [--overwrite]
     rankloss chains summary chains.jsonl [--json]
     rankloss chains show chains.jsonl [-n 3]
     rankloss synthetic make --out DIR --n 100 --length 6 --seed 0 [--frames 16 --size 64 --no-mp4]
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--types", default=None, help="comma-separated edit types to use (default: all)")
     mk.add_argument(
         "--strict", action="store_true", help="fail on the first bad input line instead of skipping it"
+    )
+    mk.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="the input's text encoding (default utf-8; a line with bytes not valid in it is a bad line)",
     )
     mk.add_argument(
         "--no-resume", dest="resume", action="store_false", help="discard a partial output, start over"
@@ -140,6 +146,7 @@ def _chains_make(args: argparse.Namespace) -> int:
         types=args.types,
         llm_model=args.llm_model,
         strict=args.strict,
+        encoding=args.encoding,
         resume=args.resume,
         overwrite=args.overwrite,
         min_length=args.min_length,

@@ -59,15 +59,7 @@ def _check_layout(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor | None, wha
         raise ValueError(
             f"{what} must be 2-D [N, ...] in the packed layout (cu_seqlens given), got {tuple(hidden.shape)}"
         )
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
-    if V.values_checkable(cu_seqlens):
-        b = cu_seqlens.tolist()
-        if b[0] != 0 or b[-1] != hidden.shape[0] or any(x > y for x, y in zip(b[:-1], b[1:])):
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing offsets from 0 to N = {hidden.shape[0]}, got {b[:8]}"
-                + ("..." if len(b) > 8 else "")
-            )
+    V.check_cu_seqlens(cu_seqlens, hidden.shape[0])
 
 
 def _scores_from_token_logps(
@@ -76,9 +68,15 @@ def _scores_from_token_logps(
     ignore_index: int,
     length_normalize: bool,
     cu_seqlens: Tensor | None,
+    warn_empty: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """``(scores [S], num_tokens [S])``; scores are means over scored tokens when ``length_normalize``."""
+    """``(scores [S], num_tokens [S])``; scores are means over scored tokens when ``length_normalize``.
+
+    A caption without scored tokens scores 0 either way; ``warn_empty`` warns (once) when there is one.
+    """
     sums, counts = _segment_scores(token_logps, labels, ignore_index, cu_seqlens)
+    if warn_empty:
+        V.warn_zero_token_captions(counts)
     if length_normalize:
         return sums / counts.clamp(min=1).to(sums.dtype), torch.ones_like(counts)
     return sums, counts
@@ -100,7 +98,7 @@ def _chain_loss_of_tokens(
     ``length_normalize`` the scores already are means, so ``num_tokens`` is 1.
     """
     scores, num_tokens = _scores_from_token_logps(
-        token_logps, labels, ignore_index, length_normalize, cu_seqlens
+        token_logps, labels, ignore_index, length_normalize, cu_seqlens, warn_empty=True
     )
     return chain_loss(scores, chain_sizes, ref_scores, num_tokens=num_tokens, **chain_options)
 
@@ -136,6 +134,11 @@ def fused_linear_chain_loss(
     tokens (the mean when ``length_normalize``), then :func:`rankloss.chain_loss` on ``s`` with rewards
     ``r = beta * (s - ref_scores)``. Gradients reach ``hidden``, ``lm_head_weight`` and ``bias``; the
     ``[tokens x vocab]`` logits are never materialised.
+
+    A caption without scored tokens scores 0 (sum or mean), as if the model were certain of it; a
+    ``RuntimeWarning`` says so once per process (on CPU tensors, or with ``RANKLOSS_VALIDATE=1``). An
+    empty batch (``S = 0``, ``chain_sizes=[]``) gives a zero loss connected to ``hidden`` and
+    ``lm_head_weight`` (zero gradients), so a data-parallel step does not wait for missing gradients.
 
     Args:
         hidden: ``[S, T, D]`` (padded: one row per caption, chains contiguous and best first) or ``[N, D]``
@@ -285,7 +288,7 @@ def _single_pass(
     sizes = options.pop("chain_sizes")
     if cu_seqlens is None:
         T = hidden.shape[1]
-        rows_h, rows_y = hidden.reshape(S * T, -1), labels.reshape(S * T)
+        rows_h, rows_y = hidden.reshape(S * T, hidden.shape[-1]), labels.reshape(S * T)
         caption_of_row = torch.arange(S).repeat_interleave(T)
     else:
         rows_h, rows_y = hidden, labels

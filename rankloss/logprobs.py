@@ -32,6 +32,7 @@ def shift_labels(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
     if labels.ndim < 1:
         raise ValueError(f"labels must have at least 1 dimension [..., T], got shape {tuple(labels.shape)}")
     ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_labels(labels, ignore_index)
     out = torch.full_like(labels, ignore_index)
     out[..., :-1] = labels[..., 1:]
     return out
@@ -39,7 +40,9 @@ def shift_labels(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
 
 def _check_logprob_common(labels: Tensor, ignore_index: object, temperature: object) -> tuple[int, float]:
     V.check_int_tensor(labels, "labels")
-    return V.check_int(ignore_index, "ignore_index"), V.check_positive_float(temperature, "temperature")
+    ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_labels(labels, ignore_index)
+    return ignore_index, V.check_positive_float(temperature, "temperature")
 
 
 def token_logprobs(
@@ -69,12 +72,15 @@ def token_logprobs(
         its own dtype.
     """
     V.check_float_tensor(logits, "logits", min_ndim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     ignore_index, temperature = _check_logprob_common(labels, ignore_index, temperature)
     V.check_shape(labels, "labels", logits.shape[:-1], "logits.shape[:-1]")
     V.check_same_device(logits=logits, labels=labels)
     impl = ops_common.resolve_impl(impl, logits)
     chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, logits.shape[-1], ignore_index)
+    V.check_finite(logits, "logits", allow_neg_inf=True)
     if impl == "reference":
         return ref.token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature)
     return token_logprobs_op(logits, labels, ignore_index, temperature, impl, chunk_size)
@@ -169,6 +175,8 @@ def check_linear_inputs(
             f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
             f"got {tuple(weight.shape)}"
         )
+    if 0 in weight.shape:
+        raise ValueError(f"weight must be [V, D] with V >= 1 and D >= 1, got shape {tuple(weight.shape)}")
     V.check_shape(labels, "labels", hidden.shape[:-1], "hidden.shape[:-1]")
     if bias is not None:
         V.check_float_tensor(bias, "bias", ndim=1)
@@ -179,6 +187,9 @@ def check_linear_inputs(
         raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     chunk_size = ops_common.check_chunk_size(chunk_size)
     V.check_labels_range(labels, weight.shape[0], ignore_index)
+    V.check_finite(hidden, "hidden")
+    V.check_finite(weight, "weight")
+    V.check_finite(bias, "bias", allow_neg_inf=True)
     return ignore_index, temperature, softcap, chunk_size
 
 
@@ -207,12 +218,16 @@ def sequence_logprobs(
 
     Padded layout: ``token_logps [S, T]`` (any leading dims) and ``labels [S, T]`` -> ``[S]``.
     Packed layout: ``token_logps [N]``, ``labels [N]`` and ``cu_seqlens [S + 1]`` (flash-attn varlen style:
-    caption ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``) -> ``[S]``. A caption without scored
-    tokens scores 0.
+    caption ``i`` holds tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``) -> ``[S]``.
+
+    A caption without scored tokens (every label ``ignore_index``) scores 0, with or without
+    ``length_normalize``: log-probability 0, as if the model were certain of it. The chain losses from
+    hidden states or logits warn once when a batch holds such a caption.
     """
     V.check_float_tensor(token_logps, "token_logps", min_ndim=1)
     V.check_int_tensor(labels, "labels")
     ignore_index = V.check_int(ignore_index, "ignore_index")
+    V.check_labels(labels, ignore_index)
     V.check_shape(labels, "labels", token_logps.shape, "token_logps.shape")
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
@@ -224,6 +239,7 @@ def sequence_logprobs(
             )
         V.check_cu_seqlens(cu_seqlens, token_logps.shape[0])
     V.check_same_device(token_logps=token_logps, labels=labels, cu_seqlens=cu_seqlens)
+    V.check_finite(token_logps, "token_logps", allow_neg_inf=True, where=labels != ignore_index)
     return ref.sequence_logprobs(
         token_logps,
         labels,

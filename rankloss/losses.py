@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from . import _validation as V
+from .ops._common import accumulation_dtype
 from .ops.chain_loss import chain_loss_op
 from .outputs import ChainLossOutput
 from .reference import losses as ref
@@ -41,6 +42,10 @@ def _check_scores(
             )
         V.check_shape(num_tokens, "num_tokens", scores.shape, "scores.shape [S]")
     V.check_same_device(scores=scores, ref_scores=ref_scores, num_tokens=num_tokens)
+    V.check_finite(scores, "scores")
+    V.check_finite(ref_scores, "ref_scores")
+    if num_tokens is not None and num_tokens.is_floating_point():
+        V.check_finite(num_tokens, "num_tokens")
     return sizes
 
 
@@ -148,7 +153,10 @@ def chain_loss(
 
     Args:
         scores: ``[S]`` per-caption sequence scores (e.g. from :func:`rankloss.sequence_logprobs`).
-        chain_sizes: ``C`` ints (list, tuple or 1-D integer tensor), each >= 2, summing to ``S``.
+        chain_sizes: ``C`` ints (list, tuple or 1-D integer tensor), each >= 2, summing to ``S``. An
+            empty batch (``S = 0``, ``chain_sizes=[]``) gives a zero loss still connected to ``scores``
+            (so a data-parallel backward reaches every parameter) and empty metrics. Under
+            ``torch.compile(fullgraph=True)`` pass a list: a tensor's values are unknown while tracing.
         ref_scores: optional ``[S]`` scores of the frozen reference model.
         loss: ``"plackett_luce"``, ``"dpo"`` or ``"lipo"``.
         beta: reward scale, > 0.
@@ -171,6 +179,8 @@ def chain_loss(
         reduction=reduction, impl=impl,
     )  # fmt: skip
     impl = options.pop("impl")
+    if scores.shape[0] == 0:
+        return _empty_batch(scores, ref_scores, options["reduction"], options["sft_weight"])
     compute = ref.chain_loss if impl == "reference" else functools.partial(chain_loss_op, impl=impl)
     reduced, per_chain, m = compute(
         scores, options.pop("chain_sizes"), ref_scores, num_tokens=num_tokens, **options
@@ -185,6 +195,32 @@ def chain_loss(
         neighbour_margin=m["neighbour_margin"],
         reward_per_position=m["reward_per_position"],
         sft_loss=m.get("sft_loss"),
+    )
+
+
+def _empty_batch(
+    scores: Tensor, ref_scores: Tensor | None, reduction: str, sft_weight: float
+) -> ChainLossOutput:
+    """``S = 0`` (no chains, e.g. an uneven last micro-batch): a zero loss (``[0]`` for ``"none"``) that
+    is still connected to ``scores`` (and ``ref_scores``), so ``backward()`` reaches the model's
+    parameters with zero gradients and distributed data parallel does not wait for them forever; the
+    per-chain metrics are empty."""
+    acc = accumulation_dtype(scores, ref_scores)
+    zero = scores.to(acc).sum() * 0
+    if ref_scores is not None:
+        zero = zero - ref_scores.to(acc).sum() * 0
+    empty = scores.new_zeros(0, dtype=acc)
+    loss = zero.reshape(1)[:0] if reduction == "none" else zero
+    return ChainLossOutput(
+        loss=loss,
+        chain_losses=empty,
+        rewards=empty,
+        pairwise_accuracy=empty,
+        top1_accuracy=empty,
+        kendall_tau=empty,
+        neighbour_margin=empty,
+        reward_per_position=empty,
+        sft_loss=empty if sft_weight != 0 else None,
     )
 
 

@@ -113,6 +113,8 @@ def sequence_logprobs(
     if cu_seqlens is None:
         sums = values.sum(dim=-1)
         counts = scored.sum(dim=-1)
+    elif cu_seqlens.numel() == 1:  # no sequences (S = 0, N = 0): empty, still connected to token_logps
+        sums, counts = values[:0], scored[:0].long()
     else:
         bounds = cu_seqlens.tolist()
         sums = torch.stack([values[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])

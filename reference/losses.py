@@ -206,7 +206,7 @@ def lipo_loss(
     per_chain = []
     for rc in split_chains(r, chain_sizes):
         w = lipo_weights(rc)
-        pair_loss = F.softplus(-(rc[:, None] - rc[None, :]))
+        pair_loss = -F.logsigmoid(rc[:, None] - rc[None, :])  # log(1 + exp(-m)), exact for any m
         per_chain.append((w * pair_loss).sum())
     return reduce(torch.stack(per_chain), reduction)
 

@@ -117,16 +117,19 @@ def test_any_ignore_index(ignore_index):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
-def test_integer_label_dtypes_accepted(dtype):
+# Any integer dtype that can hold ignore_index (uint8 cannot hold the default -100: tests/test_bad_inputs.py).
+@pytest.mark.parametrize("dtype, ignore_index", [(torch.int32, -100), (torch.int8, -100), (torch.uint8, 255)])
+def test_integer_label_dtypes_accepted(dtype, ignore_index):
     logits = torch.randn(4, 7, dtype=F64)
-    labels = torch.tensor([0, 6, 3, 2])
-    expected = rankloss.token_logprobs(logits, labels)
-    torch.testing.assert_close(rankloss.token_logprobs(logits, labels.to(dtype)), expected)
+    labels = torch.tensor([0, 6, ignore_index, 2])
+    expected = rankloss.token_logprobs(logits, labels, ignore_index=ignore_index)
+    torch.testing.assert_close(
+        rankloss.token_logprobs(logits, labels.to(dtype), ignore_index=ignore_index), expected
+    )
     hidden, weight = torch.randn(4, 3, dtype=F64), torch.randn(7, 3, dtype=F64)
     torch.testing.assert_close(
-        rankloss.linear_token_logprobs(hidden, weight, labels.to(dtype)),
-        rankloss.linear_token_logprobs(hidden, weight, labels),
+        rankloss.linear_token_logprobs(hidden, weight, labels.to(dtype), ignore_index=ignore_index),
+        rankloss.linear_token_logprobs(hidden, weight, labels, ignore_index=ignore_index),
     )
 
 

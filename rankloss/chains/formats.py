@@ -13,6 +13,10 @@ The video is read from the first of ``video``, ``video_path``, ``path``, ``video
 ``id`` when present, else the video; a repeated id gets ``#2``, ``#3``... in input order. Every other
 field is carried into the output's ``source``.
 
+Input files are UTF-8 (a leading byte-order mark is skipped) unless an ``encoding`` is given. A line
+(or ``.json`` array item) holding bytes that are not valid in that encoding is a bad record, reported
+as ``file:line`` with the first bad byte, never decoded into replacement characters.
+
 Output (JSON Lines), one chain per line::
 
     {"id": ..., "video": ..., "chain": [y_0, ..., y_{K-1}], "edits": [{step, type, subtype, before,
@@ -24,8 +28,10 @@ engine fell back to ``rules``. ``chain[0]`` is the correct caption; ``chain[k]``
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +45,7 @@ __all__ = [
     "count_records",
     "read_chains",
     "chain_record",
+    "check_encoding",
     "VIDEO_KEYS",
 ]
 
@@ -60,6 +67,8 @@ class CaptionRecord:
     caption: str
     source: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    #: the id as read, when it repeated an earlier record's and got a ``#n`` suffix
+    renamed_from: str | None = None
 
 
 def _text(value: object, what: str) -> str:
@@ -138,10 +147,70 @@ def parse_record(obj: object, where: str = "") -> CaptionRecord:
         raise InputError(f"{where}: {exc}" if where else str(exc)) from None
 
 
-def _is_json_array(path: str) -> bool:
+# Undecodable bytes, read with errors="surrogateescape": byte 0xNN becomes the lone surrogate U+DCNN,
+# which no valid input text can hold (a strict decoder rejects surrogates), so finding one finds the
+# byte. A lone surrogate can also come from a JSON escape ("\\ud800"): not text either (it cannot be
+# written out as UTF-8), so such a record is bad too.
+_BAD_BYTE_RE = re.compile("[\udc80-\udcff]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_input_file(path: str) -> None:
+    """``FileNotFoundError`` / ``IsADirectoryError`` naming ``path`` unless it is a file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"input {path!r} is a directory, expected a captions file (JSONL or .json)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file not found: {path!r}")
+
+
+def check_encoding(encoding: object) -> str:
+    """A codec name Python knows (``ValueError`` naming it otherwise)."""
+    if not isinstance(encoding, str):
+        raise TypeError(f"encoding must be a codec name such as 'utf-8', got {encoding!r}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r} (e.g. 'utf-8', 'latin-1', 'cp1252')") from None
+    return encoding
+
+
+def _open_text(path: str, encoding: str):
+    """The file as text; UTF-8 skips a leading byte-order mark; bad bytes become lone surrogates."""
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    return open(path, encoding=codec, errors="surrogateescape")
+
+
+def _bad_byte(char: str, encoding: str) -> str:
+    return f"not valid {encoding} text: byte 0x{ord(char) - 0xDC00:02x}"
+
+
+def _first_surrogate(obj: object) -> str | None:
+    """The first lone surrogate in any string (key or value) of a parsed JSON value, or None."""
+    if isinstance(obj, str):
+        m = _SURROGATE_RE.search(obj)
+        return None if m is None else m.group()
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found = _first_surrogate(key) or _first_surrogate(value)
+        if found:
+            return found
+    return None
+
+
+def _not_text(obj: object, encoding: str, raw_has_bad_bytes: bool) -> str | None:
+    """Why a parsed record holds something that is not text (a bad byte, a lone surrogate), or None."""
+    char = _first_surrogate(obj)
+    if char is None:
+        return None
+    if raw_has_bad_bytes and _BAD_BYTE_RE.match(char):
+        return _bad_byte(char, encoding)
+    return f"a string holds the unpaired surrogate \\u{ord(char):04x}, which is not text"
+
+
+def _is_json_array(path: str, encoding: str = "utf-8") -> bool:
     if not path.endswith(".json"):
         return False
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path, encoding) as f:
         while True:
             c = f.read(1)
             if not c:
@@ -150,45 +219,80 @@ def _is_json_array(path: str) -> bool:
                 return c == "["
 
 
-def iter_records(path: str | os.PathLike[str]) -> Iterator[CaptionRecord | InputError]:
+def _load_json_array(path: str, encoding: str) -> tuple[object, bool]:
+    """The parsed document and whether its text held undecodable bytes."""
+    with _open_text(path, encoding) as f:
+        text = f.read()
+    try:
+        return json.loads(text), _BAD_BYTE_RE.search(text) is not None
+    except json.JSONDecodeError as exc:
+        lines = text.split("\n")  # JSONDecodeError counts lines by "\n" alone
+        m = _BAD_BYTE_RE.search(lines[exc.lineno - 1]) if exc.lineno <= len(lines) else None
+        what = (
+            f"{_bad_byte(m.group(), encoding)} at column {m.start() + 1}" if m else f"invalid JSON: {exc.msg}"
+        )
+        raise InputError(f"{path}:{exc.lineno}: {what}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long for int(), nesting too deep
+        raise InputError(f"{path}: invalid JSON: {exc}") from None
+
+
+def iter_records(
+    path: str | os.PathLike[str], *, encoding: str = "utf-8"
+) -> Iterator[CaptionRecord | InputError]:
     """Yield a :class:`CaptionRecord` per good record and an :class:`InputError` per bad one, in order.
 
-    Blank lines are ignored. Ids are made unique (``#2``, ``#3``...) in input order.
+    Blank lines are ignored. Ids are made unique (``#2``, ``#3``...) in input order. A line holding
+    bytes that are not valid ``encoding`` text is a bad record (``file:line: not valid utf-8 text:
+    byte 0xff at column 38``), and so is one whose strings hold an unpaired ``\\uXXXX`` surrogate; a
+    ``.json`` array is one document, so bad bytes outside its strings, or invalid JSON, raise
+    :class:`InputError` naming the line.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file not found: {path!r}")
+    check_encoding(encoding)
+    check_input_file(path)
     seen: dict[str, int] = {}
 
     def unique(rec: CaptionRecord) -> CaptionRecord:
         n = seen.get(rec.id, 0) + 1
         seen[rec.id] = n
         if n > 1:
+            rec.renamed_from = rec.id
             rec.id = f"{rec.id}#{n}"
         return rec
 
-    if _is_json_array(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        for i, obj in enumerate(items):
+    if _is_json_array(path, encoding):
+        items, has_bad_bytes = _load_json_array(path, encoding)
+        for i, obj in enumerate(items if isinstance(items, list) else [items]):
             where = f"{path}:item {i}"
+            bad = _not_text(obj, encoding, has_bad_bytes)
+            if bad:
+                yield InputError(f"{where}: {bad}")
+                continue
             try:
                 yield unique(parse_record(obj, where))
             except InputError as exc:
                 yield exc
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path, encoding) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            m = _BAD_BYTE_RE.search(line)
+            if m:
+                yield InputError(f"{where}: {_bad_byte(m.group(), encoding)} at column {m.start() + 1}")
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield InputError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})")
+                continue
+            except (ValueError, RecursionError) as exc:  # a number too long for int(), nesting too deep
+                yield InputError(f"{where}: invalid JSON: {exc}")
+                continue
+            bad = _not_text(obj, encoding, False)
+            if bad:
+                yield InputError(f"{where}: {bad}")
                 continue
             try:
                 yield unique(parse_record(obj, where))
@@ -196,17 +300,16 @@ def iter_records(path: str | os.PathLike[str]) -> Iterator[CaptionRecord | Input
                 yield exc
 
 
-def count_records(path: str | os.PathLike[str]) -> int:
+def count_records(path: str | os.PathLike[str], *, encoding: str = "utf-8") -> int:
     """The number of records :func:`iter_records` will yield (non-blank lines, or array items)."""
     path = os.fspath(path)
-    if _is_json_array(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError:
-                return 0
+    if _is_json_array(path, encoding):
+        try:
+            items, _ = _load_json_array(path, encoding)
+        except InputError:
+            return 0
         return len(items) if isinstance(items, list) else 1
-    with open(path, "rb") as f:
+    with _open_text(path, encoding) as f:
         return sum(1 for line in f if line.strip())
 
 
@@ -230,10 +333,13 @@ def chain_record(rec: CaptionRecord, chain: Any) -> dict[str, Any]:
 def read_chains(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """Read a chains JSONL file (raises ``ValueError`` naming ``file:line`` on a corrupt line)."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            m = _BAD_BYTE_RE.search(line)
+            if m:
+                raise ValueError(f"{path}:{lineno}: corrupt chains file: {_bad_byte(m.group(), 'utf-8')}")
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -252,11 +358,18 @@ class ChainWriter:
     ``resume=True`` reads back the ids already written (cutting off a truncated last line) and
     :meth:`is_done` tells the caller which records to skip, so no chain is written twice.
 
+    With ``options`` (the settings that decide what a chain looks like: engine, length, seed, ...) the
+    writer keeps them beside the partial file in ``<out>.partial.options.json`` and resumes only a
+    partial output made with the same ones: otherwise one file would mix two configurations. It
+    raises ``ValueError`` naming every option that differs (or saying that a non-empty partial file
+    has no record of its options) and how to start over.
+
     Args:
         out_path: the final output file.
         resume: continue an existing ``.partial`` file (else it is discarded).
         overwrite: replace an existing ``out_path`` (else its existence is an error).
         on_resumed: called with every record read back from an earlier run (e.g. to count it).
+        options: JSON-serialisable settings of the run, checked on resume (``None``: not checked).
     """
 
     def __init__(
@@ -266,9 +379,16 @@ class ChainWriter:
         resume: bool = True,
         overwrite: bool = False,
         on_resumed: Callable[[dict[str, Any]], None] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.out_path = os.fspath(out_path)
         self.partial_path = self.out_path + ".partial"
+        self.options_path = self.partial_path + ".options.json"
+        if os.path.isdir(self.out_path):
+            raise IsADirectoryError(
+                f"output {self.out_path!r} is a directory; give a file path, e.g. "
+                f"{os.path.join(self.out_path, 'chains.jsonl')!r}"
+            )
         if os.path.exists(self.out_path) and not overwrite:
             raise FileExistsError(
                 f"output {self.out_path!r} already exists (a finished run); pass overwrite=True "
@@ -279,13 +399,48 @@ class ChainWriter:
             raise FileNotFoundError(f"the output directory {parent!r} does not exist")
         self.done_ids: set[str] = set()
         self.resumed = 0
+        options = None if options is None else json.loads(json.dumps(options))  # as stored
         if os.path.exists(self.partial_path):
             if resume:
+                if options is not None:
+                    self._check_options(options)
                 self._read_back(on_resumed)
             else:
                 os.remove(self.partial_path)
+        if options is not None:
+            self._save_options(options)
+        elif os.path.exists(self.options_path):
+            os.remove(self.options_path)
         self._f = open(self.partial_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by finish/close
         self.written = 0
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        start_over = "pass --no-resume (resume=False) to discard it and start over"
+        try:
+            with open(self.options_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict):
+            if os.path.getsize(self.partial_path) == 0:
+                return
+            raise ValueError(
+                f"{self.partial_path}: a partial output with no readable record of the options it was "
+                f"made with ({self.options_path}), so resuming it could mix two configurations; "
+                f"{start_over}"
+            )
+        differ = [f"{k} {saved.get(k)!r} there, {v!r} now" for k, v in options.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(
+                f"{self.partial_path} was made with other options than this run's ({'; '.join(differ)}); "
+                f"run again with the same options to resume it, or {start_over}"
+            )
+
+    def _save_options(self, options: dict[str, Any]) -> None:
+        tmp = self.options_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(options, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.options_path)
 
     def _read_back(self, on_resumed: Callable[[dict[str, Any]], None] | None) -> None:
         good_end = 0
@@ -335,6 +490,8 @@ class ChainWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.partial_path, self.out_path)
+        if os.path.exists(self.options_path):
+            os.remove(self.options_path)
         return self.out_path
 
     def close(self) -> None:

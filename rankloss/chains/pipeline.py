@@ -7,13 +7,21 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .core import Chain
-from .formats import ChainWriter, InputError, chain_record, count_records, iter_records
+from .formats import (
+    ChainWriter,
+    InputError,
+    chain_record,
+    check_encoding,
+    check_input_file,
+    count_records,
+    iter_records,
+)
 from .llm import LLMEngine
 from .progress import Progress
 from .rules import RulesEngine, check_length
 from .summary import ChainSummary
 
-__all__ = ["ChainEngine", "make_engine", "make_chains_file", "ENGINES"]
+__all__ = ["ChainEngine", "make_engine", "make_chains_file", "run_options", "ENGINES"]
 
 ENGINES = ("rules", "llm")
 
@@ -51,6 +59,28 @@ def make_engine(
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
+# Settings of an engine that change the chains it makes (beyond its name and types).
+_ENGINE_SETTINGS = ("model_path", "max_retries", "max_new_tokens", "temperature", "max_edit_chars",
+                    "max_edit_fraction")  # fmt: skip
+
+
+def run_options(engine: ChainEngine, *, length: int, seed: int, min_length: int) -> dict[str, Any]:
+    """What decides the chains of a run, as JSON values: a partial output is resumed only with the same."""
+    options: dict[str, Any] = {
+        "engine": getattr(engine, "name", type(engine).__name__),
+        "length": length,
+        "seed": seed,
+        "min_length": min_length,
+    }
+    if getattr(engine, "types", None) is not None:
+        options["types"] = list(engine.types)
+    for name in _ENGINE_SETTINGS:
+        value = getattr(engine, name, None)
+        if value is not None:
+            options[name] = value if isinstance(value, (int, float)) else str(value)
+    return options
+
+
 def make_chains_file(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -67,6 +97,7 @@ def make_chains_file(
     max_chains: int | None = None,
     progress: bool = False,
     on_chain: Callable[[dict[str, Any]], None] | None = None,
+    encoding: str = "utf-8",
     **llm_options: Any,
 ) -> ChainSummary:
     """Turn a captions JSONL file into a chains JSONL file (formats: :mod:`rankloss.chains.formats`).
@@ -82,13 +113,18 @@ def make_chains_file(
         llm_model: the local model directory of the ``llm`` engine.
         strict: raise :class:`~rankloss.chains.formats.InputError` on the first bad input record
             instead of skipping and counting it.
-        resume: continue an existing ``.partial`` output (``False``: start over).
+        resume: continue an existing ``.partial`` output (``False``: start over). Only a partial output
+            made with the same engine, length, seed, types, min_length and (``llm``) model and
+            generation settings is resumed; other options raise ``ValueError`` naming the ones that
+            differ.
         overwrite: replace a finished ``out_path``.
         min_length: chains shorter than this are not written (counted as dropped).
         max_chains: stop after writing this many *new* chains (the output stays ``.partial``; the next
             run resumes). ``None``: no limit.
         progress: show a progress bar on stderr.
         on_chain: called with every record written (after it is flushed).
+        encoding: the input's text encoding (default UTF-8, a byte-order mark skipped); a line with
+            bytes that are not valid in it is a bad line.
         llm_options: passed to :class:`~rankloss.chains.LLMEngine`.
 
     Returns:
@@ -103,9 +139,9 @@ def make_chains_file(
         isinstance(max_chains, bool) or not isinstance(max_chains, int) or max_chains < 0
     ):
         raise ValueError(f"max_chains must be None or an int >= 0, got {max_chains!r}")
+    check_encoding(encoding)
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    if not os.path.isfile(in_path):
-        raise FileNotFoundError(f"input file not found: {in_path!r}")
+    check_input_file(in_path)
     if os.path.abspath(in_path) == os.path.abspath(out_path):
         raise ValueError(f"the output path must differ from the input path, got {out_path!r} for both")
     if isinstance(engine, str):
@@ -122,13 +158,19 @@ def make_chains_file(
     summary = ChainSummary(requested_length=length)
     rejections_before = dict(getattr(engine, "rejections", {}))
     writer = ChainWriter(
-        out_path, resume=resume, overwrite=overwrite, on_resumed=lambda r: summary.add_chain(r, resumed=True)
+        out_path,
+        resume=resume,
+        overwrite=overwrite,
+        on_resumed=lambda r: summary.add_chain(r, resumed=True),
+        options=run_options(engine, length=length, seed=seed, min_length=min_length),
     )
-    bar = Progress(count_records(in_path) if progress else None, "chains", enabled=progress)
+    bar = Progress(
+        count_records(in_path, encoding=encoding) if progress else None, "chains", enabled=progress
+    )
     new = 0
     stopped = False
     try:
-        for item in iter_records(in_path):
+        for item in iter_records(in_path, encoding=encoding):
             if max_chains is not None and new >= max_chains:
                 stopped = True
                 break
@@ -139,6 +181,8 @@ def make_chains_file(
                     raise item
                 summary.add_skipped(str(item))
                 continue
+            if item.renamed_from is not None:
+                summary.add_renamed(item.renamed_from, item.id)
             if writer.is_done(item.id):
                 continue
             chain = engine.make_chain(item.caption, length, seed=seed, key=item.id)

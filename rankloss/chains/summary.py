@@ -30,6 +30,8 @@ class ChainSummary:
         llm_fallbacks: steps where the ``llm`` engine fell back to ``rules``.
         llm_edits: edits made by the LLM.
         llm_rejections: why LLM answers were rejected (this run only).
+        ids_renamed: records whose id repeated an earlier one's and got a ``#2``, ``#3``... suffix
+            (examples in ``renamed``, as ``"old -> new"``).
         complete: whether the whole input was processed and the output file is final.
     """
 
@@ -46,6 +48,8 @@ class ChainSummary:
     llm_fallbacks: int = 0
     llm_edits: int = 0
     llm_rejections: Counter[str] = field(default_factory=Counter)
+    ids_renamed: int = 0
+    renamed: list[str] = field(default_factory=list)
     complete: bool = False
     output: str | None = None
 
@@ -67,6 +71,12 @@ class ChainSummary:
         if len(self.skipped) < _MAX_MESSAGES:
             self.skipped.append(message)
 
+    def add_renamed(self, old_id: str, new_id: str) -> None:
+        """Count one record whose repeated id became ``new_id``."""
+        self.ids_renamed += 1
+        if len(self.renamed) < _MAX_MESSAGES:
+            self.renamed.append(f"{old_id} -> {new_id}")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "requested_length": self.requested_length,
@@ -75,6 +85,8 @@ class ChainSummary:
             "chains_resumed": self.chains_resumed,
             "lines_skipped": self.lines_skipped,
             "skipped_examples": list(self.skipped),
+            "ids_renamed": self.ids_renamed,
+            "renamed_examples": list(self.renamed),
             "chains_dropped": self.chains_dropped,
             "edit_types": dict(self.edit_types),
             "lengths": {str(k): v for k, v in sorted(self.lengths.items())},
@@ -100,6 +112,12 @@ class ChainSummary:
             lines.append(f"  skipped {msg}")
         if self.lines_skipped > len(self.skipped):
             lines.append(f"  ... and {self.lines_skipped - len(self.skipped)} more")
+        if self.ids_renamed:
+            shown = ", ".join(self.renamed[:3]) + (", ..." if self.ids_renamed > 3 else "")
+            lines.append(
+                f"repeated ids: {self.ids_renamed} record(s) took an id already used and got a #n "
+                f"suffix ({shown})"
+            )
         total = sum(self.edit_types.values())
         if total:
             lines.append(f"edits: {total}")

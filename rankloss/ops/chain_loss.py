@@ -156,7 +156,9 @@ def chain_loss_fwd_torch(
                 taken, n_pairs = (lo == 0) & (hi > 0), sizes - 1
             weight = torch.where(taken & either, 1.0 / n_pairs.to(acc)[:, None, None], 0.0)
             if loss_type == "sigmoid":
-                pair_loss, pair_grad = F.softplus(-margin), -torch.sigmoid(-margin)
+                # -logsigmoid, not softplus(-m): softplus returns its input unchanged above its
+                # threshold of 20, off by up to e^-20 for margins below -20.
+                pair_loss, pair_grad = -F.logsigmoid(margin), -torch.sigmoid(-margin)
             elif loss_type == "hinge":
                 pair_loss = torch.relu(1 - margin)
                 pair_grad = torch.where(1 - margin > 0, -1.0, 0.0).to(acc)
@@ -174,7 +176,7 @@ def chain_loss_fwd_torch(
                 inv_disc[:, :, None] - inv_disc[:, None, :]
             ).abs()
             weight = torch.where(either, weight, 0.0)
-            pair_loss, pair_grad = F.softplus(-margin), -torch.sigmoid(-margin)
+            pair_loss, pair_grad = -F.logsigmoid(margin), -torch.sigmoid(-margin)
         chain_losses = torch.where(upper, weight * pair_loss, 0.0).sum(dim=(1, 2))
         signed = torch.where(upper, -pair_grad, pair_grad)
         grad = torch.where(either, weight * signed, 0.0).sum(dim=1)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._validation import warn_zero_token_captions
 from ._common import accumulation_dtype, default_chunk_size, logprob_grad_, softmax_
 
 __all__ = ["DEFAULT_CACHE_BYTES", "single_pass_chain_loss"]
@@ -134,10 +135,11 @@ def single_pass_chain_loss(
     row_caption = caption_of_row[rows_all]
     counts = torch.bincount(row_caption, minlength=S)
     caption_rows = counts.tolist()
+    warn_zero_token_captions(caption_rows)
     # A group fits in the cache plus its last chunk (kept on top of the cache, see step 1).
     max_rows = max(chunk, cache_bytes // (4 * V * (2 if softcap is not None else 1))) + chunk
     C = len(chain_sizes)
-    scale = 1.0 / C if reduction == "mean" else 1.0
+    scale = 1.0 / C if reduction == "mean" and C > 0 else 1.0
 
     scores = torch.zeros(S, dtype=acc)
     d_hidden = torch.zeros((N, D), dtype=acc) if hidden.requires_grad else None
