@@ -30,7 +30,9 @@ Kernels:
 * ``_bwd_atomic_kernel`` (default backward): grid ``(row blocks, vocabulary tiles)``. Each program
   recomputes its logit tile once and adds its contributions to ``d hidden``, ``d weight`` and
   ``d bias`` with fp32 atomics: 8 N V D FLOPs for forward + backward, but the order of the additions
-  (and so the last bits of the result) depends on scheduling.
+  (and so the last bits of the result) depends on scheduling. The atomics are relaxed: nothing in the
+  kernel reads what they write (the results are read after the kernel), so they need no ordering, and
+  the default acq_rel semantics would put a ``MEMBAR.GPU`` before every one of them.
 * ``_bwd_dhidden_kernel`` + ``_bwd_dweight_kernel`` (``deterministic=True``): each program owns its
   output rows (a row block of ``d hidden``, or a vocabulary tile of ``d weight`` and ``d bias``) and
   loops over the other dimension in a fixed order, so no atomics are needed and the result is bitwise
@@ -224,7 +226,7 @@ def _bwd_atomic_kernel(
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
     )
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask)
+        tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
     da_lp = da.to(h_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -236,7 +238,9 @@ def _bwd_atomic_kernel(
                 other=0.0,
             )
             dh = tl.dot(_operand(da_lp, UPCAST_DOT), _operand(w, UPCAST_DOT), input_precision=DOT_PRECISION)
-            tl.atomic_add(dh_ptr + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(
+                dh_ptr + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :], sem="relaxed"
+            )
         if COMPUTE_DW:
             h = tl.load(
                 h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
@@ -244,7 +248,9 @@ def _bwd_atomic_kernel(
                 other=0.0,
             )
             dw = tl.dot(tl.trans(_operand(da_lp, UPCAST_DOT)), _operand(h, UPCAST_DOT), input_precision=DOT_PRECISION)
-            tl.atomic_add(dw_ptr + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(
+                dw_ptr + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :], sem="relaxed"
+            )
 
 
 @triton.jit
