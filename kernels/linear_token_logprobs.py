@@ -6,12 +6,13 @@ Maths (row ``n`` with hidden state ``h [D]``, label ``y``; LM head ``W [V, D]``,
     a_j = <h, W_j> + b_j                       raw logit                      (tile by tile with tl.dot)
     z_j = c * tanh(a_j / c)                    soft-capped logit (z = a without soft-cap)
     u_j = z_j / tau
-    lse = log sum_j exp(u_j)                   online over vocabulary tiles, merged across splits
-    l   = u_y - lse
+    lso = log sum_{j != y} exp(u_j)            online over vocabulary tiles, merged across splits
+    l   = -log(1 + exp(lso - u_y))             = u_y - lse, without the cancellation when p_y -> 1
+    lse = u_y - l
 
 Backward, with the per-token upstream gradient ``g = dLoss/dl`` and ``p_j = exp(u_j - lse)``:
 
-    dLoss/du_j = g * ([j == y] - p_j)
+    dLoss/du_j = g * ([j == y] - p_j)          the target entry g * (1 - p_y) with 1 - p_y = -expm1(l)
     dLoss/da_j = dLoss/du_j / tau * (1 - tanh(a_j / c)^2)          (the last factor only with soft-cap)
     dLoss/dh   = sum_j dLoss/da_j * W_j        -> d hidden [N, D]
     dLoss/dW_j = sum_n dLoss/da_{n,j} * h_n    -> d weight [V, D]
@@ -24,9 +25,11 @@ program whose row block starts past that count exits at once, and the loops over
 Kernels:
 
 * ``_fwd_kernel``: grid ``(row blocks, vocabulary splits)``. Each program computes, for its rows and its
-  share of the vocabulary, the running max, the running sum of exponentials and the target logit; the
-  launcher merges the splits (a logsumexp over ``SPLIT_V`` partials). Splitting the vocabulary keeps
-  the GPU busy when there are few row blocks.
+  share of the vocabulary, the running max and the running sum of exponentials of the non-target
+  logits, and the target logit; the launcher merges the splits (a logsumexp over ``SPLIT_V`` partials)
+  and takes ``l = -log(1 + exp(lso - u_y))``: computed as ``u_y - lse`` it would round to 0 once
+  ``p_y > 1 - 2^-24``, and the backward's ``1 - p_y`` with it. Splitting the vocabulary keeps the GPU
+  busy when there are few row blocks.
 * ``_bwd_atomic_kernel`` (default backward): grid ``(row blocks, vocabulary tiles)``. Each program
   recomputes its logit tile once and adds its contributions to ``d hidden``, ``d weight`` and
   ``d bias`` with fp32 atomics: 8 N V D FLOPs for forward + backward, but the order of the additions
@@ -94,14 +97,15 @@ def _raw_logit_tile(
 
 @triton.jit
 def _grad_logit_tile(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
     D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     # dLoss/da for a [BLOCK_N, BLOCK_V] tile, recomputing the logits (see the module docstring); 0 outside
-    # the valid rows and columns.
+    # the valid rows and columns. The target entry takes 1 - p_y from omp_ptr (-expm1(log p(y)), exact
+    # where 1 - exp(u_y - lse) cancels).
     a = _raw_logit_tile(
         h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
         BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
@@ -115,10 +119,11 @@ def _grad_logit_tile(
         u = a * inv_temp
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    omp = tl.load(omp_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     p = tl.exp(u - lse[:, None])
     onehot = cols[None, :] == label[:, None]
-    du = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    du = g[:, None] * tl.where(onehot, omp[:, None], -p)
     da = du * inv_temp
     if HAS_SOFTCAP:
         da = da * (1.0 - t * t)
@@ -133,9 +138,10 @@ def _fwd_kernel(
     labels_ptr,  # [N] int labels, indexed by original row
     rows_ptr,  # [N] int64 row order: scored rows first
     n_valid_ptr,  # [1] int32: number of scored rows (a device tensor: no host sync)
-    max_ptr,  # [SPLIT_V, N] fp32 out: running max of u per split and row
-    sum_ptr,  # [SPLIT_V, N] fp32 out: sum of exp(u - max) per split and row
+    max_ptr,  # [SPLIT_V, N] fp32 out: max of u over the split's non-target columns, per row (-inf if none)
+    sum_ptr,  # [SPLIT_V, N] fp32 out: sum of exp(u - max) over the split's non-target columns
     target_ptr,  # [SPLIT_V, N] fp32 out: u at the label if the label lies in this split, else 0
+    # (max_ptr and sum_ptr leave the label's column out: their merge is the non-target log-sum-exp)
     N,  # number of rows (hidden.shape[0])
     V,  # vocabulary size
     D,  # hidden size
@@ -178,10 +184,14 @@ def _fwd_kernel(
         if HAS_SOFTCAP:
             a = softcap * _tanh(a / softcap)
         u = tl.where(col_mask[None, :], a * inv_temp, -float("inf"))
+        is_target = cols[None, :] == label[:, None]
+        target += tl.sum(tl.where(is_target, u, 0.0), axis=1)
+        u = tl.where(is_target, -float("inf"), u)
         m_new = tl.maximum(m, tl.max(u, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
+        # Rows that have seen no non-target column yet keep s = 0 (guard -inf - -inf = nan).
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(u - m_safe[:, None]), axis=1)
         m = m_new
-        target += tl.sum(tl.where(cols[None, :] == label[:, None], u, 0.0), axis=1)
     out = pid_s.to(tl.int64) * N + rows
     tl.store(max_ptr + out, m, mask=row_mask)
     tl.store(sum_ptr + out, s, mask=row_mask)
@@ -197,6 +207,7 @@ def _bwd_atomic_kernel(
     rows_ptr,  # [N] int64 row order: scored rows first
     n_valid_ptr,  # [1] int32 number of scored rows
     lse_ptr,  # [N] fp32 logsumexp saved by the forward
+    omp_ptr,  # [N] fp32 1 - p_y = -expm1(log p(y)) from the forward's log-probs
     grad_ptr,  # [N] fp32 upstream gradient per token
     dh_ptr,  # [N, D] fp32 accumulator for d hidden (contiguous), zero-initialised
     dw_ptr,  # [V, D] fp32 accumulator for d weight (contiguous), zero-initialised
@@ -221,7 +232,7 @@ def _bwd_atomic_kernel(
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     da = _grad_logit_tile(
-        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
         D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
     )
@@ -255,7 +266,7 @@ def _bwd_atomic_kernel(
 
 @triton.jit
 def _bwd_dhidden_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
     dh_ptr,  # [N, D] fp32 d hidden (contiguous), zero-initialised; this program owns its row block
     V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
@@ -277,7 +288,7 @@ def _bwd_dhidden_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         da = _grad_logit_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
         ).to(h_ptr.dtype.element_ty)
@@ -297,7 +308,7 @@ def _bwd_dhidden_kernel(
 
 @triton.jit
 def _bwd_dweight_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
     dw_ptr,  # [V, D] fp32 d weight (contiguous); this program owns its vocabulary tile
     db_ptr,  # [V] fp32 d bias; this program owns its vocabulary tile
     V, D,
@@ -318,7 +329,7 @@ def _bwd_dweight_kernel(
         row_mask = offs < n_valid
         rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
         da = _grad_logit_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
         )
@@ -416,16 +427,21 @@ def linear_token_logprobs_forward(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
     )
-    # Merge the splits: lse = M + log(sum_s S_s exp(M_s - M)). Ignored rows keep -inf maxima and are
-    # zeroed below (their value is never used).
+    # Merge the splits: lso = M + log(sum_s S_s exp(M_s - M)), the log-sum-exp of the non-target logits
+    # (-inf when there is none: V = 1). Ignored rows are zeroed below (their value is never used).
     scored = labels != ignore_index
     m = part_max.max(dim=0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
+    lso = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
+    u_y = part_target.sum(dim=0)
+    # log p(y) = -log(1 + exp(lso - u_y)): keeps its bits as p_y -> 1, where u_y - lse rounds to 0.
+    logp = -torch.logaddexp(torch.zeros_like(lso), lso - u_y)
+    # A label outside [0, V) matches no column (nothing is read or written for it): NaN log-prob, and
+    # lse is the log-sum-exp of the whole row.
+    bad = (labels < 0) | (labels >= V)
+    lse = torch.where(bad, lso, u_y - logp)
     lse = torch.where(scored, lse, torch.zeros_like(lse))
-    logp = torch.where(scored, part_target.sum(dim=0) - lse, torch.zeros_like(lse))
-    # A label outside [0, V) matches no column (nothing is read or written for it): NaN, not -lse.
-    logp = torch.where(scored & ((labels < 0) | (labels >= V)), float("nan"), logp)
+    logp = torch.where(scored, torch.where(bad, float("nan"), logp), torch.zeros_like(logp))
     return logp, lse
 
 
@@ -435,6 +451,7 @@ def linear_token_logprobs_backward(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
+    logp: torch.Tensor,
     lse: torch.Tensor,
     ignore_index: int,
     temperature: float,
@@ -447,7 +464,8 @@ def linear_token_logprobs_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(d hidden [N, D], d weight [V, D], d bias [V])`` in the inputs' dtypes (None where not needed).
 
-    ``grad_out [N]`` is the per-token upstream gradient. ``deterministic=False`` (default) uses one kernel
+    ``grad_out [N]`` is the per-token upstream gradient; ``logp`` and ``lse`` are the forward's outputs
+    (the target entry uses ``1 - p_y = -expm1(logp)``). ``deterministic=False`` (default) uses one kernel
     with fp32 atomics; ``True`` uses two kernels that own their outputs (no atomics, bitwise
     reproducible, one more recomputation of the logits).
     """
@@ -463,6 +481,7 @@ def linear_token_logprobs_backward(
         BLOCK_N, BLOCK_V = blocks["BLOCK_N"], blocks["BLOCK_V"]
         rows, n_valid = scored_rows_first(labels, ignore_index)
         grad_out = grad_out.to(torch.float32).contiguous()
+        one_minus_p = -torch.expm1(logp.to(torch.float32)).contiguous()
         common = (
             V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature, float(softcap or 1.0),
@@ -471,7 +490,9 @@ def linear_token_logprobs_backward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
         )
-        inputs = (hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid, lse, grad_out)
+        inputs = (
+            hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid, lse, one_minus_p, grad_out
+        )  # fmt: skip
         dummy = lse  # any fp32 tensor for pointers that a constexpr switch leaves unused
         if deterministic:
             if needs_hidden:

@@ -174,23 +174,29 @@ def test_cublas_linear_hypothesis_shapes_and_chunks(N, D, V, chunk, seed, softca
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("chunk", [None, 7])
-def test_cublas_confident_target_keeps_its_bits(chunk):
-    # p_y -> 1: log p(y) ~ -(V - 1) e^-30 and its gradient g (1 - p_y) must not round to 0. The forward
-    # takes log p(y) = -log(1 + exp(lse_others - u_y)) and the backward 1 - p_y = -expm1(log p(y)); plain
-    # fp32 (u_y - lse, 1 - p_y) gives exactly 0 for both.
+@pytest.mark.parametrize(
+    "impl, kw",
+    [("cublas", {}), ("cublas", {"chunk_size": 7}), ("triton", {}), ("triton", {"deterministic": True})],
+    ids=["cublas", "cublas-chunk7", "triton", "triton-deterministic"],
+)
+def test_linear_confident_target_keeps_its_bits(impl, kw):
+    # p_y -> 1: log p(y) ~ -(V - 1) e^-30 and its gradient g (1 - p_y) must not round to 0. Both paths take
+    # log p(y) = -log(1 + exp(lse_others - u_y)) in the forward and 1 - p_y = -expm1(log p(y)) for the
+    # target entry of the backward; plain fp32 (u_y - lse, onehot - p) gives exactly 0 for both.
     V, D = 61, 3
     weight = torch.zeros(V, D)
     weight[5, 0] = 30.0
     hidden = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     labels = torch.tensor([5, 5])
-    out, dh, dw, _ = _run_linear("cublas", hidden, weight, None, labels, torch.ones(2), chunk_size=chunk)
+    out, dh, dw, _ = _run_linear(impl, hidden, weight, None, labels, torch.ones(2), **kw)
     others = (V - 1) * torch.exp(torch.tensor(-30.0, dtype=torch.float64))
     exact_logp = -torch.log1p(others)
     torch.testing.assert_close(out.double(), exact_logp.expand(2), rtol=1e-5, atol=0)
     one_minus_p = others / (1 + others)
-    # d weight[y] = g (1 - p_y) h: nonzero and exact to float32 rounding.
+    # d weight[y] = g (1 - p_y) h and d hidden = g (1 - p_y) W_y (the other rows of W are 0): nonzero and
+    # exact to float32 rounding.
     torch.testing.assert_close(dw[5, 0].double(), 2 * one_minus_p, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dh[:, 0].double(), (30 * one_minus_p).expand(2), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("env", ["0", "1"])
