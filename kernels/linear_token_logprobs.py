@@ -355,22 +355,39 @@ def _bwd_dweight_kernel(
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
-# Tiles on a GPU: 64 x 128 logit tiles, D in slices of 64, 8 warps. Compiled ahead of time for sm_90
-# (tests/test_logprob_ops.py), ptxas reports no register spills for the forward at this size and
-# 16-700 bytes for the backward kernels; 4 warps or 128 x 128 tiles spill 0.5-5 KB per thread.
-GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8)
+# Tiles on a GPU, per kind of tl.dot, from the sm_90 resource report (python benchmarks/aot_report.py;
+# tests/test_aot_report.py fails on a spill, shared memory over 232,448 B per block, or a 16-bit/TF32
+# dot without HGMMA):
+# * bf16/fp16 (HGMMA): 64 x 128 logit tiles, D in slices of 64, 8 warps: no spills, 73,728-139,264 B
+#   of shared memory (3 stages).
+# * fp32 with TF32 (HGMMA): D in slices of 32, so that an operand row is 128 bytes as in 16 bits: the
+#   atomic backward needs 155,648 B (slices of 64 need 245,760 B, over the limit: OutOfResources).
+# * exact fp32 (no tensor cores: FFMA): 32 x 64 tiles, D in slices of 16, 4 warps: no spills in any
+#   kernel (at 64 x 128 x 64 the backward kernels spill 96 B to 14 KB per thread, at 64 x 64 x 16 with 8
+#   warps the d-weight kernel still 40 B).
+GPU_BLOCKS = {
+    "16-bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8),
+    "tf32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8),
+    "ieee": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=4),
+}
+# The forward is capped at 128 registers per thread, so that two 8-warp programs fit on an SM (65,536
+# registers): uncapped it takes 136-139 (1 per SM) since it keeps the target column out of its running
+# sums; capped, ptxas fits it in 117-128 registers without spilling.
+GPU_FWD_MAXNREG = 128
 # The CPU interpreter: small tiles, so that small odd test shapes still cross every block boundary.
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32)
-
-
-def _blocks(device: torch.device) -> dict[str, int]:
-    """Launch meta-parameters (tile sizes, and num_warps on a GPU) for ``device``."""
-    return dict(GPU_BLOCKS) if device.type == "cuda" else dict(INTERPRETER_BLOCKS)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 products unless the user allowed TF32 matmuls (torch.backends.cuda.matmul.allow_tf32)."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _blocks(device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+    """Launch meta-parameters (tile sizes, and num_warps on a GPU) for inputs of ``dtype`` on ``device``."""
+    if device.type != "cuda":
+        return dict(INTERPRETER_BLOCKS)
+    return dict(GPU_BLOCKS["16-bit" if dtype in (torch.bfloat16, torch.float16) else _dot_precision(dtype)])
 
 
 def scored_rows_first(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,7 +423,7 @@ def linear_token_logprobs_forward(
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone()
-    blocks = _blocks(device)
+    blocks = _blocks(device, hidden.dtype)
     BLOCK_N, BLOCK_V = blocks["BLOCK_N"], blocks["BLOCK_V"]
     rows, n_valid = scored_rows_first(labels, ignore_index)
     row_blocks = triton.cdiv(N, BLOCK_N)
@@ -426,6 +443,7 @@ def linear_token_logprobs_forward(
         1.0 / temperature, float(softcap or 1.0), v_per_split,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
+        **({"maxnreg": GPU_FWD_MAXNREG} if device.type == "cuda" else {}),
     )
     # Merge the splits: lso = M + log(sum_s S_s exp(M_s - M)), the log-sum-exp of the non-target logits
     # (-inf when there is none: V = 1). Ignored rows are zeroed below (their value is never used).
@@ -477,7 +495,7 @@ def linear_token_logprobs_backward(
     dw = torch.zeros((V, D), dtype=torch.float32, device=device) if needs_weight else None
     db = torch.zeros((V,), dtype=torch.float32, device=device) if needs_bias else None
     if N > 0 and (needs_hidden or needs_weight or needs_bias):
-        blocks = _blocks(device)
+        blocks = _blocks(device, hidden.dtype)
         BLOCK_N, BLOCK_V = blocks["BLOCK_N"], blocks["BLOCK_V"]
         rows, n_valid = scored_rows_first(labels, ignore_index)
         grad_out = grad_out.to(torch.float32).contiguous()

@@ -199,6 +199,27 @@ def test_linear_confident_target_keeps_its_bits(impl, kw):
     torch.testing.assert_close(dh[:, 0].double(), (30 * one_minus_p).expand(2), rtol=1e-5, atol=0)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("config", ["16-bit", "tf32", "ieee"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_gpu_tile_configs_match_float64_reference(monkeypatch, config, deterministic):
+    # The GPU launch configurations (per dtype: bf16/fp16, fp32 with TF32, exact fp32; their resources are
+    # checked by tests/test_aot_report.py) run under the interpreter on odd shapes that cross every tile
+    # boundary (D = 67 is not a multiple of 64, 32 or 16; V = 301 spans partial 64- and 128-wide tiles).
+    from rankloss.kernels import linear_token_logprobs as kernels
+
+    blocks = {k: v for k, v in kernels.GPU_BLOCKS[config].items() if k != "num_warps"}
+    monkeypatch.setattr(kernels, "_blocks", lambda device, dtype: dict(blocks))
+    hidden, weight, bias, labels, upstream = _linear_case(37, 67, 301, torch.float32, seed=5)
+    kw = dict(softcap=4.0, temperature=0.8)
+    fast = _run_linear("triton", hidden, weight, bias, labels, upstream, deterministic=deterministic, **kw)
+    truth = _run_linear(
+        "reference", hidden.double(), weight.double(), bias.double(), labels, upstream.double(), **kw
+    )
+    for f, t in zip(fast, truth):
+        torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("env", ["0", "1"])
 def test_cublas_path_errors_name_the_problem(monkeypatch, env):
     monkeypatch.setenv("TRITON_INTERPRET", env)
@@ -452,10 +473,12 @@ def compile_for_sm90(fn, dtype, constexprs, num_warps):
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert "cubin" in kernel.asm
 
-blocks = {k: v for k, v in L.GPU_BLOCKS.items() if k != "num_warps"}
-for dtype, precision, bias, softcap in [("bf16", "ieee", True, True), ("fp32", "tf32", False, False)]:
+for dtype, precision, bias, softcap, config in [
+    ("bf16", "ieee", True, True, "16-bit"), ("fp32", "tf32", False, False, "tf32")
+]:
+    blocks = {k: v for k, v in L.GPU_BLOCKS[config].items() if k != "num_warps"}
     base = dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, DOT_PRECISION=precision, UPCAST_DOT=False, **blocks)
-    nw = L.GPU_BLOCKS["num_warps"]
+    nw = L.GPU_BLOCKS[config]["num_warps"]
     compile_for_sm90(L._fwd_kernel, dtype, base, nw)
     atomic = dict(base, COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=bias)
     compile_for_sm90(L._bwd_atomic_kernel, dtype, atomic, nw)
