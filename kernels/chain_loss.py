@@ -35,6 +35,11 @@ LOSS_TYPE_CODES = {"sigmoid": 0, "hinge": 1, "ipo": 2}
 # [BLOCK_K, BLOCK_C] with BLOCK_K = max(1, 4096 // BLOCK_C) rows, so 4096 is one row per step.
 MAX_CHAIN_SIZE = 4096
 _TILE_ELEMENTS = 4096
+# Warps per program: 4 up to 256 columns; 8 above, where each of the column vectors (rewards, gradient
+# accumulator, LiPO ranks, gains, discounts) holds BLOCK_C / (32 * warps) values per thread. The sm_90
+# resource report (benchmarks/aot_report.py) finds spills at 4 warps from 1024 columns on (DPO 12-8 B,
+# LiPO at 4096: 96 B per thread) and none at 8 warps (at most 175 registers).
+_WIDE_COLUMNS = 256
 # Rows of the metrics output: pairwise accuracy, top-1 accuracy, Kendall tau, neighbour margin.
 NUM_METRICS = 4
 
@@ -294,6 +299,6 @@ def chain_loss_fwd(
         LOSS_TYPE=LOSS_TYPE_CODES[loss_type],
         BLOCK_K=block_k,
         BLOCK_C=block_c,
-        num_warps=4,
+        num_warps=4 if block_c <= _WIDE_COLUMNS else 8,
     )
     return loss_out, grad, rewards, metrics

@@ -6,12 +6,13 @@ Maths (row ``n`` with hidden state ``h [D]``, label ``y``; LM head ``W [V, D]``,
     a_j = <h, W_j> + b_j                       raw logit                      (tile by tile with tl.dot)
     z_j = c * tanh(a_j / c)                    soft-capped logit (z = a without soft-cap)
     u_j = z_j / tau
-    lse = log sum_j exp(u_j)                   online over vocabulary tiles, merged across splits
-    l   = u_y - lse
+    lso = log sum_{j != y} exp(u_j)            online over vocabulary tiles, merged across splits
+    l   = -log(1 + exp(lso - u_y))             = u_y - lse, without the cancellation when p_y -> 1
+    lse = u_y - l
 
 Backward, with the per-token upstream gradient ``g = dLoss/dl`` and ``p_j = exp(u_j - lse)``:
 
-    dLoss/du_j = g * ([j == y] - p_j)
+    dLoss/du_j = g * ([j == y] - p_j)          the target entry g * (1 - p_y) with 1 - p_y = -expm1(l)
     dLoss/da_j = dLoss/du_j / tau * (1 - tanh(a_j / c)^2)          (the last factor only with soft-cap)
     dLoss/dh   = sum_j dLoss/da_j * W_j        -> d hidden [N, D]
     dLoss/dW_j = sum_n dLoss/da_{n,j} * h_n    -> d weight [V, D]
@@ -24,13 +25,17 @@ program whose row block starts past that count exits at once, and the loops over
 Kernels:
 
 * ``_fwd_kernel``: grid ``(row blocks, vocabulary splits)``. Each program computes, for its rows and its
-  share of the vocabulary, the running max, the running sum of exponentials and the target logit; the
-  launcher merges the splits (a logsumexp over ``SPLIT_V`` partials). Splitting the vocabulary keeps
-  the GPU busy when there are few row blocks.
+  share of the vocabulary, the running max and the running sum of exponentials of the non-target
+  logits, and the target logit; the launcher merges the splits (a logsumexp over ``SPLIT_V`` partials)
+  and takes ``l = -log(1 + exp(lso - u_y))``: computed as ``u_y - lse`` it would round to 0 once
+  ``p_y > 1 - 2^-24``, and the backward's ``1 - p_y`` with it. Splitting the vocabulary keeps the GPU
+  busy when there are few row blocks.
 * ``_bwd_atomic_kernel`` (default backward): grid ``(row blocks, vocabulary tiles)``. Each program
   recomputes its logit tile once and adds its contributions to ``d hidden``, ``d weight`` and
   ``d bias`` with fp32 atomics: 8 N V D FLOPs for forward + backward, but the order of the additions
-  (and so the last bits of the result) depends on scheduling.
+  (and so the last bits of the result) depends on scheduling. The atomics are relaxed: nothing in the
+  kernel reads what they write (the results are read after the kernel), so they need no ordering, and
+  the default acq_rel semantics would put a ``MEMBAR.GPU`` before every one of them.
 * ``_bwd_dhidden_kernel`` + ``_bwd_dweight_kernel`` (``deterministic=True``): each program owns its
   output rows (a row block of ``d hidden``, or a vocabulary tile of ``d weight`` and ``d bias``) and
   loops over the other dimension in a fixed order, so no atomics are needed and the result is bitwise
@@ -92,14 +97,15 @@ def _raw_logit_tile(
 
 @triton.jit
 def _grad_logit_tile(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
     D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     # dLoss/da for a [BLOCK_N, BLOCK_V] tile, recomputing the logits (see the module docstring); 0 outside
-    # the valid rows and columns.
+    # the valid rows and columns. The target entry takes 1 - p_y from omp_ptr (-expm1(log p(y)), exact
+    # where 1 - exp(u_y - lse) cancels).
     a = _raw_logit_tile(
         h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
         BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
@@ -113,10 +119,11 @@ def _grad_logit_tile(
         u = a * inv_temp
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    omp = tl.load(omp_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     p = tl.exp(u - lse[:, None])
     onehot = cols[None, :] == label[:, None]
-    du = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    du = g[:, None] * tl.where(onehot, omp[:, None], -p)
     da = du * inv_temp
     if HAS_SOFTCAP:
         da = da * (1.0 - t * t)
@@ -131,9 +138,10 @@ def _fwd_kernel(
     labels_ptr,  # [N] int labels, indexed by original row
     rows_ptr,  # [N] int64 row order: scored rows first
     n_valid_ptr,  # [1] int32: number of scored rows (a device tensor: no host sync)
-    max_ptr,  # [SPLIT_V, N] fp32 out: running max of u per split and row
-    sum_ptr,  # [SPLIT_V, N] fp32 out: sum of exp(u - max) per split and row
+    max_ptr,  # [SPLIT_V, N] fp32 out: max of u over the split's non-target columns, per row (-inf if none)
+    sum_ptr,  # [SPLIT_V, N] fp32 out: sum of exp(u - max) over the split's non-target columns
     target_ptr,  # [SPLIT_V, N] fp32 out: u at the label if the label lies in this split, else 0
+    # (max_ptr and sum_ptr leave the label's column out: their merge is the non-target log-sum-exp)
     N,  # number of rows (hidden.shape[0])
     V,  # vocabulary size
     D,  # hidden size
@@ -176,10 +184,14 @@ def _fwd_kernel(
         if HAS_SOFTCAP:
             a = softcap * _tanh(a / softcap)
         u = tl.where(col_mask[None, :], a * inv_temp, -float("inf"))
+        is_target = cols[None, :] == label[:, None]
+        target += tl.sum(tl.where(is_target, u, 0.0), axis=1)
+        u = tl.where(is_target, -float("inf"), u)
         m_new = tl.maximum(m, tl.max(u, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new[:, None]), axis=1)
+        # Rows that have seen no non-target column yet keep s = 0 (guard -inf - -inf = nan).
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(u - m_safe[:, None]), axis=1)
         m = m_new
-        target += tl.sum(tl.where(cols[None, :] == label[:, None], u, 0.0), axis=1)
     out = pid_s.to(tl.int64) * N + rows
     tl.store(max_ptr + out, m, mask=row_mask)
     tl.store(sum_ptr + out, s, mask=row_mask)
@@ -195,6 +207,7 @@ def _bwd_atomic_kernel(
     rows_ptr,  # [N] int64 row order: scored rows first
     n_valid_ptr,  # [1] int32 number of scored rows
     lse_ptr,  # [N] fp32 logsumexp saved by the forward
+    omp_ptr,  # [N] fp32 1 - p_y = -expm1(log p(y)) from the forward's log-probs
     grad_ptr,  # [N] fp32 upstream gradient per token
     dh_ptr,  # [N, D] fp32 accumulator for d hidden (contiguous), zero-initialised
     dw_ptr,  # [V, D] fp32 accumulator for d weight (contiguous), zero-initialised
@@ -219,12 +232,12 @@ def _bwd_atomic_kernel(
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     da = _grad_logit_tile(
-        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
         D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
     )
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask)
+        tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
     da_lp = da.to(h_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -236,7 +249,9 @@ def _bwd_atomic_kernel(
                 other=0.0,
             )
             dh = tl.dot(_operand(da_lp, UPCAST_DOT), _operand(w, UPCAST_DOT), input_precision=DOT_PRECISION)
-            tl.atomic_add(dh_ptr + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(
+                dh_ptr + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :], sem="relaxed"
+            )
         if COMPUTE_DW:
             h = tl.load(
                 h_ptr + rows[:, None] * stride_hn + dd[None, :] * stride_hd,
@@ -244,12 +259,14 @@ def _bwd_atomic_kernel(
                 other=0.0,
             )
             dw = tl.dot(tl.trans(_operand(da_lp, UPCAST_DOT)), _operand(h, UPCAST_DOT), input_precision=DOT_PRECISION)
-            tl.atomic_add(dw_ptr + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(
+                dw_ptr + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :], sem="relaxed"
+            )
 
 
 @triton.jit
 def _bwd_dhidden_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
     dh_ptr,  # [N, D] fp32 d hidden (contiguous), zero-initialised; this program owns its row block
     V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
@@ -271,7 +288,7 @@ def _bwd_dhidden_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         da = _grad_logit_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
         ).to(h_ptr.dtype.element_ty)
@@ -291,7 +308,7 @@ def _bwd_dhidden_kernel(
 
 @triton.jit
 def _bwd_dweight_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
     dw_ptr,  # [V, D] fp32 d weight (contiguous); this program owns its vocabulary tile
     db_ptr,  # [V] fp32 d bias; this program owns its vocabulary tile
     V, D,
@@ -312,7 +329,7 @@ def _bwd_dweight_kernel(
         row_mask = offs < n_valid
         rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
         da = _grad_logit_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
         )
@@ -338,22 +355,39 @@ def _bwd_dweight_kernel(
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
-# Tiles on a GPU: 64 x 128 logit tiles, D in slices of 64, 8 warps. Compiled ahead of time for sm_90
-# (tests/test_logprob_ops.py), ptxas reports no register spills for the forward at this size and
-# 16-700 bytes for the backward kernels; 4 warps or 128 x 128 tiles spill 0.5-5 KB per thread.
-GPU_BLOCKS = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8)
+# Tiles on a GPU, per kind of tl.dot, from the sm_90 resource report (python benchmarks/aot_report.py;
+# tests/test_aot_report.py fails on a spill, shared memory over 232,448 B per block, or a 16-bit/TF32
+# dot without HGMMA):
+# * bf16/fp16 (HGMMA): 64 x 128 logit tiles, D in slices of 64, 8 warps: no spills, 73,728-139,264 B
+#   of shared memory (3 stages).
+# * fp32 with TF32 (HGMMA): D in slices of 32, so that an operand row is 128 bytes as in 16 bits: the
+#   atomic backward needs 155,648 B (slices of 64 need 245,760 B, over the limit: OutOfResources).
+# * exact fp32 (no tensor cores: FFMA): 32 x 64 tiles, D in slices of 16, 4 warps: no spills in any
+#   kernel (at 64 x 128 x 64 the backward kernels spill 96 B to 14 KB per thread, at 64 x 64 x 16 with 8
+#   warps the d-weight kernel still 40 B).
+GPU_BLOCKS = {
+    "16-bit": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8),
+    "tf32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8),
+    "ieee": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=4),
+}
+# The forward is capped at 128 registers per thread, so that two 8-warp programs fit on an SM (65,536
+# registers): uncapped it takes 136-139 (1 per SM) since it keeps the target column out of its running
+# sums; capped, ptxas fits it in 117-128 registers without spilling.
+GPU_FWD_MAXNREG = 128
 # The CPU interpreter: small tiles, so that small odd test shapes still cross every block boundary.
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32)
-
-
-def _blocks(device: torch.device) -> dict[str, int]:
-    """Launch meta-parameters (tile sizes, and num_warps on a GPU) for ``device``."""
-    return dict(GPU_BLOCKS) if device.type == "cuda" else dict(INTERPRETER_BLOCKS)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 products unless the user allowed TF32 matmuls (torch.backends.cuda.matmul.allow_tf32)."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _blocks(device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+    """Launch meta-parameters (tile sizes, and num_warps on a GPU) for inputs of ``dtype`` on ``device``."""
+    if device.type != "cuda":
+        return dict(INTERPRETER_BLOCKS)
+    return dict(GPU_BLOCKS["16-bit" if dtype in (torch.bfloat16, torch.float16) else _dot_precision(dtype)])
 
 
 def scored_rows_first(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +423,7 @@ def linear_token_logprobs_forward(
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone()
-    blocks = _blocks(device)
+    blocks = _blocks(device, hidden.dtype)
     BLOCK_N, BLOCK_V = blocks["BLOCK_N"], blocks["BLOCK_V"]
     rows, n_valid = scored_rows_first(labels, ignore_index)
     row_blocks = triton.cdiv(N, BLOCK_N)
@@ -409,17 +443,23 @@ def linear_token_logprobs_forward(
         1.0 / temperature, float(softcap or 1.0), v_per_split,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
+        **({"maxnreg": GPU_FWD_MAXNREG} if device.type == "cuda" else {}),
     )
-    # Merge the splits: lse = M + log(sum_s S_s exp(M_s - M)). Ignored rows keep -inf maxima and are
-    # zeroed below (their value is never used).
+    # Merge the splits: lso = M + log(sum_s S_s exp(M_s - M)), the log-sum-exp of the non-target logits
+    # (-inf when there is none: V = 1). Ignored rows are zeroed below (their value is never used).
     scored = labels != ignore_index
     m = part_max.max(dim=0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
+    lso = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
+    u_y = part_target.sum(dim=0)
+    # log p(y) = -log(1 + exp(lso - u_y)): keeps its bits as p_y -> 1, where u_y - lse rounds to 0.
+    logp = -torch.logaddexp(torch.zeros_like(lso), lso - u_y)
+    # A label outside [0, V) matches no column (nothing is read or written for it): NaN log-prob, and
+    # lse is the log-sum-exp of the whole row.
+    bad = (labels < 0) | (labels >= V)
+    lse = torch.where(bad, lso, u_y - logp)
     lse = torch.where(scored, lse, torch.zeros_like(lse))
-    logp = torch.where(scored, part_target.sum(dim=0) - lse, torch.zeros_like(lse))
-    # A label outside [0, V) matches no column (nothing is read or written for it): NaN, not -lse.
-    logp = torch.where(scored & ((labels < 0) | (labels >= V)), float("nan"), logp)
+    logp = torch.where(scored, torch.where(bad, float("nan"), logp), torch.zeros_like(logp))
     return logp, lse
 
 
@@ -429,6 +469,7 @@ def linear_token_logprobs_backward(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
+    logp: torch.Tensor,
     lse: torch.Tensor,
     ignore_index: int,
     temperature: float,
@@ -441,7 +482,8 @@ def linear_token_logprobs_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(d hidden [N, D], d weight [V, D], d bias [V])`` in the inputs' dtypes (None where not needed).
 
-    ``grad_out [N]`` is the per-token upstream gradient. ``deterministic=False`` (default) uses one kernel
+    ``grad_out [N]`` is the per-token upstream gradient; ``logp`` and ``lse`` are the forward's outputs
+    (the target entry uses ``1 - p_y = -expm1(logp)``). ``deterministic=False`` (default) uses one kernel
     with fp32 atomics; ``True`` uses two kernels that own their outputs (no atomics, bitwise
     reproducible, one more recomputation of the logits).
     """
@@ -453,10 +495,11 @@ def linear_token_logprobs_backward(
     dw = torch.zeros((V, D), dtype=torch.float32, device=device) if needs_weight else None
     db = torch.zeros((V,), dtype=torch.float32, device=device) if needs_bias else None
     if N > 0 and (needs_hidden or needs_weight or needs_bias):
-        blocks = _blocks(device)
+        blocks = _blocks(device, hidden.dtype)
         BLOCK_N, BLOCK_V = blocks["BLOCK_N"], blocks["BLOCK_V"]
         rows, n_valid = scored_rows_first(labels, ignore_index)
         grad_out = grad_out.to(torch.float32).contiguous()
+        one_minus_p = -torch.expm1(logp.to(torch.float32)).contiguous()
         common = (
             V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature, float(softcap or 1.0),
@@ -465,7 +508,9 @@ def linear_token_logprobs_backward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
         )
-        inputs = (hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid, lse, grad_out)
+        inputs = (
+            hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid, lse, one_minus_p, grad_out
+        )  # fmt: skip
         dummy = lse  # any fp32 tensor for pointers that a constexpr switch leaves unused
         if deterministic:
             if needs_hidden:

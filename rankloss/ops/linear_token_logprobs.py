@@ -366,6 +366,7 @@ def _linear_token_logprobs_bwd(
                 weight,
                 labels,
                 bias,
+                logp,
                 lse,
                 ignore_index,
                 temperature,
