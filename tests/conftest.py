@@ -12,6 +12,14 @@ import torch  # noqa: I001  (torch first: the interpreter switch below must prec
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A fresh torch.compile cache per test session: Inductor's on-disk cache (/tmp/torchinductor_<user>)
+# outlives checkouts, and a graph cached against an older schema of a rankloss custom op was seen to
+# break test_torch_compile_fullgraph_on_cpu. TORCHINDUCTOR_CACHE_DIR set by the caller wins.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rankloss-inductor-")
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
