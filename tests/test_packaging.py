@@ -1,7 +1,9 @@
 """The wheel installs exactly one top-level package, ``rankloss``, with every subpackage of the source tree.
 
 ``kernels/`` and ``reference/`` live at the top of the repository and must install as
-``rankloss.kernels`` and ``rankloss.reference`` (DESIGN.md §4). Packages are discovered from the source
+``rankloss.kernels`` and ``rankloss.reference`` (DESIGN.md §4); they are namespace folders (no
+``__init__.py``, see tests/test_source_checkout.py), so the wheel holds their modules and no
+``__init__.py`` for them. Packages are discovered from the source
 tree, so a subpackage added later (e.g. ``rankloss/chains/``) but missing from pyproject's
 ``[tool.setuptools] packages`` list fails here with a message naming it.
 
@@ -141,8 +143,10 @@ def test_wheel_contents(wheel: Path):
         f"unexpected top-level entries: {top_level - {'rankloss', *dist_info}}"
     )
     assert "kernels" not in top_level and "reference" not in top_level
-    assert "rankloss/kernels/__init__.py" in names
-    assert "rankloss/reference/__init__.py" in names
+    for package in ("kernels", "reference"):
+        assert any(n.startswith(f"rankloss/{package}/") and n.endswith(".py") for n in names), (
+            f"the wheel holds no module of rankloss.{package}"
+        )
 
     in_wheel = set(names)
     missing = [
@@ -168,35 +172,57 @@ def test_wheel_version_is_package_version(wheel: Path):
 def test_installed_wheel_imports_only_under_rankloss(wheel: Path, tmp_path: Path):
     """Unpacking a pure-Python wheel is installing it; run Python from an unrelated folder against it.
 
-    ``rankloss``, ``rankloss.kernels``, ``rankloss.reference`` and every console script's target import from
-    the unpacked wheel; ``kernels`` and ``reference`` do not import at all.
+    Every file the installed distribution records lies under ``rankloss/`` or its ``.dist-info``, so it
+    installs no top-level ``kernels`` or ``reference`` module. (Those names may still import: transformers
+    5.x depends on Hugging Face's ``kernels`` package; they must just not come from rankloss.)
+    ``rankloss``, ``rankloss.kernels``, ``rankloss.reference`` and every console script's target import
+    from the unpacked wheel. From the repository root: tests/test_source_checkout.py.
     """
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = f"""
-import importlib, sys
-import rankloss, rankloss.kernels, rankloss.reference
+import importlib, importlib.metadata, importlib.util, sys
 from pathlib import Path
 site = Path({str(site)!r}).resolve()
-for mod in (rankloss, rankloss.kernels, rankloss.reference):
-    assert site in Path(mod.__file__).resolve().parents, (mod.__name__, mod.__file__)
-assert rankloss.reference.plackett_luce_loss is not None
+
+def inside(path):
+    return site in Path(path).resolve().parents
+
+dist = importlib.metadata.distribution("rankloss")
+assert Path(dist.locate_file("")).resolve() == site, dist.locate_file("")
+files = [str(f) for f in dist.files]
+dist_info = next(site.glob("rankloss-*.dist-info")).name
+outside = [f for f in files if f.split("/")[0] not in ("rankloss", dist_info)]
+assert not outside, f"the installed distribution has files outside rankloss/: {{outside}}"
+assert any(f.startswith("rankloss/kernels/") for f in files), files
+assert any(f.startswith("rankloss/reference/") for f in files), files
+top_level = dist.read_text("top_level.txt")
+assert top_level is None or top_level.split() == ["rankloss"], top_level
+
+import rankloss, rankloss.kernels, rankloss.reference, rankloss.reference.losses
+assert inside(rankloss.__file__), rankloss.__file__
+for mod in (rankloss.kernels, rankloss.reference):
+    assert all(inside(p) for p in mod.__path__), (mod.__name__, list(mod.__path__))
+assert inside(rankloss.reference.losses.__file__), rankloss.reference.losses.__file__
+assert rankloss.reference.losses.plackett_luce_loss is not None
+for name in ("chain_loss", "token_logprobs", "linear_token_logprobs"):
+    spec = importlib.util.find_spec("rankloss.kernels." + name)
+    assert spec is not None and inside(spec.origin), (name, spec)
 # every console script of the wheel points at an importable callable
 import configparser
 entry_points = configparser.ConfigParser()
-entry_points.read(next(site.glob("rankloss-*.dist-info")) / "entry_points.txt")
+entry_points.read(site / dist_info / "entry_points.txt")
 scripts = entry_points["console_scripts"] if entry_points.has_section("console_scripts") else dict()
 for script, target in scripts.items():
     module, _, attr = target.partition(":")
     assert callable(getattr(importlib.import_module(module), attr)), (script, target)
+# a top-level kernels or reference, if anything provides one here, is not rankloss's
 for name in ("kernels", "reference"):
-    try:
-        importlib.import_module(name)
-    except ModuleNotFoundError:
-        continue
-    sys.exit(f"import {{name}} should fail after installing rankloss, got " + str(sys.modules[name]))
+    spec = importlib.util.find_spec(name)
+    places = [] if spec is None else [spec.origin] if spec.origin else list(spec.submodule_search_locations)
+    assert not any(inside(p) for p in places), f"import {{name}} finds rankloss's files: {{places}}"
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
