@@ -56,6 +56,24 @@ def _tanh(x):
 
 
 @triton.jit
+def _tempered_tile(
+    z_row, b_ptr, cols, mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
+    # One tile of a row: a = z + b (raw logits), u = c tanh(a / c) / tau; also t = tanh(a / c) for the
+    # soft-cap's derivative (t = a without soft-cap, unused then).
+    a = tl.load(z_row + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        a += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    t = a
+    if HAS_SOFTCAP:
+        t = _tanh(a / softcap)
+        u = softcap * t * inv_temp
+    else:
+        u = a * inv_temp
+    return u, t
+
+
+@triton.jit
 def _lse_chunk_kernel(
     z_ptr,  # [N, v] fp32: this chunk's raw logits h W[v0:v1]^T (row stride stride_zn, unit column stride)
     b_ptr,  # [v] bias of the chunk (any float dtype; unused without HAS_BIAS)
@@ -84,13 +102,7 @@ def _lse_chunk_kernel(
         for c0 in range(0, v, BLOCK_V):
             cols = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
             mask = cols < v
-            a = tl.load(z_row + cols, mask=mask, other=0.0)
-            if HAS_BIAS:
-                a += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                u = softcap * _tanh(a / softcap) * inv_temp
-            else:
-                u = a * inv_temp
+            u, _ = _tempered_tile(z_row, b_ptr, cols, mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
             is_y = cols == y
             u_y += tl.where(is_y, u, 0.0)
             u = tl.where(mask & ~is_y, u, -float("inf"))
@@ -145,14 +157,7 @@ def _grad_chunk_kernel(
     for c0 in range(0, v, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
         mask = cols < v
-        a = tl.load(z_row + cols, mask=mask, other=0.0)
-        if HAS_BIAS:
-            a += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t = _tanh(a / softcap)
-            u = softcap * t * inv_temp
-        else:
-            u = a * inv_temp
+        u, t = _tempered_tile(z_row, b_ptr, cols, mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
         p = tl.exp(u - lse)
         d = coef * tl.where(cols == y, omp, -p)
         if HAS_SOFTCAP:
