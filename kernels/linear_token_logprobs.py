@@ -50,7 +50,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["linear_token_logprobs_forward", "linear_token_logprobs_backward", "scored_rows_first"]
+__all__ = [
+    "linear_token_logprobs_forward",
+    "linear_token_logprobs_backward",
+    "logprobs_from_others",
+    "scored_rows_first",
+]
 
 
 @triton.jit
@@ -446,16 +451,26 @@ def linear_token_logprobs_forward(
         **({"maxnreg": GPU_FWD_MAXNREG} if device.type == "cuda" else {}),
     )
     # Merge the splits: lso = M + log(sum_s S_s exp(M_s - M)), the log-sum-exp of the non-target logits
-    # (-inf when there is none: V = 1). Ignored rows are zeroed below (their value is never used).
-    scored = labels != ignore_index
+    # (-inf when there is none: V = 1). Ignored rows are zeroed by logprobs_from_others.
     m = part_max.max(dim=0).values
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     lso = m_safe + torch.log((part_sum * torch.exp(part_max - m_safe)).sum(dim=0))
-    u_y = part_target.sum(dim=0)
-    # log p(y) = -log(1 + exp(lso - u_y)): keeps its bits as p_y -> 1, where u_y - lse rounds to 0.
+    return logprobs_from_others(lso, part_target.sum(dim=0), labels, ignore_index, V)
+
+
+def logprobs_from_others(
+    lso: torch.Tensor, u_y: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(y), lse)`` ``[N]`` from the log-sum-exp of each row's non-target logits ``lso`` and its
+    target logit ``u_y`` (the forward of this module and the vocabulary-chunked path both end here).
+
+    ``log p(y) = -log(1 + exp(lso - u_y))`` keeps its bits as ``p_y -> 1``, where ``u_y - lse`` rounds to
+    0; ``lse = u_y - log p(y)``. Both are 0 on ignored rows. A label outside ``[0, V)`` matched no column
+    (nothing was read or written for it): its log-prob is NaN, and ``lse`` is ``lso``, the log-sum-exp of
+    the whole row.
+    """
+    scored = labels != ignore_index
     logp = -torch.logaddexp(torch.zeros_like(lso), lso - u_y)
-    # A label outside [0, V) matches no column (nothing is read or written for it): NaN log-prob, and
-    # lse is the log-sum-exp of the whole row.
     bad = (labels < 0) | (labels >= V)
     lse = torch.where(bad, lso, u_y - logp)
     lse = torch.where(scored, lse, torch.zeros_like(lse))

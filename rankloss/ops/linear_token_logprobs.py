@@ -204,8 +204,9 @@ def linear_token_logprobs_cublas_forward(
 
     For each chunk of ``chunk_columns`` vocabulary rows: ``z = hidden W_chunk^T`` (fp32 out of cuBLAS),
     then a Triton row kernel merges the chunk's log-sum-exp of the non-target columns into ``lso`` and
-    picks the target logit ``u_y``. ``log p(y) = -log(1 + exp(lso - u_y))`` keeps its bits when
-    ``p_y -> 1``; ``lse = u_y - log p(y)``. 0 on ignored rows. No host synchronisation.
+    picks the target logit ``u_y``; the fused forward's ``logprobs_from_others`` turns them into
+    ``log p(y)`` and ``lse`` (0 on ignored rows, NaN log-probs for labels outside ``[0, V)``). No host
+    synchronisation.
     """
     kernels = kernel_module("linear_logprobs_chunked")
     N = hidden.shape[0]
@@ -221,13 +222,7 @@ def linear_token_logprobs_cublas_forward(
             ignore_index, temperature, softcap,
         )  # fmt: skip
         del z
-    scored = labels != ignore_index
-    logp = -torch.logaddexp(torch.zeros_like(lso), lso - target)
-    logp = torch.where(scored, logp, 0.0)
-    lse = torch.where(scored, target - logp, 0.0)
-    # A label outside [0, V) matches no column (nothing is read or written for it): NaN, not -lse.
-    logp = torch.where(scored & ((labels < 0) | (labels >= V)), float("nan"), logp)
-    return logp, lse
+    return kernel_module("linear_token_logprobs").logprobs_from_others(lso, target, labels, ignore_index, V)
 
 
 def linear_token_logprobs_cublas_backward(
