@@ -1,0 +1,82 @@
+"""rankloss inside other trainers: any supported Hugging Face causal LM or VLM, the prompt (and its
+images or video) encoded once per chain, and a ``transformers.Trainer`` that needs no glue.
+
+The parts, one module each:
+
+* :mod:`~rankloss.integrations.families` (one module per model family, ``families/*.py``): how a
+  family's model is called: which module runs the prompt with its media, which runs the text, what
+  positions the captions take (1-D RoPE or Qwen's multimodal RoPE), the LM head and its soft-cap.
+* :mod:`~rankloss.integrations.forward`: :class:`ChainForward`, the model-agnostic chain forward: the
+  vision encoder once per video, the shared prompt once per chain (KV cache), the ``K`` completions
+  against it, and the final hidden states of the scored completion tokens only (logits are never
+  built); the chain loss, scores and metrics on top of them.
+* :mod:`~rankloss.integrations.collator`: chain records in TRL's shape (``prompt`` or conversational
+  ``messages``, ``images`` / ``videos``, ``completions`` ranked best first) to a chain batch.
+* :mod:`~rankloss.integrations.trainer`: :class:`ChainRankConfig` and :class:`ChainRankTrainer`.
+
+**The chain batch** (a flat ``dict``, what the collator returns and the chain forward reads):
+
+=========================  ==========  ==========================================================
+key                        shape       meaning
+=========================  ==========  ==========================================================
+``prompt_input_ids``       ``[B, P]``  each chain's prompt (media placeholders expanded by the
+                                       processor), **left**-padded with the pad id
+``prompt_attention_mask``  ``[B, P]``  1 at real prompt tokens
+``completion_input_ids``   ``[S, L]``  the ``S = sum_b K_b`` completions, chain after chain, best
+                                       first within a chain, each ending with the end token,
+                                       **right**-padded
+``completion_labels``      ``[S, L]``  ``completion_input_ids`` with ``-100`` at padding (and at any
+                                       token that is not scored); aligned: the hidden state at
+                                       ``[s, t]`` scores ``completion_labels[s, t]``
+``chain_sizes``            ``[B]``     ``K_b``, completions of chain ``b`` (``>= 1``)
+``ref_scores``             ``[S]``     optional: the reference model's summed log-probs
+``chain_ids``              list of B   optional: the records' ids (not a tensor)
+media keys                             the processor's other outputs for the prompts, unchanged:
+                                       ``pixel_values``, ``pixel_values_videos``,
+                                       ``image_grid_thw``, ``video_grid_thw``,
+                                       ``second_per_grid_ts``, ``mm_token_type_ids`` (``[B, P]``,
+                                       padded like the prompt), ``image_sizes``, ...
+=========================  ==========  ==========================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {
+    "ChainForward": "forward",
+    "ChainRankModel": "forward",
+    "LMHead": "forward",
+    "chain_hidden_states": "forward",
+    "Family": "families",
+    "get_family": "families",
+    "register_family": "families",
+    "supported_model_types": "families",
+    "ChainCollator": "collator",
+    "load_chain_dataset": "collator",
+    "ChainRankConfig": "trainer",
+    "ChainRankTrainer": "trainer",
+}
+
+#: Keys of a chain batch that are not media (every other tensor key goes to the model with the prompt).
+CHAIN_KEYS = (
+    "prompt_input_ids",
+    "prompt_attention_mask",
+    "completion_input_ids",
+    "completion_labels",
+    "chain_sizes",
+    "ref_scores",
+    "chain_ids",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_API)
