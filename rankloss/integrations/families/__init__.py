@@ -1,0 +1,183 @@
+"""Model families: how :class:`~rankloss.integrations.ChainForward` calls a Hugging Face model.
+
+A :class:`Family` answers five questions about a model, and nothing else is model-specific in rankloss:
+
+1. which module runs the prompt with its media (:meth:`Family.prompt_module`: the VLM's base model, which
+   runs the vision encoder and merges its output into the placeholder tokens; for a text-only LM the
+   decoder itself) and which runs text alone (:meth:`Family.text_module`, the decoder);
+2. what positions prompt and completion tokens take (:meth:`Family.prompt_positions`,
+   :meth:`Family.completion_positions`): ``cumsum(mask) - 1`` for 1-D RoPE, the model's own
+   ``get_rope_index`` for Qwen's multimodal RoPE, where completion token ``t`` sits at the prompt's next
+   position ``+ t`` on every axis;
+3. the LM head (:meth:`Family.head`: weight, bias, final-logit soft-cap);
+4. how the media of a batch are repeated for full-sequence rows (:meth:`Family.select_media`);
+5. whether a prompt's KV cache can be shared at all (:meth:`Family.sliding_window`).
+
+One module per family: :mod:`.causal_lm` (text-only decoders), :mod:`.qwen_vl` (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL), :mod:`.llava` (LLaVA-OneVision, LLaVA-NeXT-Video). :func:`register_family` adds a family.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Family", "LMHead", "get_family", "register_family", "supported_model_types", "model_type_of"]
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The output layer: ``logits = softcap * tanh((h W^T + b) / softcap)`` (no cap when ``None``)."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under DDP / torch.compile / accelerate wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def model_type_of(model: nn.Module) -> str:
+    config = getattr(_unwrap(model), "config", None)
+    if config is None:
+        raise TypeError(
+            f"model must be a Hugging Face PreTrainedModel with a .config, got {type(model).__name__}"
+        )
+    return str(getattr(config, "model_type", None))
+
+
+class Family:
+    """Defaults for a text-only decoder with 1-D RoPE (Llama and its descendants)."""
+
+    #: ``config.model_type`` values this family handles.
+    model_types: tuple[str, ...] = ()
+    #: ``"1d"`` or ``"mrope"`` (Qwen's 3-axis multimodal RoPE).
+    rope: str = "1d"
+    #: Whether the prompt may carry media (then the prompt runs through :meth:`prompt_module`).
+    multimodal: bool = False
+    #: Whether the prompt's KV cache may be shared by the completions (prefix sharing is tested).
+    shares_prefix: bool = True
+
+    # ---- modules ---------------------------------------------------------------------------------------
+    def text_module(self, model: nn.Module) -> nn.Module:
+        """The decoder: token ids (or embeddings), positions, mask and cache in, ``last_hidden_state`` out."""
+        return model.get_decoder()
+
+    def prompt_module(self, model: nn.Module) -> nn.Module:
+        """The module the prompt runs through with its media (``model.model`` for a VLM)."""
+        return model.model if self.multimodal else self.text_module(model)
+
+    def text_config(self, model: nn.Module) -> Any:
+        return model.config.get_text_config(decoder=True)
+
+    def head(self, model: nn.Module) -> LMHead:
+        out = model.get_output_embeddings()
+        if out is None or not isinstance(getattr(out, "weight", None), Tensor):
+            raise TypeError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
+        cap = getattr(self.text_config(model), "final_logit_softcapping", None)
+        return LMHead(out.weight, getattr(out, "bias", None), float(cap) if cap else None)
+
+    def sliding_window(self, model: nn.Module) -> int | None:
+        """The smallest attention window of any layer, ``None`` when every layer attends to everything."""
+        cfg = self.text_config(model)
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(cfg, "layer_types", None)
+        if types is not None:
+            return int(window) if any("sliding" in str(t) for t in types) else None
+        if getattr(cfg, "use_sliding_window", True) is False:
+            return None
+        return int(window)
+
+    # ---- positions ---------------------------------------------------------------------------------------
+    def prompt_positions(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """``(positions, next_positions [B])`` of the left-padded prompts: ``[B, P]`` for 1-D RoPE."""
+        mask = batch["prompt_attention_mask"]
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos, mask.long().sum(-1)
+
+    def completion_positions(self, next_positions: Tensor, owner: Tensor, length: int) -> Tensor:
+        """Positions ``[S, L]`` (``[3, S, L]`` for mRoPE) of the completions: the prompt's next position + t."""
+        pos = next_positions[owner][:, None] + torch.arange(length, device=next_positions.device)[None, :]
+        return pos.expand(3, *pos.shape) if self.rope == "mrope" else pos
+
+    def cat_positions(self, prompt: Tensor, owner: Tensor, completion: Tensor) -> Tensor:
+        """Positions of full ``[prompt, completion]`` rows."""
+        if self.rope == "mrope":
+            return torch.cat([prompt[:, owner], completion], 2)
+        return torch.cat([prompt[owner], completion], 1)
+
+    # ---- media -------------------------------------------------------------------------------------------
+    def media(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The batch's media keys (every key outside the chain contract), passed to the prompt module."""
+        from .. import CHAIN_KEYS
+
+        out = {k: v for k, v in batch.items() if k not in CHAIN_KEYS and v is not None}
+        if out and not self.multimodal:
+            raise ValueError(
+                f"the batch has media keys {sorted(out)} but the model family {type(self).__name__} is "
+                "text-only"
+            )
+        return out
+
+    def prompt_media(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Media keyword arguments of the prompt module for the ``B`` prompts."""
+        return self.media(batch)
+
+    def select_media(self, model: nn.Module, batch: Mapping[str, Any], owner: Tensor) -> dict[str, Any]:
+        """Media keyword arguments for ``S`` full-sequence rows, row ``s`` being prompt ``owner[s]``
+        (the media repeated; the completions are text)."""
+        media = self.prompt_media(model, batch)
+        if media:
+            raise NotImplementedError(f"{type(self).__name__} cannot repeat media for full sequences")
+        return media
+
+
+_REGISTRY: dict[str, Family] = {}
+_MODULES = ("causal_lm", "qwen_vl", "llava")
+_LOADED = False
+
+
+def register_family(family: Family, *, replace: bool = False) -> Family:
+    """Register ``family`` for each of its ``model_types`` (``replace=True`` to override a built-in)."""
+    for model_type in family.model_types:
+        if model_type in _REGISTRY and not replace:
+            raise ValueError(
+                f"model_type {model_type!r} already has the family {type(_REGISTRY[model_type]).__name__}; "
+                "pass replace=True to override it"
+            )
+        _REGISTRY[model_type] = family
+    return family
+
+
+def _load() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for name in _MODULES:
+            importlib.import_module(f"{__name__}.{name}")
+
+
+def supported_model_types() -> list[str]:
+    """Every ``config.model_type`` with a registered family."""
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get_family(model: nn.Module | str) -> Family | None:
+    """The family of ``model`` (a model or its ``model_type``), ``None`` when none is registered."""
+    _load()
+    model_type = model if isinstance(model, str) else model_type_of(model)
+    return _REGISTRY.get(model_type)

@@ -1,0 +1,107 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: the vision tower runs inside ``model.model`` (Qwen3-VL's deepstack
+features are added to the first decoder layers' hidden states at the visual tokens, inside the same
+call), positions are 3-axis multimodal RoPE from the model's own ``get_rope_index``, and a completion
+token ``t`` sits at the prompt's next position ``+ t`` on all three axes (what ``get_rope_index`` gives
+text after the media). Images and videos arrive flattened: ``pixel_values [sum_i h_i w_i t_i, C p p]``
+with one ``*_grid_thw`` row per image or video, in prompt order."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import Family, register_family
+
+# media key -> (its grid key, token id attribute of the config)
+_FLAT = {
+    "pixel_values": ("image_grid_thw", "image_token_id"),
+    "pixel_values_videos": ("video_grid_thw", "video_token_id"),
+}
+
+
+class QwenVLFamily(Family):
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    rope = "mrope"
+    multimodal = True
+
+    def _merge(self, model: nn.Module) -> int:
+        return int(model.config.vision_config.spatial_merge_size)
+
+    def _token_types(self, model: nn.Module, ids: Tensor) -> Tensor:
+        """``mm_token_type_ids``: 0 text, 1 image token, 2 video token (transformers' convention)."""
+        cfg = model.config
+        types = torch.zeros_like(ids, dtype=torch.int32)
+        types[ids == int(cfg.image_token_id)] = 1
+        types[ids == int(cfg.video_token_id)] = 2
+        return types
+
+    def prompt_media(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+        media = self.media(batch)
+        if media and "mm_token_type_ids" not in media:
+            media["mm_token_type_ids"] = self._token_types(model, batch["prompt_input_ids"])
+        return media
+
+    def prompt_positions(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        media = self.prompt_media(model, batch)
+        if "image_grid_thw" not in media and "video_grid_thw" not in media:
+            pos, nxt = super().prompt_positions(model, batch)  # text only: what get_rope_index gives text
+            return pos.expand(3, *pos.shape), nxt
+        base = self.prompt_module(model)
+        rope_index = base.get_rope_index
+        params = inspect.signature(rope_index).parameters
+        kwargs = {"attention_mask": mask}
+        for key in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+            if key in params and media.get(key) is not None:
+                kwargs[key] = media[key]
+        pos, _ = rope_index(ids, **kwargs)
+        nxt = pos.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
+        return pos, nxt
+
+    def select_media(self, model: nn.Module, batch: Mapping[str, Any], owner: Tensor) -> dict[str, Any]:
+        media = self.prompt_media(model, batch)
+        ids = batch["prompt_input_ids"]
+        merge2 = self._merge(model) ** 2
+        out: dict[str, Any] = {}
+        for key, value in media.items():
+            if key in _FLAT:
+                grid_key, token_attr = _FLAT[key]
+                grids = media[grid_key]
+                rows = self._rows_of_items(ids, grids, int(getattr(model.config, token_attr)), merge2, key)
+                patches = grids.prod(-1).tolist()
+                chunks = list(torch.split(value, patches))
+                pick = [i for s in owner.tolist() for i in range(len(chunks)) if rows[i] == s]
+                out[key] = torch.cat([chunks[i] for i in pick]) if pick else value[:0]
+                out[grid_key] = grids[pick]
+                if key == "pixel_values_videos" and media.get("second_per_grid_ts") is not None:
+                    out["second_per_grid_ts"] = media["second_per_grid_ts"][pick]
+            elif key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+                continue
+            elif key == "mm_token_type_ids":
+                out[key] = value[owner]
+            else:
+                raise ValueError(
+                    f"{type(self).__name__} cannot repeat the media key {key!r} for full sequences"
+                )
+        return out
+
+    @staticmethod
+    def _rows_of_items(ids: Tensor, grids: Tensor, token_id: int, merge2: int, key: str) -> list[int]:
+        """The prompt row of each image / video, from its placeholder tokens (grids are in prompt order)."""
+        counts = (ids == token_id).sum(-1).tolist()
+        rows, row, used = [], 0, 0
+        for n in (grids.prod(-1) // merge2).tolist():
+            while row < len(counts) and used >= counts[row]:
+                row, used = row + 1, 0
+            if row >= len(counts) or used + n > counts[row]:
+                raise ValueError(f"{key}: the grids do not match the prompts' placeholder tokens")
+            rows.append(row)
+            used += n
+        return rows
+
+
+FAMILY = register_family(QwenVLFamily())
