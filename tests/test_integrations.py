@@ -12,9 +12,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rankloss.integrations import ChainForward, ChainRankModel, get_family, supported_model_types  # noqa: E402
-from rankloss.integrations.forward import LossSpec, _WARNED  # noqa: E402
 from rankloss.reference.losses import chain_loss as ref_chain_loss  # noqa: E402
+
+from rankloss.integrations import ChainForward, ChainRankModel, get_family, supported_model_types  # noqa: E402
+from rankloss.integrations.forward import _WARNED, LossSpec  # noqa: E402
 
 V = 101
 PAD = 0
@@ -154,7 +155,8 @@ def check_equal(model, batch, prompts, chains, spec, media=None, share_prefix=No
     Tolerance: transformers' RMSNorms (and eager softmax) compute in float32 even in a float64 model, so
     the gradient of a prompt token, summed over its K completions before such a float32 cast instead of
     K times after it, differs at float32 rounding: ``1e-6`` relative to the tensor's largest gradient
-    (a gradient lost through the cache shows at order one). Losses agree to 1e-7 relative (eager float32 softmax)."""
+    (a gradient lost through the cache shows at order one). Losses agree to 1e-7 relative (eager float32
+    softmax)."""
     model.zero_grad(set_to_none=True)
     out = ChainForward(model, share_prefix=share_prefix).loss(batch, spec)
     out.loss.backward()

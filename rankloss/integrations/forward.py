@@ -94,11 +94,13 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
     S, L = batch["completion_input_ids"].shape
     if tuple(batch["prompt_attention_mask"].shape) != (B, P):
         raise ValueError(
-            f"batch['prompt_attention_mask'] must be [B, P] = {[B, P]}, got {list(batch['prompt_attention_mask'].shape)}"
+            f"batch['prompt_attention_mask'] must be [B, P] = {[B, P]}, "
+            f"got {list(batch['prompt_attention_mask'].shape)}"
         )
     if tuple(batch["completion_labels"].shape) != (S, L):
         raise ValueError(
-            f"batch['completion_labels'] must be [S, L] = {[S, L]}, got {list(batch['completion_labels'].shape)}"
+            f"batch['completion_labels'] must be [S, L] = {[S, L]}, "
+            f"got {list(batch['completion_labels'].shape)}"
         )
     sizes = batch["chain_sizes"]
     if sizes.dim() != 1 or sizes.numel() != B:
@@ -140,7 +142,8 @@ class ChainForward:
                 )
             if share_prefix:
                 raise ValueError(
-                    f"share_prefix=True: model_type {self.model_type!r} has no tested rankloss family, so its "
+                    f"share_prefix=True: model_type {self.model_type!r} has no tested rankloss family, so "
+                    "its "
                     "prompt cannot be shared; leave share_prefix=None to run full sequences"
                 )
             fam = _GenericTextFamily()

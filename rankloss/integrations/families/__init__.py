@@ -109,7 +109,7 @@ class Family:
         return pos, mask.long().sum(-1)
 
     def completion_positions(self, next_positions: Tensor, owner: Tensor, length: int) -> Tensor:
-        """Positions ``[S, L]`` (``[3, S, L]`` for mRoPE) of the completions: the prompt's next position + t."""
+        """Positions ``[S, L]`` (``[3, S, L]`` for mRoPE) of the completions: the next prompt position + t."""
         pos = next_positions[owner][:, None] + torch.arange(length, device=next_positions.device)[None, :]
         return pos.expand(3, *pos.shape) if self.rope == "mrope" else pos
 
