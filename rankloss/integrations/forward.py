@@ -340,12 +340,24 @@ class ChainRankModel(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Delegates to the model (transformers' ``Trainer`` calls it); the chain forward then runs full
+        sequences, since checkpointed layers drop the KV cache."""
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
     def forward(
-        self, batch: Mapping[str, Any], mode: str = "rank", spec: LossSpec | None = None
+        self,
+        batch: Mapping[str, Any],
+        mode: str = "rank",
+        spec: LossSpec | None = None,
+        reduction: str = "mean",
     ) -> dict[str, Any]:
         cf = self.chain_forward
         if mode == "rank":
-            out = cf.loss(batch, spec or self.spec, impl=self.impl)
+            out = cf.loss(batch, spec or self.spec, impl=self.impl, reduction=reduction)
             return {"loss": out.loss, "chain": out}
         if mode == "score":
             scores, num = cf.scores(batch, impl=self.impl)

@@ -81,6 +81,12 @@ class Family:
     def text_config(self, model: nn.Module) -> Any:
         return model.config.get_text_config(decoder=True)
 
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The vision encoder(s) (not the projector that maps their features into the LLM): what
+        ``freeze_vision`` freezes and ``vision_lr`` applies to. Empty for a text-only model."""
+        base = getattr(model, "model", model)
+        return [getattr(base, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(base, n)]
+
     def head(self, model: nn.Module) -> LMHead:
         out = model.get_output_embeddings()
         if out is None or not isinstance(getattr(out, "weight", None), Tensor):

@@ -1,0 +1,509 @@
+"""``ChainRankTrainer``: a ``transformers.Trainer`` for listwise preference training over chains.
+
+    from rankloss.integrations import ChainRankConfig, ChainRankTrainer
+
+    args = ChainRankConfig(output_dir="out", loss="plackett_luce", beta=0.1, per_device_train_batch_size=4)
+    trainer = ChainRankTrainer(model, args, train_dataset=chains, processing_class=processor)
+    trainer.train()
+
+``train_dataset`` holds records in TRL's shape with a ranked list instead of a pair: ``prompt`` (or
+conversational ``messages``), optional ``images`` / ``videos``, and ``completions`` ranked best first
+(:class:`~rankloss.integrations.ChainCollator` turns them into chain batches). What the trainer adds to
+the ``Trainer``:
+
+* **The chain forward**: the model is wrapped in :class:`~rankloss.integrations.ChainRankModel`, whose
+  ``forward`` runs each prompt (and its media) once per chain and scores the completions from the final
+  hidden states with the fused chain loss; logits are never built.
+* **Reference scores** computed once before training (from ``ref_model``, or from the policy as it is
+  before the first step), split across processes and gathered, and cached on disk under a fingerprint of
+  model, data and collator (``ref_cache_dir``, default ``<output_dir>/rankloss-ref``), so a second run
+  or a resumed one does not recompute them. ``reference_free=True`` skips them.
+* **Gradient accumulation and several processes**: the loss of a micro-batch is its chains' summed loss
+  divided by the number of chains in the whole optimizer step (all micro-batches, all processes), so
+  GA=2 with half the batch, or two processes with half the batch each, give one process's update.
+* **Chain metrics** (pairwise accuracy, top-1, Kendall tau, neighbour margin, reward per position, the
+  best completion's log-prob per token, tokens) summed over every chain since the last log, reduced
+  across processes, and logged through ``Trainer.log`` (so tensorboard / wandb callbacks see them);
+  ``evaluate()`` returns the same metrics on the eval set as ``eval_*``.
+* ``freeze_vision`` / ``vision_lr`` for the vision encoder of a VLM.
+* ``save_model`` writes the Hugging Face model (``from_pretrained`` loads it), not the wrapper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._version import __version__
+from .forward import IGNORE_INDEX, ChainRankModel, LossSpec
+
+try:
+    import transformers
+    from transformers import Trainer, TrainingArguments
+except ImportError as exc:  # pragma: no cover - the train extra is installed in the dev env
+    raise ImportError("ChainRankTrainer needs transformers: pip install 'rankloss[train]'") from exc
+
+__all__ = ["ChainRankConfig", "ChainRankTrainer"]
+
+_METRICS = ("pairwise_accuracy", "top1_accuracy", "kendall_tau", "neighbour_margin")
+
+
+@dataclass
+class ChainRankConfig(TrainingArguments):
+    """``TrainingArguments`` plus the chain loss and data options.
+
+    Loss (see :func:`rankloss.fused_linear_chain_loss`): ``loss`` (``"plackett_luce"``, ``"dpo"``,
+    ``"lipo"``), ``beta``, ``pairs`` and ``loss_type`` (DPO on chains), ``top_k`` (Plackett-Luce),
+    ``sft_weight``, ``length_normalize``, ``reference_free``.
+    """
+
+    loss: str = field(default="plackett_luce", metadata={"help": "plackett_luce, dpo or lipo"})
+    beta: float = field(default=0.1, metadata={"help": "scale of the implicit reward beta * (s - s_ref)"})
+    pairs: str | None = field(default=None, metadata={"help": "DPO pairs: adjacent, all, best_vs_rest, ..."})
+    loss_type: str | None = field(default=None, metadata={"help": "DPO pair loss: sigmoid, hinge, ipo"})
+    top_k: int | None = field(default=None, metadata={"help": "Plackett-Luce over the first k positions"})
+    sft_weight: float = field(default=0.0, metadata={"help": "weight of -log p(best) / n added per chain"})
+    length_normalize: bool = field(default=False, metadata={"help": "scores are mean token log-probs"})
+    reference_free: bool = field(default=False, metadata={"help": "no reference model: s_ref = 0"})
+    freeze_vision: bool = field(default=False, metadata={"help": "keep the vision encoder frozen"})
+    vision_lr: float | None = field(default=None, metadata={"help": "learning rate of the vision encoder"})
+    share_prefix: bool | None = field(
+        default=None, metadata={"help": "None: share each prompt where exact; False: full sequences"}
+    )
+    impl: str | None = field(default=None, metadata={"help": "kernel: None (auto), triton, cublas, torch"})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "refuse longer prompts"})
+    max_completion_length: int | None = field(default=None, metadata={"help": "truncate completions"})
+    num_frames: int | None = field(default=None, metadata={"help": "frames sampled from video files"})
+    ref_cache_dir: str | None = field(default=None, metadata={"help": "reference score cache folder"})
+    ref_batch_size: int | None = field(default=None, metadata={"help": "chains per reference batch"})
+    # a chain record's columns are read by the collator, not matched against forward's signature
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep False for chain records"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("plackett_luce", "dpo", "lipo"):
+            raise ValueError(f"loss must be 'plackett_luce', 'dpo' or 'lipo', got {self.loss!r}")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the chain records' columns before the collator "
+                "sees them; ChainRankTrainer needs remove_unused_columns=False"
+            )
+        if self.vision_lr is not None and self.freeze_vision:
+            raise ValueError("vision_lr is set but freeze_vision=True: the vision encoder does not train")
+
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(
+            loss=self.loss,
+            beta=self.beta,
+            pairs=self.pairs,
+            dpo_loss_type=self.loss_type,
+            top_k=self.top_k,
+            sft_weight=self.sft_weight,
+            length_normalize=self.length_normalize,
+        )
+
+
+class _WithRefScores(torch.utils.data.Dataset):
+    """``dataset`` with each record's cached reference scores added as ``ref_scores``."""
+
+    def __init__(self, dataset: Any, scores: Sequence[Sequence[float]]) -> None:
+        self.dataset = dataset
+        self.scores = scores
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "ref_scores": list(self.scores[i])}
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    if isinstance(value, Mapping):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _hash_value(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[%d" % len(value))
+        for v in value:
+            _hash_value(h, v)
+    elif isinstance(value, Tensor):
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    elif hasattr(value, "tobytes"):
+        h.update(value.tobytes())
+    elif hasattr(value, "size") and hasattr(value, "mode"):  # PIL image
+        h.update(value.tobytes())
+    else:
+        h.update(repr(value).encode())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's config and of every parameter's sum and sum of squares (float64)."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            d = p.detach().double()
+            h.update(name.encode())
+            h.update(torch.stack([d.sum(), d.square().sum()]).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(dataset: Any) -> str:
+    """``datasets.Dataset._fingerprint`` when there is one, else a hash of every record."""
+    fp = getattr(dataset, "_fingerprint", None)
+    if isinstance(fp, str):
+        return fp
+    h = hashlib.sha256()
+    for i in range(len(dataset)):
+        _hash_value(h, dataset[i])
+    return h.hexdigest()[:16]
+
+
+class ChainRankTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss is a listwise chain loss (see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM or VLM of a supported family (``rankloss.integrations
+            .supported_model_types()``), or a local checkpoint path.
+        args: :class:`ChainRankConfig`.
+        train_dataset, eval_dataset: chain records (a ``datasets.Dataset``, a list of dicts, or any
+            map-style dataset of dicts).
+        processing_class: the tokenizer (text-only) or processor (VLM).
+        ref_model: the frozen reference model; ``None`` scores with the policy as it is before training.
+        data_collator: default :class:`~rankloss.integrations.ChainCollator` with the config's lengths.
+        Other arguments as ``transformers.Trainer``.
+    """
+
+    # the loss is divided by the chains of the whole optimizer step (see compute_loss)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: ChainRankConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        ref_model: nn.Module | None = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = ChainRankConfig(output_dir="chain-rank-output")
+        if not isinstance(args, ChainRankConfig):
+            raise TypeError(f"args must be a ChainRankConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            model = transformers.AutoModelForImageTextToText.from_pretrained(model) if _is_vlm_path(
+                model
+            ) else transformers.AutoModelForCausalLM.from_pretrained(model)
+        if processing_class is None:
+            raise ValueError("processing_class is required: the tokenizer (text-only) or the processor (VLM)")
+        if args.reference_free and ref_model is not None:
+            raise ValueError("reference_free=True but a ref_model was given: drop one of them")
+        if data_collator is None:
+            from .collator import ChainCollator
+
+            data_collator = ChainCollator(
+                processing_class,
+                max_prompt_length=args.max_prompt_length,
+                max_completion_length=args.max_completion_length,
+                num_frames=args.num_frames,
+            )
+        self.policy = model
+        self.ref_model = ref_model
+        wrapper = ChainRankModel(model, args.loss_spec(), share_prefix=args.share_prefix, impl=args.impl)
+        self._set_vision(wrapper, args)
+        self._sums: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
+        self._ref_ready: set[int] = set()
+        super().__init__(
+            model=wrapper,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # reference scores now, from the policy before any step (a resumed run loads its checkpoint later)
+        self.train_dataset = self._with_ref(self.train_dataset, "train")
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: self._with_ref(v, f"eval-{k}") for k, v in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = self._with_ref(self.eval_dataset, "eval")
+
+    # ------------------------------------------------------------------------------------------------
+    # vision encoder
+
+    @staticmethod
+    def _set_vision(wrapper: ChainRankModel, args: ChainRankConfig) -> None:
+        vision = wrapper.chain_forward.family.vision_modules(wrapper.model)
+        if (args.freeze_vision or args.vision_lr is not None) and not vision:
+            raise ValueError(
+                f"freeze_vision / vision_lr: model_type {wrapper.chain_forward.model_type!r} has no vision "
+                "encoder"
+            )
+        if args.freeze_vision:
+            for module in vision:
+                module.requires_grad_(False)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the vision encoder's parameters at ``vision_lr`` when set."""
+        if self.args.vision_lr is None or self.optimizer is not None:
+            return super().create_optimizer(*([model] if model is not None else []))
+        opt_model = self.model
+        vision = {
+            id(p)
+            for m in self.model.chain_forward.family.vision_modules(self.policy)
+            for p in m.parameters()
+        }
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                groups[(id(p) in vision, name in decay)].append(p)
+        param_groups = [
+            {
+                "params": ps,
+                "weight_decay": self.args.weight_decay if is_decay else 0.0,
+                **({"lr": self.args.vision_lr} if is_vision else {}),
+            }
+            for (is_vision, is_decay), ps in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------------
+    # reference scores
+
+    def _with_ref(self, dataset: Any, name: str) -> Any:
+        if dataset is None or self.args.reference_free or id(dataset) in self._ref_ready:
+            return dataset
+        scores = self.reference_scores(dataset, name)
+        wrapped = _WithRefScores(dataset, scores)
+        self._ref_ready.add(id(wrapped))
+        return wrapped
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        if eval_dataset is not None and not isinstance(eval_dataset, str) and id(eval_dataset) not in self._ref_ready:
+            if not self.args.reference_free and self.ref_model is None:
+                raise ValueError(
+                    "evaluate(eval_dataset=...): its reference scores would come from the policy as it is now, "
+                    "not as it was before training; pass eval datasets to ChainRankTrainer(eval_dataset=...) "
+                    "or give a ref_model"
+                )
+            eval_dataset = self._with_ref(eval_dataset, "eval")
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _ref_cache_path(self, dataset: Any, scorer: nn.Module) -> str:
+        collator = self.data_collator
+        settings = {
+            k: getattr(collator, k, None)
+            for k in ("max_prompt_length", "max_completion_length", "num_frames", "video_fps", "default_prompt")
+        }
+        h = hashlib.sha256()
+        for part in (
+            __version__,
+            model_fingerprint(scorer),
+            data_fingerprint(dataset),
+            json.dumps(settings, sort_keys=True, default=str),
+            self.args.share_prefix,
+            getattr(self.processing_class, "chat_template", None),
+        ):
+            h.update(repr(part).encode())
+        folder = self.args.ref_cache_dir or os.path.join(self.args.output_dir, "rankloss-ref")
+        return os.path.join(folder, f"ref-scores-{h.hexdigest()[:20]}.pt")
+
+    @torch.no_grad()
+    def reference_scores(self, dataset: Any, name: str = "train") -> list[list[float]]:
+        """Each record's reference scores (summed completion log-probs), computed once across processes
+        and cached on disk; ``[[s_1, ..., s_K], ...]`` in dataset order."""
+        scorer = self.ref_model if self.ref_model is not None else self.policy
+        path = self._ref_cache_path(dataset, scorer)
+        if os.path.isfile(path):
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if len(cached["scores"]) == len(dataset):
+                return cached["scores"]
+        acc = self.accelerator
+        device = acc.device
+        was_training = scorer.training
+        scorer.eval()
+        moved = False
+        if next(scorer.parameters()).device != device:
+            scorer.to(device)
+            moved = scorer is self.ref_model
+        wrapper = ChainRankModel(scorer, share_prefix=self.args.share_prefix, impl=self.args.impl)
+        mine = list(range(acc.process_index, len(dataset), acc.num_processes))
+        bs = self.args.ref_batch_size or self.args.per_device_eval_batch_size
+        local: dict[int, list[float]] = {}
+        for start in range(0, len(mine), bs):
+            idx = mine[start : start + bs]
+            batch = self.data_collator([dataset[i] for i in idx])
+            batch = self._prepare_inputs(batch)
+            out = wrapper(batch, mode="score")
+            sizes = batch["chain_sizes"].tolist()
+            for i, s in zip(idx, torch.split(out["scores"].float().cpu(), sizes)):
+                local[i] = s.tolist()
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            merged: dict[int, list[float]] = {}
+            for part in gather_object([local]):
+                merged.update(part)
+            local = merged
+        scorer.train(was_training)
+        if moved:
+            scorer.to("cpu")
+        scores = [local[i] for i in range(len(dataset))]
+        if acc.is_main_process:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save({"scores": scores, "dataset": name}, tmp)
+            os.replace(tmp, path)
+        acc.wait_for_everyone()
+        return scores
+
+    # ------------------------------------------------------------------------------------------------
+    # loss and metrics
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor:
+        """Chains in the whole optimizer step: every micro-batch, every process."""
+        n = torch.tensor(sum(len(b["chain_sizes"]) for b in batch_samples), device=device)
+        if self.args.world_size > 1:
+            n = self.accelerator.reduce(n, "sum")
+        return n
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Any:
+        out = model(inputs, mode="rank", reduction="sum")
+        chains = len(inputs["chain_sizes"])
+        if num_items_in_batch is None:  # evaluation: the micro-batch's mean
+            loss = out["loss"] / max(chains, 1)
+        else:
+            # DDP averages gradients over processes: scale so the step's gradient is that of the mean
+            # over all its chains
+            loss = out["loss"] * self.accelerator.num_processes / num_items_in_batch
+        self._accumulate("train" if model.training else "eval", inputs, out["chain"])
+        return (loss, out) if return_outputs else loss
+
+    def _accumulate(self, mode: str, inputs: Mapping[str, Any], chain: Any) -> None:
+        sums = self._sums[mode]
+        sizes = inputs["chain_sizes"].detach()
+        labels = inputs["completion_labels"]
+        dev = sizes.device
+
+        def add(key: str, value: Tensor) -> None:
+            value = value.detach().double().to(dev)
+            if key in sums and sums[key].shape != value.shape:
+                n = max(sums[key].numel(), value.numel())
+                sums[key] = torch.nn.functional.pad(sums[key], (0, n - sums[key].numel()))
+                value = torch.nn.functional.pad(value, (0, n - value.numel()))
+            sums[key] = sums[key] + value if key in sums else value
+
+        add("chains", torch.tensor(float(sizes.numel())))
+        add("chain_loss", chain.chain_losses.sum())
+        for key in _METRICS:
+            add(key, getattr(chain, key).sum())
+        # rewards per chain position, and the best completion's log-prob per token
+        rewards = chain.rewards.detach().double().to(dev)
+        K = int(sizes.max()) if sizes.numel() else 0
+        pos = torch.cat([torch.arange(int(k), device=dev) for k in sizes.tolist()]) if K else rewards[:0].long()
+        add("reward_pos_sum", torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, pos, rewards))
+        add("reward_pos_n", torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, pos, torch.ones_like(rewards)))
+        first = torch.cumsum(sizes, 0) - sizes
+        ref = inputs.get("ref_scores")
+        s = rewards / self.args.beta + (ref.detach().double().to(dev) if ref is not None else 0.0)
+        n_tok = (labels != IGNORE_INDEX).sum(-1).to(dev)
+        if self.args.length_normalize:
+            best = s[first]
+        else:
+            best = s[first] / n_tok[first].clamp(min=1)
+        add("best_logp_per_token", best.sum())
+        add("tokens", (inputs["prompt_attention_mask"].sum() + n_tok.sum()).double())
+
+    def _reduce_metrics(self, mode: str) -> dict[str, float]:
+        sums = self._sums[mode]
+        if not sums:
+            return {}
+        self._sums[mode] = {}
+        if self.args.world_size > 1:
+            # processes may have seen different chain lengths: pad the per-position sums to one length
+            K = torch.tensor(sums["reward_pos_sum"].numel(), device=self.accelerator.device)
+            K = int(self.accelerator.reduce(K, "max"))
+            for key in ("reward_pos_sum", "reward_pos_n"):
+                sums[key] = torch.nn.functional.pad(sums[key], (0, K - sums[key].numel()))
+            sums = {k: self.accelerator.reduce(v, "sum") for k, v in sums.items()}
+        chains = float(sums["chains"])
+        out = {key: float(sums[key]) / chains for key in _METRICS}
+        out["chain_loss"] = float(sums["chain_loss"]) / chains
+        out["best_logp_per_token"] = float(sums["best_logp_per_token"]) / chains
+        for k, (total, n) in enumerate(zip(sums["reward_pos_sum"].tolist(), sums["reward_pos_n"].tolist())):
+            if n:
+                out[f"reward_pos{k + 1}"] = total / n
+        out["chains"] = chains
+        out["tokens"] = float(sums["tokens"])
+        return out
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds the chain metrics summed since the last log (reduced across processes) to ``logs``."""
+        if not any(k.startswith("eval_") for k in logs):
+            logs = {**logs, **self._reduce_metrics("train")}
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        self._sums["eval"] = {}
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        for key, value in self._reduce_metrics("eval").items():
+            output.metrics[f"{prefix}_{key}"] = value
+        return output
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------------------------------------
+    # saving and loading: the Hugging Face model, not the wrapper
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is not None:
+            state_dict = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state_dict.items()}
+        self.policy.save_pretrained(output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=self.policy if model is None else model)
+
+
+def _is_vlm_path(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except OSError:
+        return False
+    return "vision_config" in cfg
