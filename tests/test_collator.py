@@ -484,3 +484,40 @@ def test_load_chain_dataset_errors(tmp_path):
     # Text-only chains (no video) load with an empty videos list.
     text = load_chain_dataset([{"id": "a", "chain": ["x", "y"]}])
     assert text["videos"] == [[]]
+
+
+def test_batch_runs_through_the_chain_forward_like_full_sequences(proc, tok):
+    """End to end: the collator's batch in ChainForward (prompt shared per chain) gives the final hidden
+    states of plain Hugging Face forwards over each unpadded prompt + completion with that video."""
+    from rankloss.integrations import ChainForward
+    from rankloss.train.model import build_tiny_model, tiny_config
+
+    cfg = tiny_config(tok, hidden_size=64, num_layers=2, vision_depth=1, vision_hidden_size=32)
+    model = build_tiny_model(cfg, seed=0).double()
+    records = [
+        {"videos": [_video(4, 0)], "completions": CAPTIONS[:3]},
+        {"videos": [_video(8, 1)], "prompt": "what is shown?", "completions": CAPTIONS[3:4]},
+    ]
+    batch = ChainCollator(proc, video_fps=4.0)(records)
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].double()
+    with torch.no_grad():
+        hidden = ChainForward(model).hidden_states(batch)
+    grid = batch["video_grid_thw"]
+    patches = grid.prod(1).tolist()
+    owner = torch.repeat_interleave(torch.arange(2), batch["chain_sizes"]).tolist()
+    for s, b in enumerate(owner):
+        keep = batch["prompt_attention_mask"][b].bool()
+        p, n = int(keep.sum()), int((batch["completion_labels"][s] != -100).sum())
+        ids = torch.cat([batch["prompt_input_ids"][b][keep], batch["completion_input_ids"][s, :n]])
+        types = torch.cat([batch["mm_token_type_ids"][b][keep], torch.zeros(n, dtype=torch.long)])
+        first = sum(patches[:b])
+        with torch.no_grad():
+            out = model(
+                input_ids=ids[None],
+                pixel_values_videos=batch["pixel_values_videos"][first : first + patches[b]],
+                video_grid_thw=grid[b : b + 1],
+                second_per_grid_ts=batch["second_per_grid_ts"][b : b + 1],
+                mm_token_type_ids=types[None],
+                output_hidden_states=True,
+            )
+        torch.testing.assert_close(hidden[s, :n], out.hidden_states[-1][0, p - 1 : p - 1 + n])
