@@ -122,6 +122,15 @@ def _typed_keys(typed_dict: object) -> set[str]:
         return set(getattr(typed_dict, "__annotations__", {}))
 
 
+def _parameters(fn: object) -> set[str]:
+    if not callable(fn):
+        return set()
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def _sampled_fps(path: str, num_frames: int) -> float:
     """Frames per second of ``num_frames`` frames sampled uniformly over the video file (2.0 when its
     duration is unknown)."""
@@ -165,7 +174,8 @@ class ChainCollator:
     ``<|vision_start|><|video_pad|><|vision_end|>`` when the tokenizer has those tokens) put in front of
     the string instead. A conversational prompt (or ``messages``) goes through the chat template with
     ``add_generation_prompt=True`` and is tokenised as it comes out (no special tokens are added). The
-    number of media placeholders in each prompt must match the record's media.
+    number of media placeholders in each prompt must match the record's media (the processor checks; when
+    it refuses the batch, the error names the record whose placeholders do not match).
 
     **Completions.** String completions are tokenised with ``add_special_tokens=False`` and end with the
     tokenizer's EOS token. A conversational completion's text is what the chat template adds after the
@@ -277,11 +287,7 @@ class ChainCollator:
         vp = getattr(pc, "video_processor", None) if self.is_processor else None
         self._takes_video_metadata = vp is not None and (
             "video_metadata" in _typed_keys(getattr(vp, "valid_kwargs", None))
-            or any(
-                "video_metadata" in inspect.signature(fn).parameters
-                for fn in (getattr(vp, "preprocess", None), vp)
-                if callable(fn)
-            )
+            or any("video_metadata" in _parameters(fn) for fn in (getattr(vp, "preprocess", None), vp))
         )
         self._bos_text = self._default_bos()
 
@@ -522,7 +528,7 @@ class ChainCollator:
         msgs = _clean_messages(value, where)
         return self._apply_template(msgs, where, generation=True), msgs
 
-    def _check_placeholders(self, i: int, text: str, counts: dict[str, int]) -> None:
+    def _check_placeholders(self, i: int, text: str, counts: dict[str, int], cause: Exception) -> None:
         for name, kind in _MEDIA_KINDS:
             token = self._placeholder[kind]
             if not token:
@@ -533,7 +539,7 @@ class ChainCollator:
                     f"records[{i}]: the prompt has {found} {kind} placeholder(s) ({token!r}) for {want} "
                     f"item(s) in '{name}': a conversational prompt needs one "
                     f'{{"type": "{kind}"}} content entry per {kind} (prompt text: {text[:200]!r})'
-                )
+                ) from cause
 
     def _parse(self, i: int, rec: Any) -> _Parsed:
         if not isinstance(rec, Mapping):
@@ -541,7 +547,6 @@ class ChainCollator:
         completions, conversational = self._completions(i, rec)
         images, videos, fps = self._media(i, rec)
         prompt, prompt_msgs = self._prompt(i, rec, len(images), len(videos), conversational)
-        self._check_placeholders(i, prompt, {"image": len(images), "video": len(videos)})
 
         ids: list[list[int]] = []
         for k, c in enumerate(completions):
@@ -680,7 +685,15 @@ class ChainCollator:
                     for p in parsed
                     for v, f in zip(p.videos, p.video_fps)
                 ]
-        out = self.processing_class(text=texts, **kwargs)
+        try:
+            out = self.processing_class(text=texts, **kwargs)
+        except (ValueError, IndexError, RuntimeError) as exc:
+            # Say which record's placeholders do not match its media (the processor's message names none).
+            # Checked only here: some processors expand another token than their ``image_token``
+            # (Gemma 3's ``<start_of_image>``), so a count checked up front could reject valid prompts.
+            for i, p in enumerate(parsed):
+                self._check_placeholders(i, p.prompt, {"image": len(p.images), "video": len(p.videos)}, exc)
+            raise
         batch: dict[str, Any] = {
             "prompt_input_ids": out["input_ids"].long(),
             "prompt_attention_mask": out["attention_mask"].long(),
