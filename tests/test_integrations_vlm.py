@@ -1,0 +1,348 @@
+"""The chain forward of the vision-language families (rankloss.integrations.families.qwen_vl, .llava): for
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL (deepstack) and LLaVA-OneVision, a tiny random model built from its config
+and a processor built locally give, on a chain batch built by hand from the processor's output (videos,
+prompts of different lengths, left padding, chains of different sizes), the same loss and the same
+gradient of every parameter (the vision tower's included) as K independent full-sequence forwards
+through the model's own ``forward`` with that prompt's media alone (full logits, log_softmax), in float64;
+with the prompt shared through the KV cache and with full sequences (media repeated per completion)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("torchvision")
+
+from rankloss.reference.losses import chain_loss as ref_chain_loss  # noqa: E402
+
+from rankloss.integrations import ChainForward, get_family  # noqa: E402
+from rankloss.integrations.forward import LossSpec  # noqa: E402
+from rankloss.train.model import train_tokenizer  # noqa: E402
+
+WORDS = (
+    "a the red blue green cat dog bird runs jumps sits over under left right of in on and then "
+    "what happens video image describe shows seconds frame is two one"
+).split()
+SPEC = LossSpec(loss="plackett_luce", beta=0.5, sft_weight=0.3)
+
+
+@functools.cache
+def tokenizer():
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] + ["<0.5 seconds> 1.5 2.5 3.0"]
+    tok = train_tokenizer(corpus, 300)
+    tok.add_tokens(["<image>", "<video>"], special_tokens=True)
+    return tok
+
+
+def _ids(text):
+    return tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+def _perturb(model, seed):
+    """Random (not zero / one) norms and biases, so every parameter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _build(cls, config, seed=0):
+    torch.manual_seed(seed)
+    model = cls._from_config(config, attn_implementation="sdpa").double()
+    return _perturb(model, seed)
+
+
+def _frames(n, size, seed):
+    g = np.random.default_rng(seed)
+    return g.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny models and processors
+
+
+def _mrope_section(head_dim):
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _qwen_text(tok, **extra):
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=extra.pop("num_hidden_layers", 2),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(8)},
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _qwen_ids(tok):
+    conv = tok.convert_tokens_to_ids
+    return dict(
+        image_token_id=conv("<|image_pad|>"),
+        video_token_id=conv("<|video_pad|>"),
+        vision_start_token_id=conv("<|vision_start|>"),
+        vision_end_token_id=conv("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def qwen2_vl():
+    tok = tokenizer()
+    vision = dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14)
+    config = transformers.Qwen2VLConfig(text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok))
+    return (
+        transformers.Qwen2VLForConditionalGeneration,
+        config,
+        _qwen_processor(transformers.Qwen2VLProcessor),
+    )
+
+
+def qwen2_5_vl():
+    tok = tokenizer()
+    vision = dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=14,
+        window_size=56,
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+    )
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=_qwen_text(tok), vision_config=vision, **_qwen_ids(tok)
+    )
+    return (
+        transformers.Qwen2_5_VLForConditionalGeneration,
+        config,
+        _qwen_processor(transformers.Qwen2_5_VLProcessor),
+    )
+
+
+def qwen3_vl():
+    tok = tokenizer()
+    # three layers: deepstack features enter after layers 0 and 1, so both reach the completions
+    text = _qwen_text(tok, head_dim=8, num_hidden_layers=3)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision = dict(
+        depth=3,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=16,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    return (
+        transformers.Qwen3VLForConditionalGeneration,
+        config,
+        _qwen_processor(transformers.Qwen3VLProcessor, patch=16),
+    )
+
+
+def _qwen_processor(cls, patch=14):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    if cls is transformers.Qwen3VLProcessor:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+            Qwen3VLVideoProcessor as VideoProcessor,
+        )
+    else:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+            Qwen2VLVideoProcessor as VideoProcessor,
+        )
+    unit = 2 * patch  # one merged token
+    size = {"shortest_edge": unit * unit, "longest_edge": (2 * unit) ** 2}
+    # Qwen3-VL's video processor bounds the pixels of all frames together
+    vsize = {"shortest_edge": unit * unit, "longest_edge": 4 * size["longest_edge"]}
+    if cls is transformers.Qwen3VLProcessor:
+        size = vsize
+    video = VideoProcessor(size=size, patch_size=patch, do_sample_frames=False, cap_pixels_per_frame=False)
+    image = Qwen2VLImageProcessor(size=size, patch_size=patch)
+    return cls(image_processor=image, tokenizer=tokenizer(), video_processor=video)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Chain batches built by hand from one processor call (independent of the collator)
+
+
+class Chains:
+    """Prompts (text with one video placeholder, or none), their videos and completion chains."""
+
+    def __init__(self, processor, texts, videos, chains, fps, seed=0):
+        self.processor, self.texts, self.videos, self.chains, self.fps = processor, texts, videos, chains, fps
+        self.seed = seed
+
+    def _media_kwargs(self, rows):
+        vids = [self.videos[b] for b in rows if self.videos[b] is not None]
+        if not vids:
+            return {}
+        meta = [
+            {"total_num_frames": len(v), "fps": self.fps[b], "frames_indices": list(range(len(v)))}
+            for b in rows
+            if (v := self.videos[b]) is not None
+        ]
+        return {"videos": vids, "video_metadata": meta}
+
+    def encode(self, rows):
+        texts = [self.texts[b] for b in rows]
+        return self.processor(
+            text=texts, padding=True, padding_side="left", return_tensors="pt", **self._media_kwargs(rows)
+        )
+
+    def batch(self):
+        enc = dict(self.encode(range(len(self.texts))))
+        batch = {"prompt_input_ids": enc.pop("input_ids"), "prompt_attention_mask": enc.pop("attention_mask")}
+        batch.update({k: v.double() if v.is_floating_point() else v for k, v in enc.items()})
+        comps = [c for ch in self.chains for c in ch]
+        S, L = len(comps), max(len(c) for c in comps)
+        pad = self.processor.tokenizer.pad_token_id
+        cids = torch.full((S, L), pad)
+        labels = torch.full((S, L), -100)
+        for s, c in enumerate(comps):
+            cids[s, : len(c)] = torch.tensor(c)
+            labels[s, : len(c)] = torch.tensor(c)
+        g = torch.Generator().manual_seed(self.seed)
+        batch.update(
+            completion_input_ids=cids,
+            completion_labels=labels,
+            chain_sizes=torch.tensor([len(ch) for ch in self.chains]),
+            ref_scores=-20 * torch.rand(S, generator=g, dtype=torch.float64),
+        )
+        return batch
+
+    def naive_scores(self, model, batch):
+        """K independent full-sequence forwards through the model's own forward, each with its prompt's
+        media alone: logits, log_softmax, gather."""
+        scores = []
+        for b, chain in enumerate(self.chains):
+            enc = dict(self.encode([b]))
+            prompt = enc.pop("input_ids")
+            enc.pop("attention_mask")
+            # the batch row is this prompt, left-padded
+            row = batch["prompt_input_ids"][b][batch["prompt_attention_mask"][b].bool()]
+            assert row.tolist() == prompt[0].tolist()
+            types = enc.pop("mm_token_type_ids", None)
+            media = {k: v.double() if v.is_floating_point() else v for k, v in enc.items()}
+            for c in chain:
+                ids = torch.cat([prompt, torch.tensor([c])], 1)
+                kw = dict(media)
+                if types is not None:
+                    kw["mm_token_type_ids"] = torch.cat(
+                        [types, torch.zeros((1, len(c)), dtype=types.dtype)], 1
+                    )
+                logits = model(input_ids=ids, **kw).logits[0].double()
+                logp = torch.log_softmax(logits[prompt.shape[1] - 1 : -1], -1)
+                scores.append(logp.gather(-1, torch.tensor(c)[:, None]).sum())
+        return torch.stack(scores)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_equal(model, chains, spec=SPEC, share_prefix=None):
+    """Loss and every parameter's gradient of the chain forward == those of independent forwards.
+
+    Tolerance (as in tests/test_integrations.py): transformers' RMSNorms compute in float32 even in a
+    float64 model, so a prompt token's gradient, summed over its K completions before such a cast instead
+    of K times after it, differs at float32 rounding: 1e-6 relative to the tensor's largest gradient (a
+    gradient lost through the cache, a wrong position or a wrong video shows at order one)."""
+    batch = chains.batch()
+    model.zero_grad(set_to_none=True)
+    out = ChainForward(model, share_prefix=share_prefix).loss(batch, spec)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    s = chains.naive_scores(model, batch)
+    n = torch.tensor([len(c) for ch in chains.chains for c in ch])
+    want, _, _ = ref_chain_loss(
+        s,
+        batch["chain_sizes"].tolist(),
+        batch["ref_scores"],
+        loss=spec.loss,
+        beta=spec.beta,
+        sft_weight=spec.sft_weight,
+        num_tokens=n,
+    )
+    want.backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(out.loss.detach(), want.detach(), atol=1e-9, rtol=1e-7)
+    assert set(got) == set(expected), set(got) ^ set(expected)
+    for name, want_g in expected.items():
+        scale = float(want_g.abs().max()) + 1e-30
+        err = float((got[name] - want_g).abs().max())
+        assert err <= 1e-6 * scale, f"{name}: max |diff| {err:.3g} > 1e-6 * {scale:.3g}"
+    return got
+
+
+def _completions(seed, ks):
+    g = torch.Generator().manual_seed(seed)
+    eos = tokenizer().eos_token_id
+    out = []
+    for k in ks:
+        chain = []
+        for _ in range(k):
+            n = int(torch.randint(1, 6, (1,), generator=g))
+            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)]
+            chain.append(_ids(" ".join(words)) + [eos])
+        out.append(chain)
+    return out
+
+
+QWEN = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def qwen_chains(processor, unit, with_text_only=True):
+    texts = [f"{VIDEO} describe the video", f"what happens in {VIDEO} then", "describe a red cat"]
+    videos = [_frames(4, 2 * unit, 0), _frames(4, unit, 1), None]
+    ks = [3, 2, 2]
+    if not with_text_only:
+        texts, videos, ks = texts[:2], videos[:2], ks[:2]
+    # a slow video (fps 0.5): Qwen2.5-VL's temporal positions run past the height / width ones
+    return Chains(processor, texts, videos, _completions(1, ks), fps=[2.0, 0.5, None], seed=2)
+
+
+@functools.cache
+def qwen_model(model_type):
+    cls, config, processor = QWEN[model_type]()
+    return _build(cls, config), processor
+
+
+@pytest.mark.parametrize("share_prefix", [None, False])
+@pytest.mark.parametrize("model_type", sorted(QWEN))
+def test_qwen_vl_equals_independent_forwards(model_type, share_prefix):
+    model, processor = qwen_model(model_type)
+    assert model.config.model_type == model_type and get_family(model) is not None
+    unit = 2 * model.config.vision_config.patch_size
+    chains = qwen_chains(processor, unit)
+    batch = chains.batch()
+    assert bool((batch["prompt_attention_mask"] == 0).any())  # left padding
+    if share_prefix is None:
+        assert ChainForward(model).will_share(batch)
+    got = check_equal(model, chains, share_prefix=share_prefix)
+    vision = [n for n, _ in model.model.visual.named_parameters()]
+    assert all(float(got[f"model.visual.{n}"].abs().sum()) > 0 for n in vision)
