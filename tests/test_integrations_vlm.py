@@ -188,22 +188,28 @@ def _qwen_processor(cls, patch=14):
 
 
 class Chains:
-    """Prompts (text with one video placeholder, or none), their videos and completion chains."""
+    """Prompts, their media and completion chains: ``videos[b]`` a list of ``(frames, fps)`` of prompt
+    ``b`` (in placeholder order), ``images[b]`` a list of ``[H, W, 3]`` arrays."""
 
-    def __init__(self, processor, texts, videos, chains, fps, seed=0):
-        self.processor, self.texts, self.videos, self.chains, self.fps = processor, texts, videos, chains, fps
+    def __init__(self, processor, texts, chains, videos=None, images=None, seed=0):
+        self.processor, self.texts, self.chains = processor, texts, chains
+        self.videos = videos or [[] for _ in texts]
+        self.images = images or [[] for _ in texts]
         self.seed = seed
 
     def _media_kwargs(self, rows):
-        vids = [self.videos[b] for b in rows if self.videos[b] is not None]
-        if not vids:
-            return {}
-        meta = [
-            {"total_num_frames": len(v), "fps": self.fps[b], "frames_indices": list(range(len(v)))}
-            for b in rows
-            if (v := self.videos[b]) is not None
-        ]
-        return {"videos": vids, "video_metadata": meta}
+        out = {}
+        vids = [v for b in rows for v in self.videos[b]]
+        if vids:
+            out["videos"] = [f for f, _ in vids]
+            out["video_metadata"] = [
+                {"total_num_frames": len(f), "fps": fps, "frames_indices": list(range(len(f)))}
+                for f, fps in vids
+            ]
+        images = [i for b in rows for i in self.images[b]]
+        if images:
+            out["images"] = images
+        return out
 
     def encode(self, rows):
         texts = [self.texts[b] for b in rows]
@@ -329,14 +335,24 @@ QWEN = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def qwen_chains(processor, unit, with_text_only=True):
-    texts = [f"{VIDEO} describe the video", f"what happens in {VIDEO} then", "describe a red cat"]
-    videos = [_frames(4, 2 * unit, 0), _frames(4, unit, 1), None]
-    ks = [3, 2, 2]
-    if not with_text_only:
-        texts, videos, ks = texts[:2], videos[:2], ks[:2]
-    # a slow video (fps 0.5): Qwen2.5-VL's temporal positions run past the height / width ones
-    return Chains(processor, texts, videos, _completions(1, ks), fps=[2.0, 0.5, None], seed=2)
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def qwen_chains(processor, unit):
+    """A prompt with two videos, one with an image and a slow video (fps 0.5: Qwen2.5-VL's temporal
+    positions run past the height / width ones), and a text-only prompt."""
+    texts = [
+        f"{VIDEO} and {VIDEO} describe the video",
+        f"what happens in {IMAGE} {VIDEO} then",
+        "describe a red cat",
+    ]
+    videos = [
+        [(_frames(4, 2 * unit, 0), 2.0), (_frames(2, unit, 1), 1.0)],
+        [(_frames(4, unit, 2), 0.5)],
+        [],
+    ]
+    images = [[], [_frames(1, unit, 3)[0]], []]
+    return Chains(processor, texts, _completions(1, [3, 2, 2]), videos, images, seed=2)
 
 
 @functools.cache
@@ -471,8 +487,8 @@ def llava_model(model_type):
 def llava_chains(processor):
     video = processor.video_token
     texts = [f"{video} describe the video", f"what happens in the {video} then the dog"]
-    videos = [_frames(4, FRAME, 0), _frames(4, FRAME, 1)]
-    return Chains(processor, texts, videos, _completions(3, [2, 3]), fps=[2.0, 2.0], seed=4)
+    videos = [[(_frames(4, FRAME, 0), 2.0)], [(_frames(4, FRAME, 1), 2.0)]]
+    return Chains(processor, texts, _completions(3, [2, 3]), videos, seed=4)
 
 
 @pytest.mark.parametrize("share_prefix", [None, False])
@@ -505,7 +521,7 @@ def _any_model(model_type):
 def test_text_only_prompts_in_a_vlm(model_type, share_prefix):
     model, processor = _any_model(model_type)
     texts = ["describe a red cat", "what happens", "the dog runs over the blue bird and then sits"]
-    chains = Chains(processor, texts, [None] * 3, _completions(5, [2, 3, 2]), fps=[None] * 3, seed=6)
+    chains = Chains(processor, texts, _completions(5, [2, 3, 2]), seed=6)
     batch = chains.batch()
     assert not any(k.startswith("pixel") for k in batch)
     assert bool((batch["prompt_attention_mask"] == 0).any())
