@@ -508,6 +508,31 @@ def test_llava_equals_independent_forwards(model_type, share_prefix):
     assert_vision_gradients(got, model.model.multi_modal_projector, "model.multi_modal_projector")
 
 
+def llava_mixed_chains(processor):
+    """Two videos in one prompt, an image, no media, one video: each full-sequence row must take its own."""
+    video, image = processor.video_token, processor.image_token
+    texts = [f"{video} and {video} describe", f"what is in {image}", "describe a red cat", f"{video} then"]
+    videos = [
+        [(_frames(4, FRAME, 0), 2.0), (_frames(4, FRAME, 1), 2.0)],
+        [],
+        [],
+        [(_frames(4, FRAME, 2), 2.0)],
+    ]
+    images = [[], [_frames(1, FRAME, 3)[0]], [], []]
+    return Chains(processor, texts, _completions(7, [2, 2, 3, 2]), videos, images, seed=8)
+
+
+@pytest.mark.parametrize("share_prefix", [None, False])
+@pytest.mark.parametrize("model_type", sorted(LLAVA))
+def test_llava_prompts_with_several_videos_an_image_or_none(model_type, share_prefix):
+    model, processor = llava_model(model_type)
+    chains = llava_mixed_chains(processor)
+    batch = chains.batch()
+    assert batch["pixel_values_videos"].shape[0] == 3 and batch["pixel_values"].shape[0] == 1
+    got = check_equal(model, chains, share_prefix=share_prefix)
+    assert float(got["model.vision_tower.embeddings.patch_embedding.weight"].abs().max()) > 0
+
+
 # ------------------------------------------------------------------------------------------------------
 # Text-only prompts in a VLM
 
@@ -527,3 +552,16 @@ def test_text_only_prompts_in_a_vlm(model_type, share_prefix):
     assert bool((batch["prompt_attention_mask"] == 0).any())
     got = check_equal(model, chains, share_prefix=share_prefix)
     assert float(got["lm_head.weight"].abs().max()) > 0
+
+
+def test_llava_full_sequences_refuse_media_they_cannot_assign():
+    model, processor = llava_model("llava_onevision")
+    batch = llava_chains(processor).batch()
+    family = get_family(model)
+    owner = torch.tensor([0, 0, 1, 1, 1])
+    picked = family.select_media(model, batch, owner)
+    assert torch.equal(picked["pixel_values_videos"], batch["pixel_values_videos"][owner])
+    # three videos for two prompts of one video's placeholders each: whose is which?
+    three = {**batch, "pixel_values_videos": batch["pixel_values_videos"][[0, 1, 1]]}
+    with pytest.raises(ValueError, match="3 videos for placeholder counts"):
+        family.select_media(model, three, owner)
