@@ -1,10 +1,11 @@
 """The chain forward of the vision-language families (rankloss.integrations.families.qwen_vl, .llava): for
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL (deepstack) and LLaVA-OneVision, a tiny random model built from its config
-and a processor built locally give, on a chain batch built by hand from the processor's output (videos,
-prompts of different lengths, left padding, chains of different sizes), the same loss and the same
-gradient of every parameter (the vision tower's included) as K independent full-sequence forwards
-through the model's own ``forward`` with that prompt's media alone (full logits, log_softmax), in float64;
-with the prompt shared through the KV cache and with full sequences (media repeated per completion)."""
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL (deepstack), LLaVA-OneVision and LLaVA-NeXT-Video, a tiny random model
+built from its config and a processor built locally give, on a chain batch built by hand from the
+processor's output (videos, images, prompts of different lengths, left padding, chains of different
+sizes), the same loss and the same gradient of every parameter (the vision tower's included) as K
+independent full-sequence forwards through the model's own ``forward`` with that prompt's media alone
+(full logits, log_softmax), in float64; with the prompt shared through the KV cache and with full
+sequences (media repeated per completion)."""
 
 from __future__ import annotations
 
