@@ -51,16 +51,36 @@ class QwenVLFamily(Family):
         if "image_grid_thw" not in media and "video_grid_thw" not in media:
             pos, nxt = super().prompt_positions(model, batch)  # text only: what get_rope_index gives text
             return pos.expand(3, *pos.shape), nxt
+        # The positions of the prompts with one text token appended: that token's position is where the
+        # completions start (after a video the next text position need not be the largest position + 1:
+        # Qwen2.5-VL spaces a video's temporal positions by its frame rate, past its height and width).
+        text_id = self._text_token(model)
+        ids1 = torch.cat([ids, ids.new_full((ids.shape[0], 1), text_id)], 1)
+        mask1 = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+        types = media["mm_token_type_ids"]
+        media = {**media, "mm_token_type_ids": torch.cat([types, types.new_zeros((types.shape[0], 1))], 1)}
         base = self.prompt_module(model)
         rope_index = base.get_rope_index
         params = inspect.signature(rope_index).parameters
-        kwargs = {"attention_mask": mask}
+        kwargs = {"attention_mask": mask1}
         for key in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
             if key in params and media.get(key) is not None:
                 kwargs[key] = media[key]
-        pos, _ = rope_index(ids, **kwargs)
-        nxt = pos.masked_fill(mask[None] == 0, -1).amax(dim=(0, 2)) + 1
-        return pos, nxt
+        pos, _ = rope_index(ids1, **kwargs)
+        nxt = pos[:, :, -1]
+        if not bool((nxt == nxt[:1]).all()):
+            raise ValueError("get_rope_index gave a text token different positions on its three axes")
+        return pos[:, :, :-1], nxt[0]
+
+    def _text_token(self, model: nn.Module) -> int:
+        """A token id that is neither a media placeholder nor a vision start / end marker."""
+        cfg = model.config
+        special = {
+            int(v)
+            for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+            if (v := getattr(cfg, k, None)) is not None
+        }
+        return next(i for i in range(len(special) + 1) if i not in special)
 
     def select_media(self, model: nn.Module, batch: Mapping[str, Any], owner: Tensor) -> dict[str, Any]:
         media = self.prompt_media(model, batch)
