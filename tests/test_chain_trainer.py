@@ -24,7 +24,9 @@ from rankloss.reference.losses import chain_metrics  # noqa: E402
 from rankloss.train.model import train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "a red green blue small large circle square moves left right up down then stops turns fast slowly".split()
+WORDS = (
+    "a red green blue small large circle square moves left right up down then stops turns fast slowly".split()
+)
 
 
 def records(n: int, seed: int = 0) -> list[dict]:
@@ -34,7 +36,9 @@ def records(n: int, seed: int = 0) -> list[dict]:
         k = 2 + int(torch.randint(0, 3, (1,), generator=g))
         words = lambda m: " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (m,), generator=g).tolist())  # noqa: E731
         prompt = "describe: " + words(2 + i % 4)
-        out.append({"id": f"r{i}", "prompt": prompt, "completions": [words(3 + (j + i) % 5) for j in range(k)]})
+        out.append(
+            {"id": f"r{i}", "prompt": prompt, "completions": [words(3 + (j + i) % 5) for j in range(k)]}
+        )
     return out
 
 
@@ -76,6 +80,7 @@ def config(tmp_path: Path, **kw) -> ChainRankConfig:
         seed=0,
         beta=0.5,
         disable_tqdm=True,
+        max_grad_norm=0.0,  # no clipping: a step's size shows a wrongly scaled loss
     )
     base.update(kw)
     return ChainRankConfig(**base)
@@ -107,8 +112,17 @@ def test_trains_with_no_glue_and_logs_chain_metrics(tmp_path, tok):
     step_logs = [entry for entry in logs.logs if "pairwise_accuracy" in entry]
     assert len(step_logs) == 2
     for entry in step_logs:
-        for key in ("loss", "pairwise_accuracy", "top1_accuracy", "kendall_tau", "reward_pos1", "reward_pos2",
-                    "best_logp_per_token", "chain_loss", "tokens"):
+        for key in (
+            "loss",
+            "pairwise_accuracy",
+            "top1_accuracy",
+            "kendall_tau",
+            "reward_pos1",
+            "reward_pos2",
+            "best_logp_per_token",
+            "chain_loss",
+            "tokens",
+        ):
             assert key in entry, key
         assert entry["chains"] == 4
         assert 0.0 <= entry["pairwise_accuracy"] <= 1.0
@@ -122,8 +136,13 @@ def test_gradient_accumulation_gives_the_full_batch_update(tmp_path, tok):
     results = []
     for bs, ga in ((4, 1), (2, 2), (1, 4)):
         model = tiny_lm(tok, seed=2)
-        args = config(tmp_path / f"ga{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                      max_steps=1, sft_weight=0.2)
+        args = config(
+            tmp_path / f"ga{ga}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            sft_weight=0.2,
+        )
         ChainRankTrainer(model, args, train_dataset=data, processing_class=tok).train()
         results.append(params(model))
     base = results[0]
@@ -195,14 +214,18 @@ def test_save_model_writes_a_hugging_face_checkpoint(tmp_path, tok):
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, tok):
     data = records(8, seed=8)
     full = tiny_lm(tok, seed=9)
-    ChainRankTrainer(full, config(tmp_path / "a", max_steps=4), train_dataset=data, processing_class=tok).train()
+    ChainRankTrainer(
+        full, config(tmp_path / "a", max_steps=4), train_dataset=data, processing_class=tok
+    ).train()
     part = tiny_lm(tok, seed=9)
     args = config(tmp_path / "b", max_steps=4, save_strategy="steps", save_steps=2)
     ChainRankTrainer(part, args, train_dataset=data, processing_class=tok).train()
     ckpt = tmp_path / "b" / "out" / "checkpoint-2"
     assert (ckpt / "model.safetensors").exists()
     resumed = tiny_lm(tok, seed=9)  # the initial weights: the reference comes from the cache
-    ChainRankTrainer(resumed, args, train_dataset=data, processing_class=tok).train(resume_from_checkpoint=str(ckpt))
+    ChainRankTrainer(resumed, args, train_dataset=data, processing_class=tok).train(
+        resume_from_checkpoint=str(ckpt)
+    )
     for n, p in full.named_parameters():
         torch.testing.assert_close(resumed.get_parameter(n), p.detach(), atol=1e-6, rtol=1e-5, msg=n)
 
@@ -219,21 +242,34 @@ def test_freeze_vision_and_vision_lr_on_a_vlm(tmp_path):
 
     from rankloss.train.model import build_tiny_model, build_tiny_processor, tiny_config
 
-    captions = ["a red circle moves left", "a blue square moves up", "a green circle stops", "describe the video"]
+    captions = [
+        "a red circle moves left",
+        "a blue square moves up",
+        "a green circle stops",
+        "describe the video",
+    ]
     tok = train_tokenizer(captions, 300)
     processor = build_tiny_processor(tok, 28)
     cfg = tiny_config(tok, hidden_size=32, num_layers=1, vision_depth=1, vision_hidden_size=32)
     rng = np.random.default_rng(0)
     data = [
-        {"prompt": "describe the video", "videos": [rng.integers(0, 255, (4, 28, 28, 3), dtype=np.uint8)],
-         "completions": captions[i % 3 :] + captions[: i % 3]}
+        {
+            "prompt": "describe the video",
+            "videos": [rng.integers(0, 255, (4, 28, 28, 3), dtype=np.uint8)],
+            "completions": captions[i % 3 :] + captions[: i % 3],
+        }
         for i in range(4)
     ]
     for freeze in (True, False):
         model = build_tiny_model(cfg, seed=0)
         before = params(model)
-        args = config(tmp_path / str(freeze), max_steps=1, freeze_vision=freeze,
-                      vision_lr=None if freeze else 0.5, learning_rate=0.01)
+        args = config(
+            tmp_path / str(freeze),
+            max_steps=1,
+            freeze_vision=freeze,
+            vision_lr=None if freeze else 0.5,
+            learning_rate=0.01,
+        )
         trainer = ChainRankTrainer(model, args, train_dataset=data, processing_class=processor)
         trainer.train()
         after = params(model)
@@ -271,6 +307,14 @@ TWO_PROC = textwrap.dedent(
 )
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_give_one_process_update(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(TWO_PROC.format(tests=str(REPO / "tests")))
@@ -279,12 +323,26 @@ def test_two_processes_give_one_process_update(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    subprocess.run([sys.executable, str(script), "4", str(one)], check=True, env=env, timeout=600,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), "4", str(one)], check=True, env=env, timeout=600, capture_output=True
+    )
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-         str(script), "2", str(two)],
-        env=env, timeout=900, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            "2",
+            str(two),
+        ],
+        env=env,
+        timeout=900,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((two / "world.json").read_text()) == 2

@@ -201,9 +201,11 @@ class ChainRankTrainer(Trainer):
         if not isinstance(args, ChainRankConfig):
             raise TypeError(f"args must be a ChainRankConfig, got {type(args).__name__}")
         if isinstance(model, str):
-            model = transformers.AutoModelForImageTextToText.from_pretrained(model) if _is_vlm_path(
-                model
-            ) else transformers.AutoModelForCausalLM.from_pretrained(model)
+            model = (
+                transformers.AutoModelForImageTextToText.from_pretrained(model)
+                if _is_vlm_path(model)
+                else transformers.AutoModelForCausalLM.from_pretrained(model)
+            )
         if processing_class is None:
             raise ValueError("processing_class is required: the tokenizer (text-only) or the processor (VLM)")
         if args.reference_free and ref_model is not None:
@@ -260,9 +262,7 @@ class ChainRankTrainer(Trainer):
             return super().create_optimizer(*([model] if model is not None else []))
         opt_model = self.model
         vision = {
-            id(p)
-            for m in self.model.chain_forward.family.vision_modules(self.policy)
-            for p in m.parameters()
+            id(p) for m in self.model.chain_forward.family.vision_modules(self.policy) for p in m.parameters()
         }
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = defaultdict(list)
@@ -293,7 +293,11 @@ class ChainRankTrainer(Trainer):
         return wrapped
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
-        if eval_dataset is not None and not isinstance(eval_dataset, str) and id(eval_dataset) not in self._ref_ready:
+        if (
+            eval_dataset is not None
+            and not isinstance(eval_dataset, str)
+            and id(eval_dataset) not in self._ref_ready
+        ):
             if not self.args.reference_free and self.ref_model is None:
                 raise ValueError(
                     "evaluate(eval_dataset=...): its reference scores would come from the policy as it is now, "
@@ -307,7 +311,13 @@ class ChainRankTrainer(Trainer):
         collator = self.data_collator
         settings = {
             k: getattr(collator, k, None)
-            for k in ("max_prompt_length", "max_completion_length", "num_frames", "video_fps", "default_prompt")
+            for k in (
+                "max_prompt_length",
+                "max_completion_length",
+                "num_frames",
+                "video_fps",
+                "default_prompt",
+            )
         }
         h = hashlib.sha256()
         for part in (
@@ -420,9 +430,14 @@ class ChainRankTrainer(Trainer):
         # rewards per chain position, and the best completion's log-prob per token
         rewards = chain.rewards.detach().double().to(dev)
         K = int(sizes.max()) if sizes.numel() else 0
-        pos = torch.cat([torch.arange(int(k), device=dev) for k in sizes.tolist()]) if K else rewards[:0].long()
+        pos = (
+            torch.cat([torch.arange(int(k), device=dev) for k in sizes.tolist()]) if K else rewards[:0].long()
+        )
         add("reward_pos_sum", torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, pos, rewards))
-        add("reward_pos_n", torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, pos, torch.ones_like(rewards)))
+        add(
+            "reward_pos_n",
+            torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, pos, torch.ones_like(rewards)),
+        )
         first = torch.cumsum(sizes, 0) - sizes
         ref = inputs.get("ref_scores")
         s = rewards / self.args.beta + (ref.detach().double().to(dev) if ref is not None else 0.0)
@@ -490,7 +505,9 @@ class ChainRankTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         if state_dict is not None:
-            state_dict = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state_dict.items()}
+            state_dict = {
+                k[len("model.") :] if k.startswith("model.") else k: v for k, v in state_dict.items()
+            }
         self.policy.save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
