@@ -18,9 +18,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from rankloss.reference.losses import chain_metrics  # noqa: E402
+
 from rankloss.integrations import ChainCollator, ChainForward, ChainRankConfig, ChainRankTrainer  # noqa: E402
 from rankloss.integrations.forward import ChainRankModel  # noqa: E402
-from rankloss.reference.losses import chain_metrics  # noqa: E402
 from rankloss.train.model import train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -300,9 +300,9 @@ class ChainRankTrainer(Trainer):
         ):
             if not self.args.reference_free and self.ref_model is None:
                 raise ValueError(
-                    "evaluate(eval_dataset=...): its reference scores would come from the policy as it is now, "
-                    "not as it was before training; pass eval datasets to ChainRankTrainer(eval_dataset=...) "
-                    "or give a ref_model"
+                    "evaluate(eval_dataset=...): its reference scores would come from the policy as it is "
+                    "now, not as it was before training; pass eval datasets to "
+                    "ChainRankTrainer(eval_dataset=...) or give a ref_model"
                 )
             eval_dataset = self._with_ref(eval_dataset, "eval")
         return super().get_eval_dataloader(eval_dataset)
