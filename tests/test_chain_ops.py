@@ -375,4 +375,3 @@ def test_import_does_not_load_kernels():
         """
     )
     assert proc.returncode == 0, proc.stderr
-
