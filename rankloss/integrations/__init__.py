@@ -48,6 +48,7 @@ _API = {
     "ChainForward": "forward",
     "ChainRankModel": "forward",
     "LMHead": "forward",
+    "LossSpec": "forward",
     "chain_hidden_states": "forward",
     "Family": "families",
     "get_family": "families",
