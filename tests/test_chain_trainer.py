@@ -350,3 +350,52 @@ def test_two_processes_give_one_process_update(tmp_path):
     a, b = torch.load(one / "params.pt"), torch.load(two / "params.pt")
     for n in a:
         torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_reference_model_scores_the_chains(tmp_path, tok):
+    data = records(5, seed=13)
+    policy, ref = tiny_lm(tok, seed=14), tiny_lm(tok, seed=15)
+    trainer = ChainRankTrainer(
+        policy, config(tmp_path), train_dataset=data, processing_class=tok, ref_model=ref
+    )
+    s, _ = ChainForward(ref).scores(ChainCollator(tok)(data))
+    torch.testing.assert_close(
+        torch.tensor(sum(trainer.train_dataset.scores, [])), s.float(), atol=1e-4, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="reference_free=True but a ref_model"):
+        ChainRankTrainer(
+            policy,
+            config(tmp_path, reference_free=True),
+            train_dataset=data,
+            processing_class=tok,
+            ref_model=ref,
+        )
+
+
+def test_evaluating_a_new_dataset_without_a_reference_model_is_refused(tmp_path, tok):
+    trainer = ChainRankTrainer(tiny_lm(tok), config(tmp_path), train_dataset=records(4), processing_class=tok)
+    with pytest.raises(ValueError, match="pass eval datasets to ChainRankTrainer"):
+        trainer.evaluate(eval_dataset=records(3, seed=1))
+    free = ChainRankTrainer(
+        tiny_lm(tok), config(tmp_path, reference_free=True), train_dataset=records(4), processing_class=tok
+    )
+    assert "eval_pairwise_accuracy" in free.evaluate(eval_dataset=records(3, seed=1))
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for PEFT's PeftModel: get_base_model() returns the model the adapters live in."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base = model
+
+    def get_base_model(self):
+        return self.base
+
+
+def test_chain_forward_looks_through_a_peft_style_wrapper(tok):
+    model = tiny_lm(tok, seed=16)
+    batch = ChainCollator(tok)(records(3, seed=2))
+    torch.testing.assert_close(
+        ChainForward(_Wrapper(model)).hidden_states(batch), ChainForward(model).hidden_states(batch)
+    )

@@ -40,10 +40,13 @@ class LMHead:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / torch.compile / accelerate wrappers."""
+    """The model under DDP / torch.compile / accelerate wrappers and PEFT's ``PeftModel`` (whose adapter
+    layers live inside the base model, so calling the base model's modules runs them)."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if not isinstance(inner, nn.Module) and callable(getattr(type(model), "get_base_model", None)):
+            inner = model.get_base_model()
+        if not isinstance(inner, nn.Module) or inner is model:
             return model
         model = inner
 
