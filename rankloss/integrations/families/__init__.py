@@ -155,7 +155,7 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-_MODULES = ("causal_lm", "qwen_vl", "llava")
+_MODULES = ("causal_lm", "qwen_vl", "llava", "idefics")
 _LOADED = False
 
 
