@@ -16,6 +16,11 @@ of the prompt and media. The forward falls back, with one warning, when sharing 
 possible: a sliding-window layer whose window the prompt exceeds, gradient checkpointing (transformers
 drops the cache of checkpointed layers), or a model type without a tested family (text-only decoders;
 an unknown multimodal model is an error naming its ``model_type``).
+
+**Generation** (:meth:`ChainForward.generate`, ``ChainRankModel(..., mode="generate")``): greedy decoding
+with the same pieces: the prompt once through the prompt module with a KV cache, each new token through
+the text module at the positions the completions take, the LM head (with its soft-cap); so each greedy
+token is the argmax of the very forward that scores and trains the completions.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ __all__ = [
     "pick_attn_implementation",
     "set_vision_trainable",
     "vision_model_types",
+    "checkpoint_model_type",
 ]
 
 #: Special tokens of the locally trained tokenizer (Qwen's names, so the processor finds them).
@@ -210,7 +211,7 @@ def vision_model_types() -> list[str]:
     return [t for t in supported_model_types() if getattr(get_family(t), "multimodal", False)]
 
 
-def _checkpoint_model_type(path: str) -> str:
+def checkpoint_model_type(path: str) -> str:
     """The ``model_type`` of the checkpoint folder ``path``, checked to be a supported video-language model
     (``ValueError`` naming it otherwise)."""
     cfg_path = os.path.join(path, "config.json")
@@ -238,7 +239,7 @@ def load_pretrained(path: str, *, dtype: str = "float32", attn_implementation: s
     """A local checkpoint (``save_pretrained`` folder; nothing is downloaded) of a supported video-language
     model family (:func:`vision_model_types`), loaded with ``AutoModelForImageTextToText``."""
     transformers = _require_transformers()
-    _checkpoint_model_type(path)
+    checkpoint_model_type(path)
     return transformers.AutoModelForImageTextToText.from_pretrained(
         path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, local_files_only=True
     )
