@@ -10,8 +10,11 @@ frozen, and SFT continued for as many steps as a control); held-out assessment a
 before and after every stage; a comparison table (mean ± standard error over seeds), plots, the metrics
 and the trained model under ``runs/<timestamp>/``.
 
-With arguments, the same program trains a real local checkpoint on real videos (``--model``, ``--data``,
-``--video-root``), on GPUs and with several processes (``accelerate launch``). ``docs/training.md``
+With arguments, the same program trains a real local checkpoint of any video-language model family
+rankloss supports (``--model``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video) on real
+videos (``--data``, ``--video-root``), on GPUs and with several processes (``accelerate launch``). The
+chain forward, the collator and the losses are those of ``rankloss.integrations`` (``ChainRankModel``,
+``ChainCollator``), the parts ``ChainRankTrainer`` uses. ``docs/training.md``
 documents every flag, the stages and the default experiment.
 """
 
@@ -47,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     that does not apply to the run is rejected instead of ignored)."""
     p = argparse.ArgumentParser(
         prog="train_video_rank.py",
-        description="Fine-tune Qwen2.5-VL (vision tower + LLM) with listwise ranking losses over caption "
-        "chains.",
+        description="Fine-tune a video-language model (vision tower + LLM) with listwise ranking losses "
+        "over caption chains.",
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See docs/training.md for the stages, the default experiment and real-data recipes.",
@@ -95,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         metavar="DIR",
-        help="local Qwen2.5-VL checkpoint + processor (default: a tiny model built from a config)",
+        help="local checkpoint + processor of a video-language model rankloss supports (Qwen2-VL, "
+        "Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video; default: a tiny Qwen2.5-VL built from a "
+        "config)",
     )
     g.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="weights of --model" + _d("dtype")

@@ -1,7 +1,8 @@
 """The trainer's model under FSDP2 sharding (``torch.distributed.fsdp.fully_shard``), two CPU processes
-over gloo: every loss is computed inside ``VideoChainModel.forward``, where the root unit (which holds
-``lm_head``) has its parameters gathered, so the sharded model gives the gradients of one unsharded
-process on the same global batch, and greedy generation gives the same tokens.
+over gloo: every loss is computed inside ``ChainRankModel.forward`` (the chain forward the trainer and
+``ChainRankTrainer`` share), where the root unit (which holds ``lm_head``) has its parameters gathered,
+so the sharded model gives the gradients of one unsharded process on the same global batch, and greedy
+generation gives the same tokens.
 
 accelerate's FSDP needs GPUs, so this drives ``fully_shard`` directly, with the wrapping the trainer
 documents (every decoder layer and vision block its own unit, the wrapper the root)."""
@@ -40,7 +41,7 @@ def _free_port() -> int:
 
 def _setup():
     from rankloss.train.config import TrainConfig
-    from rankloss.train.data import BatchBuilder, synthetic_chains, synthetic_frames
+    from rankloss.train.data import collate_chains, make_collator, synthetic_chains, synthetic_frames
     from rankloss.train.model import build_tiny_model, build_tiny_processor, tiny_config, train_tokenizer
 
     cfg = TrainConfig(num_videos=WORLD * CHAINS_PER_RANK, heldout=0, frames=4, frame_size=56, max_objects=2)
@@ -61,11 +62,13 @@ def _setup():
     def model():
         return build_tiny_model(mcfg, seed=0).double()
 
-    def builder(m):
-        return BatchBuilder(processor, m.model.get_rope_index, video_token_id=mcfg.video_token_id)
+    collator = make_collator(processor)
+
+    def batch(items, mode):
+        return collate_chains(collator, items, frames, ref_scores=ref, best_only=mode == "sft")
 
     assert len({len(c.captions) for c in chains}) == 1  # equal shards: the mean of rank means is the mean
-    return chains, frames, ref, model, builder
+    return chains, model, batch
 
 
 def _worker(rank: int, port: int, mode: str, spec_kwargs: dict, out_path: str) -> None:
@@ -75,12 +78,13 @@ def _worker(rank: int, port: int, mode: str, spec_kwargs: dict, out_path: str) -
     try:
         from torch.distributed.fsdp import fully_shard
 
-        from rankloss.train.model import LossSpec, VideoChainModel
+        from rankloss.integrations import ChainRankModel
+        from rankloss.integrations.forward import LossSpec
 
-        chains, frames, ref, make_model, make_builder = _setup()
+        chains, make_model, make_batch = _setup()
         spec = LossSpec(**spec_kwargs)
         model = make_model()
-        wrapper = VideoChainModel(model)
+        wrapper = ChainRankModel(model)
         for layer in model.model.language_model.layers:
             fully_shard(layer)
         for block in model.model.visual.blocks:
@@ -88,7 +92,7 @@ def _worker(rank: int, port: int, mode: str, spec_kwargs: dict, out_path: str) -
         fully_shard(wrapper)
         assert type(model.lm_head.weight).__name__ == "DTensor"  # lm_head really is sharded
         mine = chains[rank * CHAINS_PER_RANK : (rank + 1) * CHAINS_PER_RANK]
-        batch = make_builder(model).build(mine, frames, ref_scores=ref, best_only=mode == "sft")
+        batch = make_batch(mine, mode)
         out = wrapper(batch, mode=mode, spec=spec)
         out["loss"].backward()
         loss = out["loss"].detach().clone()
@@ -113,7 +117,8 @@ def _worker(rank: int, port: int, mode: str, spec_kwargs: dict, out_path: str) -
     ids=["plackett_luce+sft", "dpo-all", "sft"],
 )
 def test_fsdp2_sharded_model_matches_one_process(mode, spec_kwargs, tmp_path):
-    from rankloss.train.model import LossSpec, VideoChainModel
+    from rankloss.integrations import ChainRankModel
+    from rankloss.integrations.forward import LossSpec
 
     out_path = str(tmp_path / "sharded.pt")
     mp.start_processes(
@@ -125,10 +130,10 @@ def test_fsdp2_sharded_model_matches_one_process(mode, spec_kwargs, tmp_path):
     )
     sharded = torch.load(out_path)
 
-    chains, frames, ref, make_model, make_builder = _setup()
+    chains, make_model, make_batch = _setup()
     model = make_model()
-    wrapper = VideoChainModel(model)
-    batch = make_builder(model).build(chains, frames, ref_scores=ref, best_only=mode == "sft")
+    wrapper = ChainRankModel(model)
+    batch = make_batch(chains, mode)
     out = wrapper(batch, mode=mode, spec=LossSpec(**spec_kwargs))
     out["loss"].backward()
     torch.testing.assert_close(sharded["loss"], out["loss"].detach(), rtol=1e-12, atol=1e-12)

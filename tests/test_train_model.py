@@ -1,9 +1,11 @@
-"""The trainer's model wiring: video tokens and 3-D positions, the shared-prefix forward, the ranking loss
-inside the wrapper against the naive full-logits computation, gradients into the vision tower, greedy
-generation against transformers' ``generate``."""
+"""The trainer's model wiring (chain records -> ChainCollator -> ChainRankModel, the parts ChainRankTrainer
+uses): video tokens and 3-D positions, the shared-prefix forward, the ranking loss inside the wrapper
+against the naive full-logits computation, gradients into the vision tower, greedy generation against
+transformers' ``generate`` and against the scoring forward, per-record frame rates, ``--model`` errors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,22 +14,25 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("torchvision")
 
 import rankloss  # noqa: E402
+from rankloss.integrations import ChainRankModel, get_family  # noqa: E402
+from rankloss.integrations.forward import LossSpec  # noqa: E402
 from rankloss.train.config import TrainConfig  # noqa: E402
 from rankloss.train.data import (  # noqa: E402
     IGNORE_INDEX,
     SYNTHETIC_FPS,
-    BatchBuilder,
     FrameStore,
+    chain_records,
+    collate_chains,
     global_batch_indices,
+    make_collator,
     split_by_video,
     synthetic_chains,
     synthetic_frames,
 )
 from rankloss.train.model import (  # noqa: E402
-    LossSpec,
-    VideoChainModel,
     build_tiny_model,
     build_tiny_processor,
+    load_pretrained,
     set_vision_trainable,
     tiny_config,
     train_tokenizer,
@@ -43,28 +48,42 @@ def setup():
     processor = build_tiny_processor(tok, 56)
     mcfg = tiny_config(tok, hidden_size=64, num_layers=2, vision_depth=2, vision_hidden_size=32)
     model = build_tiny_model(mcfg, seed=0).double()
-    builder = BatchBuilder(processor, model.model.get_rope_index, video_token_id=mcfg.video_token_id)
-    return chains, frames, processor, mcfg, model, builder
+    collator = make_collator(processor)
+    return chains, frames, processor, mcfg, model, collator
 
 
-def _naive_scores(model, batch, mcfg, fps=SYNTHETIC_FPS):
-    """Per-caption scores the plain way: full sequences through the Hugging Face forward (it builds the
-    3-D positions from ``mm_token_type_ids``), full logits, log_softmax, Hugging Face labels shifted with
-    rankloss.shift_labels."""
-    owner = batch.caption_video
-    ids = torch.cat([batch.prefix_ids[owner], batch.caption_ids], 1)
-    types = (ids == mcfg.video_token_id).long() * 2
-    per_video = batch.pixel_values_videos.view(batch.num_videos, -1, batch.pixel_values_videos.shape[-1])
-    pixels = torch.cat([per_video[i] for i in owner.tolist()]).double()
-    out = model(
+def _owner(batch):
+    sizes = batch["chain_sizes"]
+    return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+
+
+def _full_sequences(batch, mcfg):
+    """Each completion behind its own copy of its prompt and video: the inputs of the plain Hugging Face
+    forward (which builds the 3-D positions itself from ``mm_token_type_ids``)."""
+    owner = _owner(batch)
+    ids = torch.cat([batch["prompt_input_ids"][owner], batch["completion_input_ids"]], 1)
+    comp = batch["completion_input_ids"]
+    mask = torch.cat([batch["prompt_attention_mask"][owner], torch.ones_like(comp)], 1)
+    grids = batch["video_grid_thw"]
+    per_video = torch.split(batch["pixel_values_videos"], grids.prod(-1).tolist())
+    return dict(
         input_ids=ids,
-        pixel_values_videos=pixels,
-        video_grid_thw=batch.video_grid_thw[owner],
-        mm_token_type_ids=types,
-        second_per_grid_ts=torch.full((ids.shape[0],), 2 / fps),
+        attention_mask=mask,
+        pixel_values_videos=torch.cat([per_video[i] for i in owner.tolist()]).double(),
+        video_grid_thw=grids[owner],
+        mm_token_type_ids=(ids == mcfg.video_token_id).long() * 2,
+        second_per_grid_ts=batch["second_per_grid_ts"][owner],
     )
-    P = batch.prefix_ids.shape[1]
-    hf_labels = torch.cat([torch.full((ids.shape[0], P), IGNORE_INDEX), batch.labels], 1)
+
+
+def _naive_scores(model, batch, mcfg):
+    """Per-caption scores the plain way: full sequences through the Hugging Face forward, full logits,
+    log_softmax, Hugging Face labels shifted with rankloss.shift_labels."""
+    inputs = _full_sequences(batch, mcfg)
+    out = model(**inputs)
+    P = batch["prompt_input_ids"].shape[1]
+    labels_in = batch["completion_labels"]
+    hf_labels = torch.cat([torch.full((labels_in.shape[0], P), IGNORE_INDEX), labels_in], 1)
     labels = rankloss.shift_labels(hf_labels)
     logp = torch.log_softmax(out.logits.double(), -1)
     tok = torch.where(labels != IGNORE_INDEX, logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
@@ -72,76 +91,72 @@ def _naive_scores(model, batch, mcfg, fps=SYNTHETIC_FPS):
 
 
 def test_prefix_matches_the_processor_and_positions_are_3d(setup):
-    chains, frames, processor, mcfg, model, builder = setup
-    batch = builder.build(chains[:2], frames)
-    # The prefix is what the processor itself makes of the prompt and the video.
+    chains, frames, processor, mcfg, model, collator = setup
+    batch = collate_chains(collator, chains[:2], frames)
+    records = chain_records(chains[:2], frames)
+    assert batch["chain_ids"] == [c.id for c in chains[:2]]
+    assert batch["chain_sizes"].tolist() == [len(c.captions) for c in chains[:2]]
+    # The prompt is what the processor itself makes of the video's placeholder and the video.
     ref = processor(
-        text=[builder.prompt_text],
+        text=["<|vision_start|><|video_pad|><|vision_end|>"],
         videos=[frames.frames[chains[0].index]],
         video_metadata=[{"total_num_frames": 4, "fps": SYNTHETIC_FPS, "frames_indices": [0, 1, 2, 3]}],
         return_tensors="pt",
     )
-    assert batch.prefix_ids[0].tolist() == ref["input_ids"][0].tolist()
-    assert (
-        ref["mm_token_type_ids"][0].tolist()
-        == ((batch.prefix_ids[0] == mcfg.video_token_id).long() * 2).tolist()
-    )
-    n_video = int(batch.video_grid_thw[0].prod()) // 4
-    assert int((batch.prefix_ids[0] == mcfg.video_token_id).sum()) == n_video == 8
-    # Positions equal the model's get_rope_index on the whole sequence (prefix + first caption) ...
-    full = torch.cat([batch.prefix_ids[:1], batch.caption_ids[:1]], 1)
+    assert records[0]["video_fps"] == SYNTHETIC_FPS
+    assert batch["prompt_input_ids"][0].tolist() == ref["input_ids"][0].tolist()
+    assert batch["mm_token_type_ids"][0].tolist() == ref["mm_token_type_ids"][0].tolist()
+    assert batch["second_per_grid_ts"].tolist() == [2 / SYNTHETIC_FPS] * 2
+    prompt = batch["prompt_input_ids"][0]
+    n_video = int(batch["video_grid_thw"][0].prod()) // 4
+    assert int((prompt == mcfg.video_token_id).sum()) == n_video == 8
+    # Positions (the family's: prompt from get_rope_index, caption token t at the next position + t)
+    # equal the model's get_rope_index on the whole sequence (prompt + first caption) ...
+    fam = get_family(model)
+    prompt_pos, next_pos = fam.prompt_positions(model, batch)
+    cap_pos = fam.completion_positions(next_pos, _owner(batch), batch["completion_input_ids"].shape[1])
+    full = torch.cat([batch["prompt_input_ids"][:1], batch["completion_input_ids"][:1]], 1)
     types = (full == mcfg.video_token_id).long() * 2
     pos, _ = model.model.get_rope_index(
         full,
         types,
-        video_grid_thw=batch.video_grid_thw[:1],
+        video_grid_thw=batch["video_grid_thw"][:1],
         second_per_grid_ts=torch.tensor([2 / SYNTHETIC_FPS]),
     )
-    mine = torch.cat([batch.prefix_positions[:, :1], batch.caption_positions[:, :1]], 2)
+    mine = torch.cat([prompt_pos[:, :1], cap_pos[:, :1]], 2)
     assert torch.equal(pos, mine)
-    # ... are really 3-D at the video tokens (height/width differ from time), and text continues after.
-    video = batch.prefix_ids[0] == mcfg.video_token_id
-    p = batch.prefix_positions[:, 0][:, video]
+    # ... are really 3-D at the video tokens (height/width differ from time), and text continues after
+    # (for these videos, 2 temporal patches of 2 x 2 merged tokens, right after the largest position).
+    video = prompt == mcfg.video_token_id
+    p = prompt_pos[:, 0][:, video]
     assert not torch.equal(p[0], p[1]) and not torch.equal(p[1], p[2])
-    assert batch.caption_positions[0, 0, 0] == batch.prefix_positions[:, 0].max() + 1
+    assert cap_pos[0, 0, 0] == prompt_pos[:, 0].max() + 1
     # Without mm_token_type_ids the model would fall back to 1-D positions: the scores would differ.
     s_mrope, _ = _naive_scores(model, batch, mcfg)
-    owner = batch.caption_video
-    ids = torch.cat([batch.prefix_ids[owner], batch.caption_ids], 1)
-    per_video = batch.pixel_values_videos.view(2, -1, batch.pixel_values_videos.shape[-1])
-    pixels = torch.cat([per_video[i] for i in owner.tolist()]).double()
-    logits_1d = model(
-        input_ids=ids, pixel_values_videos=pixels, video_grid_thw=batch.video_grid_thw[owner]
-    ).logits
-    assert not torch.allclose(
-        logits_1d[:, -5:],
-        model(
-            input_ids=ids,
-            pixel_values_videos=pixels,
-            video_grid_thw=batch.video_grid_thw[owner],
-            mm_token_type_ids=(ids == mcfg.video_token_id).long() * 2,
-            second_per_grid_ts=torch.full((ids.shape[0],), 0.5),
-        ).logits[:, -5:],
-    )
+    inputs = _full_sequences(batch, mcfg)
+    with_types = model(**inputs).logits
+    inputs.pop("mm_token_type_ids")
+    inputs.pop("second_per_grid_ts")
+    assert not torch.allclose(model(**inputs).logits[:, -5:], with_types[:, -5:])
     assert torch.isfinite(s_mrope).all()
 
 
 def test_labels_are_shifted_hf_labels(setup):
-    chains, frames, _, _, _, builder = setup
-    batch = builder.build(chains[:2], frames)
-    hf = torch.cat(
-        [torch.full((batch.num_captions, 1), IGNORE_INDEX), batch.labels], 1
-    )  # [last prefix, caption]
-    assert torch.equal(rankloss.shift_labels(hf)[:, :-1], batch.labels)
-    lengths = (batch.labels != IGNORE_INDEX).sum(1)
-    assert all(batch.labels[s, n - 1] == builder.end_id for s, n in enumerate(lengths.tolist()))
+    chains, frames, _, _, _, collator = setup
+    batch = collate_chains(collator, chains[:2], frames)
+    labels = batch["completion_labels"]
+    hf = torch.cat([torch.full((labels.shape[0], 1), IGNORE_INDEX), labels], 1)  # [last prefix, caption]
+    assert torch.equal(rankloss.shift_labels(hf)[:, :-1], labels)
+    lengths = (labels != IGNORE_INDEX).sum(1)
+    eos = collator.tokenizer.eos_token_id
+    assert all(labels[s, n - 1] == eos for s, n in enumerate(lengths.tolist()))
 
 
-@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("share_prefix", [None, False])
 def test_scores_match_naive_full_logits(setup, share_prefix):
-    chains, frames, _, mcfg, model, builder = setup
-    batch = builder.build(chains[:3], frames)
-    out = VideoChainModel(model, share_prefix=share_prefix)(batch, mode="score")
+    chains, frames, _, mcfg, model, collator = setup
+    batch = collate_chains(collator, chains[:3], frames)
+    out = ChainRankModel(model, share_prefix=share_prefix)(batch, mode="score")
     naive, n = _naive_scores(model, batch, mcfg)
     torch.testing.assert_close(out["scores"].double(), naive.detach(), rtol=1e-10, atol=1e-9)
     assert torch.equal(out["num_tokens"], n)
@@ -157,14 +172,15 @@ def test_scores_match_naive_full_logits(setup, share_prefix):
     ],
 )
 def test_ranking_loss_matches_chain_loss_on_naive_scores(setup, loss, options):
-    chains, frames, _, mcfg, model, builder = setup
+    chains, frames, _, mcfg, model, collator = setup
     ref = {
         c.id: (torch.randn(len(c.captions)) * 3 - 150, torch.ones(len(c.captions), dtype=torch.long))
         for c in chains
     }
-    batch = builder.build(chains[:3], frames, ref_scores=ref)
+    batch = collate_chains(collator, chains[:3], frames, ref_scores=ref)
+    assert torch.equal(batch["ref_scores"], torch.cat([ref[c.id][0] for c in chains[:3]]))
     spec = LossSpec(loss=loss, beta=0.05, **options)
-    wrapper = VideoChainModel(model)
+    wrapper = ChainRankModel(model)
     out = wrapper(batch, mode="rank", spec=spec)
     params = [
         model.model.visual.patch_embed.proj.weight,
@@ -175,8 +191,8 @@ def test_ranking_loss_matches_chain_loss_on_naive_scores(setup, loss, options):
     scores, n = _naive_scores(model, batch, mcfg)
     naive = rankloss.chain_loss(
         scores,
-        batch.chain_sizes.tolist(),
-        batch.ref_scores.double(),
+        batch["chain_sizes"].tolist(),
+        batch["ref_scores"].double(),
         loss=loss,
         beta=0.05,
         num_tokens=n,
@@ -191,32 +207,35 @@ def test_ranking_loss_matches_chain_loss_on_naive_scores(setup, loss, options):
 
 
 def test_sft_loss_is_mean_per_token_nll(setup):
-    chains, frames, _, mcfg, model, builder = setup
-    batch = builder.build(chains[:3], frames, best_only=True)
-    assert batch.chain_sizes.tolist() == [1, 1, 1]
-    out = VideoChainModel(model)(batch, mode="sft")
+    chains, frames, _, mcfg, model, collator = setup
+    batch = collate_chains(collator, chains[:3], frames, best_only=True)
+    assert batch["chain_sizes"].tolist() == [1, 1, 1]
+    out = ChainRankModel(model)(batch, mode="sft")
     s, n = _naive_scores(model, batch, mcfg)
     torch.testing.assert_close(out["loss"].double(), (-s / n).mean().detach(), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["sft", "rank"])
 def test_vision_tower_gets_gradients_unless_frozen(setup, mode):
-    chains, frames, _, mcfg, _, builder = setup
+    chains, frames, _, mcfg, _, collator = setup
     model = build_tiny_model(mcfg, seed=1)
     ref = {
         c.id: (torch.zeros(len(c.captions)), torch.ones(len(c.captions), dtype=torch.long)) for c in chains
     }
-    batch = builder.build(chains[:2], frames, best_only=mode == "sft", ref_scores=ref)
-    wrapper = VideoChainModel(model)
+    batch = collate_chains(collator, chains[:2], frames, best_only=mode == "sft", ref_scores=ref)
+    wrapper = ChainRankModel(model)
     spec = LossSpec(sft_weight=0.5)
     wrapper(batch, mode=mode, spec=spec)["loss"].backward()
     vision = list(model.model.visual.parameters())
+    assert get_family(model).vision_modules(model) == [model.model.visual]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision)
     model.zero_grad(set_to_none=True)
     set_vision_trainable(model, False)
     wrapper(batch, mode=mode, spec=spec)["loss"].backward()
     assert all(p.grad is None for p in vision)
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    merger = model.model.visual.merger  # inside the vision tower: frozen with it
+    assert all(p.grad is None for p in merger.parameters())
     set_vision_trainable(model, True)
 
 
@@ -234,54 +253,106 @@ def test_left_padded_prefixes_match_one_by_one(setup):
             size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56}, do_sample_frames=False
         ),
     )
-    builder = BatchBuilder(loose, model.model.get_rope_index, video_token_id=mcfg.video_token_id)
-    mixed = FrameStore(frames.frames[:, :, :, :, :], frames.fps.copy())
+    collator = make_collator(loose)
     small = torch.nn.functional.interpolate(torch.from_numpy(frames.frames[1]).float(), size=(28, 28))
     store = {0: frames.frames[chains[0].index], 1: small.round().clamp(0, 255).byte().numpy()}
-
-    class Mixed:
-        frames = store
-        fps = mixed.fps
+    mixed = FrameStore(store, frames.fps.copy())  # a dict of frame arrays serves as well as one array
 
     a, b = chains[0], chains[1]
     a1 = type(a)(a.id, a.captions, None, a.scene, 0)
     b1 = type(b)(b.id, b.captions, None, b.scene, 1)
-    together = builder.build([a1, b1], Mixed)
-    assert together.prefix_mask is not None and together.prefix_mask[1].sum() < together.prefix_mask[0].sum()
-    for share in (True, False):
-        wrapper = VideoChainModel(model, share_prefix=share)
+    together = collate_chains(collator, [a1, b1], mixed)
+    mask = together["prompt_attention_mask"]
+    assert mask[1].sum() < mask[0].sum()
+    for share in (None, False):
+        wrapper = ChainRankModel(model, share_prefix=share)
         both = wrapper(together, mode="score")["scores"]
-        one = torch.cat([wrapper(builder.build([c], Mixed), mode="score")["scores"] for c in (a1, b1)])
+        one = torch.cat(
+            [wrapper(collate_chains(collator, [c], mixed), mode="score")["scores"] for c in (a1, b1)]
+        )
         torch.testing.assert_close(both, one, rtol=1e-9, atol=1e-8)
-    gen = VideoChainModel(model)(
-        together, mode="generate", max_new_tokens=5, stop_ids=[builder.end_id], pad_id=0
-    )
+    eos = [collator.tokenizer.eos_token_id]
+    gen = ChainRankModel(model)(together, mode="generate", max_new_tokens=5, stop_ids=eos, pad_id=0)
     for i, c in enumerate((a1, b1)):
-        alone = VideoChainModel(model)(
-            builder.build([c], Mixed, with_captions=False),
+        alone = ChainRankModel(model)(
+            collate_chains(collator, [c], mixed, best_only=True),
             mode="generate",
             max_new_tokens=5,
-            stop_ids=[builder.end_id],
+            stop_ids=eos,
             pad_id=0,
         )
         assert gen["tokens"][i].tolist() == alone["tokens"][0].tolist()
 
 
 def test_greedy_generation_matches_transformers_generate(setup):
-    chains, frames, _, mcfg, model, builder = setup
-    batch = builder.build(chains[:3], frames, with_captions=False)
-    mine = VideoChainModel(model)(batch, mode="generate", max_new_tokens=6, stop_ids=[], pad_id=0)["tokens"]
+    """Where transformers' ``generate`` places the first new token where its own full-sequence forward
+    does (here: 2 temporal patches of 2 x 2 merged tokens at 4 frames per second), the tokens agree."""
+    chains, frames, _, mcfg, model, collator = setup
+    batch = collate_chains(collator, chains[:3], frames, best_only=True)
+    mine = ChainRankModel(model)(batch, mode="generate", max_new_tokens=6, stop_ids=[], pad_id=0)["tokens"]
+    prompt = batch["prompt_input_ids"]
     hf = model.generate(
-        input_ids=batch.prefix_ids,
-        attention_mask=torch.ones_like(batch.prefix_ids),
-        pixel_values_videos=batch.pixel_values_videos.double(),
-        video_grid_thw=batch.video_grid_thw,
-        mm_token_type_ids=(batch.prefix_ids == mcfg.video_token_id).long() * 2,
-        second_per_grid_ts=torch.full((3,), 2 / SYNTHETIC_FPS),
+        input_ids=prompt,
+        attention_mask=batch["prompt_attention_mask"],
+        pixel_values_videos=batch["pixel_values_videos"].double(),
+        video_grid_thw=batch["video_grid_thw"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        second_per_grid_ts=batch["second_per_grid_ts"],
         max_new_tokens=6,
         do_sample=False,
     )
-    assert mine.tolist() == hf[:, batch.prefix_ids.shape[1] :].tolist()
+    assert mine.tolist() == hf[:, prompt.shape[1] :].tolist()
+
+
+def test_greedy_generation_of_slow_videos_is_the_scoring_forwards_argmax(setup):
+    """A video whose temporal positions run past its height and width (8 frames, or a low frame rate):
+    transformers' ``get_rope_index`` (what its full-sequence forward, and so training, uses) puts the
+    text after the video at the next position after the spatial extent, while its ``generate`` continues
+    from the largest position + 1, so the two disagree for such videos (a known transformers
+    difference). The chain forward uses the former for scores, losses and generation alike: each greedy
+    token is the argmax of the full-sequence forward on the prompt and the tokens before it."""
+    chains, frames, _, mcfg, model, collator = setup
+    slow = FrameStore(frames.frames, np.full(len(frames.fps), 1.0))
+    batch = collate_chains(collator, chains[:2], slow, best_only=True)
+    assert batch["second_per_grid_ts"].tolist() == [2.0, 2.0]
+    fam = get_family(model)
+    pos, nxt = fam.prompt_positions(model, batch)
+    assert bool((nxt < pos.amax(dim=(0, 2)) + 1).all())  # not the largest position + 1
+    tokens = ChainRankModel(model)(batch, mode="generate", max_new_tokens=4, stop_ids=[], pad_id=0)["tokens"]
+    P = batch["prompt_input_ids"].shape[1]
+    inputs = _full_sequences({**batch, "completion_input_ids": tokens}, mcfg)
+    logits = model(**inputs).logits[:, P - 1 : -1]
+    assert logits.argmax(-1).tolist() == tokens.tolist()
+
+
+def test_collator_takes_each_records_frame_rate(setup):
+    """Records of one batch with different frame rates (``video_fps``) get their own temporal spacing."""
+    chains, frames, _, _, _, collator = setup
+    store = FrameStore(frames.frames, np.array([4.0, 1.0, 2.0, 4.0, 4.0, 4.0]))
+    batch = collate_chains(collator, chains[:3], store)
+    assert batch["second_per_grid_ts"].tolist() == [0.5, 2.0, 1.0]
+    recs = chain_records(chains[:2], store)
+    recs[0]["video_fps"] = [8.0]  # one per video also works
+    assert collator(recs)["second_per_grid_ts"].tolist() == [0.25, 2.0]
+    for bad, err in (([1.0, 2.0], ValueError), (0.0, ValueError), ("fast", TypeError), (True, TypeError)):
+        with pytest.raises(err, match=r"records\[0\]\['video_fps'\]"):
+            collator([{**recs[0], "video_fps": bad}])
+
+
+def test_model_flag_names_unsupported_model_types(tmp_path):
+    import json
+
+    for model_type, extra, what in (
+        ("qwen2", {}, "a text-only model"),
+        ("gpt2", {}, "a text-only model"),
+        ("fancy_vlm", {"vision_config": {}}, "a multimodal model without a rankloss family"),
+    ):
+        d = tmp_path / model_type
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": model_type, **extra}))
+        with pytest.raises(ValueError, match=f"model_type '{model_type}', {what}") as exc:
+            load_pretrained(str(d))
+        assert "qwen2_5_vl" in str(exc.value) and "llava_onevision" in str(exc.value)
 
 
 def test_tokenizer_round_trips_captions(setup):

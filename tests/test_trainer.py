@@ -408,3 +408,128 @@ def test_launch_whose_processes_did_not_join_one_group_is_refused():
         check_process_group(alone, {"WORLD_SIZE": "2"})
     with pytest.raises(SystemExit, match="WORLD_SIZE='two'"):
         check_process_group(alone, {"WORLD_SIZE": "two"})
+
+
+def _tiny_llava_onevision(folder: Path) -> None:
+    """A tiny random LLaVA-OneVision (SigLIP tower, Qwen2 decoder) and its processor, saved to ``folder``:
+    a non-Qwen family for ``--model``."""
+    import transformers
+    from transformers.models.llava_onevision.image_processing_llava_onevision import (
+        LlavaOnevisionImageProcessor,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+
+    from rankloss.train.config import TrainConfig
+    from rankloss.train.data import synthetic_chains
+    from rankloss.train.model import train_tokenizer
+
+    frame = 28
+    chains = synthetic_chains(TrainConfig(num_videos=10, max_objects=2))
+    tok = train_tokenizer([c for ch in chains for c in ch.captions], 300)
+    size, pinpoints = {"height": frame, "width": frame}, [[frame, frame]]
+    processor = transformers.LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size=size, do_sample_frames=False),
+        num_image_tokens=(frame // 14) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    text = dict(
+        model_type="qwen2",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=frame,
+        patch_size=14,
+    )
+    config = transformers.LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids(processor.image_token),
+        video_token_index=tok.convert_tokens_to_ids(processor.video_token),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlavaOnevisionForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_model_flag_takes_another_vlm_family(tmp_path: Path):
+    """--model with a LLaVA-OneVision checkpoint: the same stages run through the shared chain forward
+    (SFT, reference scores, a ranking arm with and without the vision tower, generation), and
+    --freeze-vision freezes the family's vision tower."""
+    ckpt = tmp_path / "llava"
+    _tiny_llava_onevision(ckpt)
+    args = [
+        *_tiny_without(*TINY_MODEL),
+        "--model",
+        str(ckpt),
+        "--sft-steps",
+        "2",
+        "--rank-steps",
+        "2",
+        "--arms",
+        "plackett_luce,plackett_luce:frozen",
+        "--seeds",
+        "1",
+        "--save-models",
+        "all",
+        "--lr",
+        "1e-2",
+        "--jobs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    _run(args)
+    run = tmp_path / "run"
+    finals = [r for r in _records(run / "metrics.jsonl") if r.get("tag") == "final"]
+    assert len(finals) == 2
+    for r in finals:
+        assert {"pair_acc", "reward_pair_acc", "gen_f1"} <= set(r["metrics"])
+        assert all(s["generated"] for s in r["samples"])
+    sft = _weights(run / "seed0" / "sft" / "model")
+    trained = _weights(run / "seed0" / "plackett_luce" / "model")
+    frozen = _weights(run / "seed0" / "plackett_luce_frozen" / "model")
+    vision = [k for k in sft if "vision_tower." in k]
+    assert vision
+    assert any(not torch.equal(sft[k], trained[k]) for k in vision)
+    assert all(torch.equal(sft[k], frozen[k]) for k in vision)
+
+
+@pytest.mark.parametrize(
+    "config, what",
+    [
+        ({"model_type": "qwen2"}, "model_type 'qwen2', a text-only model"),
+        ({"model_type": "mamba"}, "model_type 'mamba', a text-only model"),
+        ({"model_type": "shiny_vlm", "vision_config": {}}, "model_type 'shiny_vlm', a multimodal model"),
+    ],
+)
+def test_model_flag_refuses_other_model_types(tmp_path: Path, config: dict, what: str, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    module = _load_script()
+    with pytest.raises(SystemExit) as exc:
+        module.parse_config(["--model", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert what in err and "qwen2_5_vl" in err and "llava_onevision" in err

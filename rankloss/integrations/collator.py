@@ -14,6 +14,9 @@ key              value
 ``images``       optional list of images: ``PIL.Image``, ``uint8 [H, W, C]`` arrays, or file paths
 ``videos``       optional list of videos: file paths (decoded with :func:`rankloss.video.load_video`), or
                  ``uint8`` frame arrays ``[T, H, W, C]`` or ``[T, C, H, W]``
+``video_fps``    optional: frames per second of the record's videos' frames (one number for all of them, or
+                 one per video), for processors that take ``video_metadata`` (Qwen's temporal positions);
+                 overrides the collator's ``video_fps``
 ``ref_scores``   optional ``K`` floats: the reference model's summed log-probs of the completions
 ``id``           optional: the record's id (becomes ``chain_ids``)
 ===============  ==========================================================================================
@@ -196,7 +199,8 @@ class ChainCollator:
             records give videos as paths.
         video_fps: frames per second of the videos' frames, passed to processors that take
             ``video_metadata`` (Qwen's temporal positions); ``None``: for a file, ``num_frames`` over its
-            duration (:func:`rankloss.video.video_info`), for frame arrays 2.0.
+            duration (:func:`rankloss.video.video_info`), for frame arrays 2.0. A record's own
+            ``video_fps`` takes precedence.
         default_prompt: the prompt of records without ``prompt`` and ``messages`` (or with ``None``).
         pad_to_multiple_of: pad ``P`` and ``L`` up to a multiple of this, or ``None``.
 
@@ -406,11 +410,36 @@ class ChainCollator:
         images = [self._image(i, j, im) for j, im in enumerate(images_in)]
         videos: list[np.ndarray] = []
         fps: list[float] = []
+        rates = self._record_fps(i, rec.get("video_fps"), len(videos_in))
         for j, v in enumerate(videos_in):
             frames, rate = self._video(i, j, v)
             videos.append(frames)
-            fps.append(rate)
+            fps.append(rate if rates is None else rates[j])
         return images, videos, fps
+
+    @staticmethod
+    def _record_fps(i: int, value: Any, n_videos: int) -> list[float] | None:
+        """A record's ``video_fps`` (a number, or one per video) as one rate per video, or ``None``."""
+        if value is None:
+            return None
+        where = f"records[{i}]['video_fps']"
+
+        def is_number(x: Any) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+        if is_number(value):
+            rates = [value] * n_videos
+        elif isinstance(value, (list, tuple)) and all(is_number(x) for x in value):
+            if len(value) != n_videos:
+                raise ValueError(f"{where} has {len(value)} rates for {n_videos} video(s)")
+            rates = list(value)
+        else:
+            raise TypeError(
+                f"{where} must be a positive number or a list of them (one per video), got {_describe(value)}"
+            )
+        if not all(math.isfinite(r) and r > 0 for r in rates):
+            raise ValueError(f"{where} must be positive and finite, got {value!r}")
+        return [float(r) for r in rates]
 
     def _image(self, i: int, j: int, image: Any) -> Any:
         from PIL import Image

@@ -16,13 +16,18 @@ of the prompt and media. The forward falls back, with one warning, when sharing 
 possible: a sliding-window layer whose window the prompt exceeds, gradient checkpointing (transformers
 drops the cache of checkpointed layers), or a model type without a tested family (text-only decoders;
 an unknown multimodal model is an error naming its ``model_type``).
+
+**Generation** (:meth:`ChainForward.generate`, ``ChainRankModel(..., mode="generate")``): greedy decoding
+with the same pieces: the prompt once through the prompt module with a KV cache, each new token through
+the text module at the positions the completions take, the LM head (with its soft-cap); so each greedy
+token is the argmax of the very forward that scores and trains the completions.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +79,25 @@ class LossSpec:
     top_k: int | None = None
     sft_weight: float = 0.0
     length_normalize: bool = False
+
+
+def _check_prompt(batch: Mapping[str, Any]) -> None:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
+    for key in ("prompt_input_ids", "prompt_attention_mask"):
+        if not isinstance(batch.get(key), Tensor):
+            raise ValueError(
+                f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
+            )
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"batch['prompt_attention_mask'] must be [B, P] = {list(ids.shape)}, got {list(mask.shape)}"
+        )
+    if ids.shape[0] and bool((mask[:, -1] == 0).any()):
+        raise ValueError(
+            "batch['prompt_attention_mask']: prompts must be left-padded (a row ends with padding)"
+        )
 
 
 def _check_batch(batch: Mapping[str, Any]) -> None:
@@ -203,6 +227,23 @@ class ChainForward:
         _warn_once(self.model_type, reason[0], reason[1])
         return False
 
+    def _prompt_pass(self, batch: Mapping[str, Any], positions: Tensor, padded: bool) -> tuple[Tensor, Any]:
+        """The ``B`` prompts (with their media) through the prompt module once: ``(last_hidden_state
+        [B, P, D], the KV cache)``."""
+        fam, model = self.family, self.model
+        prompt_mod = fam.prompt_module(model)
+        cache = self._new_cache()
+        out = prompt_mod(
+            input_ids=batch["prompt_input_ids"],
+            attention_mask=batch["prompt_attention_mask"] if padded else None,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kw(prompt_mod): cache},
+            **fam.prompt_media(model, batch),
+        )
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
+        return out.last_hidden_state, cache
+
     # -------------------------------------------------------------------------------------------------
     def hidden_states(self, batch: Mapping[str, Any]) -> Tensor:
         """Final hidden states ``[S, L, D]``: ``[s, t]`` scores ``batch["completion_labels"][s, t]``."""
@@ -218,18 +259,8 @@ class ChainForward:
         padded = bool((mask == 0).any())
         prompt_mod = fam.prompt_module(model)
         if self.will_share(batch):
-            media = fam.prompt_media(model, batch)
             text_mod = fam.text_module(model)
-            cache = self._new_cache()
-            out = prompt_mod(
-                input_ids=ids,
-                attention_mask=mask if padded else None,
-                position_ids=prompt_pos,
-                use_cache=True,
-                **{self._cache_kw(prompt_mod): cache},
-                **media,
-            )
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
+            prompt_hidden, cache = self._prompt_pass(batch, prompt_pos, padded)
             cache.batch_select_indices(owner)
             full_mask = None
             if padded:
@@ -241,7 +272,7 @@ class ChainForward:
                 use_cache=True,
                 **{self._cache_kw(text_mod): cache},
             ).last_hidden_state
-            return torch.cat([out.last_hidden_state[owner, -1:], h[:, :-1]], 1)
+            return torch.cat([prompt_hidden[owner, -1:], h[:, :-1]], 1)
         media = fam.select_media(model, batch, owner)
         full_ids = torch.cat([ids[owner], comp], 1)
         full_mask = torch.cat([mask[owner], torch.ones_like(comp, dtype=mask.dtype)], 1) if padded else None
@@ -302,6 +333,62 @@ class ChainForward:
         s = sequence_scores(hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, impl=impl)
         return s, (labels != IGNORE_INDEX).sum(-1)
 
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: Mapping[str, Any],
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        stop_when_done: bool = True,
+    ) -> Tensor:
+        """Greedy continuations of the ``B`` prompts: ``[B, max_new_tokens]`` token ids, ``pad_id`` after
+        a row's first stop token (which is kept).
+
+        The prompt (with its media) runs once through the family's prompt module with a KV cache; each
+        new token then runs through the text module against the cache, at the positions completions take
+        (:meth:`Family.completion_positions`: the prompt's next position ``+ t``), and the next token is
+        the argmax of the LM head's logits (soft-capped where the model caps them). Only the prompt keys
+        (and media) of ``batch`` are read. ``stop_when_done=False`` runs all ``max_new_tokens`` steps even
+        once every row has stopped (what sharded models need: every process runs the same forwards).
+        """
+        _check_prompt(batch)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        fam, model = self.family, self.model
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        B, device = int(ids.shape[0]), ids.device
+        rows = torch.arange(B, device=device)
+        prompt_pos, next_pos = fam.prompt_positions(model, batch)
+        padded = bool((mask == 0).any())
+        hidden, cache = self._prompt_pass(batch, prompt_pos, padded)
+        text_mod = fam.text_module(model)
+        head = self.head()
+        stops = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        last = hidden[:, -1]
+        for t in range(max_new_tokens):
+            logits = nn.functional.linear(last.to(head.weight.dtype), head.weight, head.bias)
+            if head.softcap is not None:
+                logits = head.softcap * torch.tanh(logits / head.softcap)
+            nxt = logits.float().argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out[:, t] = nxt
+            done = done | torch.isin(nxt, stops)
+            if t + 1 == max_new_tokens or (stop_when_done and bool(done.all())):
+                break
+            if padded:
+                mask = torch.cat([mask, mask.new_ones((B, 1))], 1)
+            last = text_mod(
+                input_ids=nxt[:, None],
+                attention_mask=mask if padded else None,
+                position_ids=fam.completion_positions(next_pos + t, rows, 1),
+                use_cache=True,
+                **{self._cache_kw(text_mod): cache},
+            ).last_hidden_state[:, -1]
+        return out
+
 
 def chain_hidden_states(
     model: nn.Module, batch: Mapping[str, Any], *, share_prefix: bool | None = None
@@ -318,7 +405,10 @@ class ChainRankModel(nn.Module):
     ``forward(batch, mode="rank")`` returns a dict: ``"loss"`` and ``"chain"`` (the
     :class:`~rankloss.ChainLossOutput`) for ``mode="rank"``; ``"loss"`` (per-token NLL of each chain's
     first completion, averaged over chains) for ``mode="sft"``; ``"scores"`` and ``"num_tokens"`` for
-    ``mode="score"`` (no gradient).
+    ``mode="score"`` (no gradient); ``"tokens"`` ``[B, max_new_tokens]`` for ``mode="generate"`` (greedy,
+    no gradient: :meth:`ChainForward.generate` with ``max_new_tokens``, ``stop_ids``, ``pad_id`` and
+    ``stop_when_done``; ``stop_ids`` defaults to the model's EOS token ids and ``pad_id`` to its pad token
+    id, else 0).
     """
 
     def __init__(
@@ -354,8 +444,20 @@ class ChainRankModel(nn.Module):
         mode: str = "rank",
         spec: LossSpec | None = None,
         reduction: str = "mean",
+        *,
+        max_new_tokens: int = 64,
+        stop_ids: Sequence[int] | None = None,
+        pad_id: int | None = None,
+        stop_when_done: bool = True,
     ) -> dict[str, Any]:
         cf = self.chain_forward
+        if mode == "generate":
+            if stop_ids is None or pad_id is None:
+                default_stop, default_pad = self._generation_ids()
+                stop_ids = default_stop if stop_ids is None else stop_ids
+                pad_id = default_pad if pad_id is None else pad_id
+            tokens = cf.generate(batch, max_new_tokens, stop_ids, pad_id, stop_when_done=stop_when_done)
+            return {"tokens": tokens}
         if mode == "rank":
             out = cf.loss(batch, spec or self.spec, impl=self.impl, reduction=reduction)
             return {"loss": out.loss, "chain": out}
@@ -377,4 +479,20 @@ class ChainRankModel(nn.Module):
             n = (y != IGNORE_INDEX).sum(-1).clamp(min=1)
             nll = -logps.sum(-1) / n.to(logps.dtype)
             return {"loss": nll.mean(), "nll": nll.detach()}
-        raise ValueError(f"mode must be 'rank', 'sft' or 'score', got {mode!r}")
+        raise ValueError(f"mode must be 'rank', 'sft', 'score' or 'generate', got {mode!r}")
+
+    def _generation_ids(self) -> tuple[list[int], int]:
+        """The model's EOS token ids (its generation config's, else its config's) and pad token id (0 when
+        it has none)."""
+        model = self.chain_forward.model
+        cfgs = [getattr(model, "generation_config", None), model.config]
+        text = model.config.get_text_config(decoder=True)
+        cfgs.append(text)
+
+        def first(name: str) -> Any:
+            return next((v for c in cfgs if (v := getattr(c, name, None)) is not None), None)
+
+        eos = first("eos_token_id")
+        stops = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        pad = first("pad_token_id")
+        return stops, 0 if pad is None else int(pad)

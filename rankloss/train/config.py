@@ -320,6 +320,9 @@ class TrainConfig:
         if self.model is not None:
             if not os.path.isdir(self.model):
                 raise ValueError(f"--model: not a local checkpoint directory: {self.model!r}")
+            from .model import checkpoint_model_type
+
+            checkpoint_model_type(self.model)  # a supported video-language model, or a ValueError naming it
             for name in ("hidden_size", "num_layers", "vision_depth", "vision_hidden_size", "vocab_size"):
                 if self._was_given(name):
                     raise ValueError(

@@ -1,37 +1,32 @@
-"""Chains of captions with their videos, turned into model batches with video tokens and 3-D positions.
+"""Chains of captions with their videos, and the chain batches the model reads.
 
 A batch holds ``B`` videos and the ``S = sum_b K_b`` captions of their chains (best caption first in
-each chain). The model reads each video **once**: the *prefix* (the prompt with the video's
-``<|video_pad|>`` tokens, identical for every caption of a chain) is a row of ``prefix_ids [B, P]``
-(left-padded when prompts differ in length), and each caption is a row of ``caption_ids [S, L]``
-(right-padded) that continues its video's prefix. Positions follow Qwen2.5-VL's multimodal RoPE: the
-prefix's ``[3, P]`` positions come from the model's own ``get_rope_index`` (video tokens get their
-temporal/height/width indices, text tokens count on from there), and caption token ``t`` of video ``b``
-sits at ``next_position_b + t`` on all three axes.
-
-Labels are built already aligned (DESIGN.md §3): the hidden state that scores caption token ``t`` is
-the one at the position *before* it (the last prefix token for ``t = 0``), so ``labels[s, t] =
-caption_ids[s, t]`` pairs with ``hidden[s, t]`` of ``[last prefix, caption_0, ..., caption_{L-2}]``,
-and padding is ``ignore_index``. This is :func:`rankloss.shift_labels` applied to the Hugging Face
-labels of ``[last prefix token, caption]`` with the always-ignored last column dropped.
+each chain): the trainer turns them into chain records (:func:`chain_records`: the video's frames and
+frame rate, the captions) and :class:`~rankloss.integrations.ChainCollator` turns those into the chain
+batch documented in :mod:`rankloss.integrations` (what ``ChainRankTrainer`` reads too): the prompt with
+the video's placeholder tokens once per chain (left-padded), the captions right-padded, each ending
+with the end-of-text token, labels already aligned with the hidden states that score them, and the
+processor's video tensors. Positions are the model family's business
+(:class:`~rankloss.integrations.ChainForward`): for Qwen2.5-VL, the prompt's 3-D multimodal RoPE
+positions from the model's own ``get_rope_index`` and caption token ``t`` at the position it gives text
+after the prompt ``+ t``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import math
 import os
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..integrations.collator import IGNORE_INDEX, ChainCollator, _sampled_fps
 from ..synthetic import Scene, synthetic_record
 from .config import TrainConfig
 
@@ -39,9 +34,12 @@ __all__ = [
     "IGNORE_INDEX",
     "VideoChain",
     "FrameStore",
-    "ChainBatch",
-    "VideoLayout",
-    "BatchBuilder",
+    "DEFAULT_PROMPT",
+    "has_chat_template",
+    "make_collator",
+    "chain_records",
+    "collate_chains",
+    "batch_to",
     "synthetic_chains",
     "synthetic_frames",
     "load_chains_file",
@@ -51,7 +49,8 @@ __all__ = [
     "SYNTHETIC_FPS",
 ]
 
-IGNORE_INDEX = -100
+#: The instruction after the video for chat-template models (``--prompt`` replaces it).
+DEFAULT_PROMPT = "Describe this video in detail."
 #: Frames per second the synthetic clips are taken to have: with ``tokens_per_second = 2`` and two frames
 #: per temporal patch, consecutive temporal patches are one position apart.
 SYNTHETIC_FPS = 4.0
@@ -188,16 +187,6 @@ def load_chains_file(
     return chains, notes
 
 
-def _sampled_fps(path: str, num_frames: int) -> float:
-    from ..video import video_info
-
-    info = video_info(path)
-    duration = info.get("duration")
-    if not duration and info.get("frames") and info.get("fps"):
-        duration = info["frames"] / info["fps"]
-    return num_frames / duration if duration else 2.0
-
-
 def decode_videos(
     chains: Sequence[VideoChain],
     cache_dir: str,
@@ -287,250 +276,67 @@ def _epoch_permutation(n: int, seed: int, salt: str, epoch: int) -> list[int]:
 # Batches
 
 
-@dataclass
-class ChainBatch:
-    """Model inputs for ``B`` videos and their ``S`` captions (see the module docstring for the layout).
+def has_chat_template(processor: Any) -> bool:
+    """Whether ``processor`` (or its tokenizer) has a chat template."""
+    tok = getattr(processor, "tokenizer", None)
+    return bool(getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None))
 
-    Attributes:
-        pixel_values_videos: ``[N_patches, C * t_p * p * p]`` the videos as the processor flattens them.
-        video_grid_thw: ``[B, 3]`` each video's patch grid.
-        prefix_ids: ``[B, P]`` prompt + video tokens, left-padded with the pad id.
-        prefix_mask: ``[B, P]`` 1 at real tokens, or ``None`` when no prefix is padded.
-        prefix_positions: ``[3, B, P]`` multimodal RoPE positions of the prefix.
-        caption_ids: ``[S, L]`` caption tokens (ending with the end-of-text token), right-padded.
-        caption_positions: ``[3, S, L]``.
-        labels: ``[S, L]`` aligned labels (``caption_ids`` with padding set to ``ignore_index``).
-        caption_video: ``[S]`` the video (row of the prefix) each caption continues.
-        chain_sizes: ``[B]`` captions per video (1 per video for SFT batches).
-        ref_scores: ``[S]`` cached reference scores (sum of token log-probs), or ``None``.
-        ref_num_tokens: ``[S]`` scored tokens of each caption (for length-normalised references), or ``None``.
-        next_positions: ``[B]`` the position the first caption token of each video takes.
-        ids: the chains' ids, in batch order.
+
+def make_collator(processor: Any, prompt: str | None = None) -> ChainCollator:
+    """The :class:`~rankloss.integrations.ChainCollator` of the trainer's batches.
+
+    With a chat template (a real checkpoint's processor) the prompt is one user message: the video, then
+    ``prompt`` (default :data:`DEFAULT_PROMPT`). Without one (the tiny model's processor) the prompt is the
+    video's placeholder between its start and end markers, nothing else (``--prompt`` does not apply).
     """
-
-    pixel_values_videos: Tensor
-    video_grid_thw: Tensor
-    prefix_ids: Tensor
-    prefix_mask: Tensor | None
-    prefix_positions: Tensor
-    caption_ids: Tensor
-    caption_positions: Tensor
-    labels: Tensor
-    caption_video: Tensor
-    chain_sizes: Tensor
-    next_positions: Tensor
-    ref_scores: Tensor | None = None
-    ref_num_tokens: Tensor | None = None
-    ids: list[str] = field(default_factory=list)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ChainBatch:
-        """Tensors moved to ``device``; ``pixel_values_videos`` also cast to ``dtype`` when given."""
-        moved: dict[str, Any] = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, Tensor):
-                value = value.to(device, non_blocking=True)
-                if name == "pixel_values_videos" and dtype is not None:
-                    value = value.to(dtype)
-            moved[name] = value
-        return ChainBatch(**moved)
-
-    @property
-    def num_videos(self) -> int:
-        return int(self.prefix_ids.shape[0])
-
-    @property
-    def num_captions(self) -> int:
-        return int(self.caption_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class VideoLayout:
-    """The prefix of every video with one patch grid and frame timing: token ids, ``[3, P]`` positions,
-    and the position the first caption token takes."""
-
-    prefix_ids: tuple[int, ...]
-    positions: Tensor
-    next_position: int
-
-
-class BatchBuilder:
-    """Turns chains + frames into :class:`ChainBatch` es with a processor and the model's RoPE indexer.
-
-    Args:
-        processor: a Qwen2.5-VL processor (``tokenizer`` and ``video_processor``; a chat template is used
-            when the tokenizer or processor has one).
-        rope_index: the model's ``get_rope_index`` (``model.model.get_rope_index``).
-        prompt: the user instruction placed after the video for chat-template models.
-        video_token_id: the model config's ``video_token_id``.
-    """
-
-    def __init__(
-        self,
-        processor: Any,
-        rope_index: Callable[..., tuple[Tensor, Tensor]],
-        *,
-        prompt: str | None = None,
-        video_token_id: int,
-    ) -> None:
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.video_processor = processor.video_processor
-        self.rope_index = rope_index
-        self.video_token_id = int(video_token_id)
-        self.video_token = self.tokenizer.convert_ids_to_tokens(self.video_token_id)
-        self.merge = int(getattr(self.video_processor, "merge_size", 2))
-        self.temporal_patch = int(getattr(self.video_processor, "temporal_patch_size", 2))
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(
-                "the tokenizer has no eos_token: captions need an end-of-text token to learn to stop"
-            )
-        self.end_id = int(self.tokenizer.eos_token_id)
-        self.prompt_text = self._prompt_text(prompt)
-        self._layouts: dict[tuple, VideoLayout] = {}
-        self._rope_takes_types = "mm_token_type_ids" in inspect.signature(rope_index).parameters
-        self._caption_cache: dict[str, list[int]] = {}
-
-    def _prompt_text(self, prompt: str | None) -> str:
-        template = getattr(self.processor, "chat_template", None) or getattr(
-            self.tokenizer, "chat_template", None
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "video_processor", None) is None:
+        raise ValueError(
+            f"{type(processor).__name__} has no tokenizer or no video processor: the trainer needs a "
+            "video-language model's processor"
         )
-        if template:
-            messages = [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "video"},
-                        {"type": "text", "text": prompt or "Describe this video in detail."},
-                    ],
-                }
-            ]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            if self.video_token not in text:
-                raise ValueError(
-                    f"the chat template did not place the video token {self.video_token!r} in the prompt: "
-                    f"{text!r}"
-                )
-            return text
-        start = getattr(self.tokenizer, "vision_start_token", None) or "<|vision_start|>"
-        end = getattr(self.tokenizer, "vision_end_token", None) or "<|vision_end|>"
-        return f"{start}{self.video_token}{end}"
+    text = (prompt or DEFAULT_PROMPT) if has_chat_template(processor) else ""
+    return ChainCollator(processor, default_prompt=text)
 
-    # -------------------------------------------------------------------------------------------------
-    def caption_tokens(self, caption: str) -> list[int]:
-        """Token ids of ``caption`` followed by the end-of-text token (memoised)."""
-        ids = self._caption_cache.get(caption)
-        if ids is None:
-            ids = list(self.tokenizer(caption, add_special_tokens=False)["input_ids"]) + [self.end_id]
-            if len(self._caption_cache) < 200_000:
-                self._caption_cache[caption] = ids
-        return ids
 
-    def layout(self, grid_thw: Sequence[int], second_per_grid: float) -> VideoLayout:
-        """Prefix ids and positions of a video with patch grid ``grid_thw`` (memoised)."""
-        key = (tuple(int(v) for v in grid_thw), round(float(second_per_grid), 6))
-        lay = self._layouts.get(key)
-        if lay is not None:
-            return lay
-        n_tokens = math.prod(key[0]) // (self.merge * self.merge)
-        text = self.prompt_text.replace(self.video_token, self.video_token * n_tokens, 1)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if sum(i == self.video_token_id for i in ids) != n_tokens:
-            raise ValueError(
-                f"the tokenizer does not keep {self.video_token!r} as one token per video patch group"
-            )
-        input_ids = torch.tensor([ids])
-        types = (input_ids == self.video_token_id).long() * 2  # 0 text, 2 video (transformers' convention)
-        kwargs: dict[str, Any] = {
-            "video_grid_thw": torch.tensor([key[0]]),
-            "second_per_grid_ts": torch.tensor([key[1]]),
+def chain_records(
+    chains: Sequence[VideoChain],
+    frames: FrameStore,
+    *,
+    best_only: bool = False,
+    ref_scores: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> list[dict[str, Any]]:
+    """Chain records (:mod:`rankloss.integrations.collator`) of ``chains``: ``{"id", "videos": [frames
+    uint8 [T, 3, H, W]], "video_fps": the frames' rate, "completions": the captions, best first}``, only
+    the best caption with ``best_only``; ``ref_scores`` maps a chain id to ``(scores [K], num_tokens [K])``
+    of the reference model (its first scores become the record's ``ref_scores``)."""
+    records = []
+    for c in chains:
+        captions = c.captions[:1] if best_only else list(c.captions)
+        rec: dict[str, Any] = {
+            "id": c.id,
+            "videos": [frames.frames[c.index]],
+            "video_fps": float(frames.fps[c.index]),
+            "completions": captions,
         }
-        if self._rope_takes_types:
-            kwargs["mm_token_type_ids"] = types
-        positions, _ = self.rope_index(input_ids, **kwargs)
-        lay = VideoLayout(tuple(ids), positions[:, 0].clone(), int(positions.max()) + 1)
-        self._layouts[key] = lay
-        return lay
+        if ref_scores is not None:
+            rec["ref_scores"] = ref_scores[c.id][0][: len(captions)].tolist()
+        records.append(rec)
+    return records
 
-    def build(
-        self,
-        chains: Sequence[VideoChain],
-        frames: FrameStore,
-        *,
-        best_only: bool = False,
-        ref_scores: dict[str, tuple[Tensor, Tensor]] | None = None,
-        with_captions: bool = True,
-    ) -> ChainBatch:
-        """One batch of ``chains`` (all their captions, or only the best one with ``best_only``).
 
-        ``ref_scores`` maps a chain id to ``(scores [K], num_tokens [K])`` of the reference model.
-        ``with_captions=False`` builds prefixes only (for generation); ``caption_*`` are then empty.
-        """
-        videos = [frames.frames[c.index] for c in chains]
-        fps = [float(frames.fps[c.index]) for c in chains]
-        metadata = [
-            {"total_num_frames": int(v.shape[0]), "fps": f, "frames_indices": list(range(int(v.shape[0])))}
-            for v, f in zip(videos, fps)
-        ]
-        vp = self.video_processor(
-            videos=[np.asarray(v) for v in videos], video_metadata=metadata, return_tensors="pt"
-        )
-        grids = vp["video_grid_thw"]
-        layouts = [self.layout(g.tolist(), self.temporal_patch / f) for g, f in zip(grids, fps)]
-        P = max(len(lay.prefix_ids) for lay in layouts)
-        B = len(chains)
-        prefix_ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        prefix_mask = torch.zeros((B, P), dtype=torch.long)
-        prefix_pos = torch.zeros((3, B, P), dtype=torch.long)
-        for b, lay in enumerate(layouts):
-            n = len(lay.prefix_ids)
-            prefix_ids[b, P - n :] = torch.tensor(lay.prefix_ids)
-            prefix_mask[b, P - n :] = 1
-            prefix_pos[:, b, P - n :] = lay.positions
-        padded = bool((prefix_mask == 0).any())
-        next_positions = torch.tensor([lay.next_position for lay in layouts], dtype=torch.long)
+def collate_chains(
+    collator: ChainCollator,
+    chains: Sequence[VideoChain],
+    frames: FrameStore,
+    *,
+    best_only: bool = False,
+    ref_scores: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, Any]:
+    """The chain batch (:mod:`rankloss.integrations`) of ``chains``: :func:`chain_records` through
+    ``collator``."""
+    return collator(chain_records(chains, frames, best_only=best_only, ref_scores=ref_scores))
 
-        tokens: list[list[int]] = []
-        owner: list[int] = []
-        sizes: list[int] = []
-        refs: list[Tensor] = []
-        ref_n: list[Tensor] = []
-        for b, c in enumerate(chains):
-            caps = c.captions[:1] if best_only else c.captions
-            if not with_captions:
-                caps = []
-            sizes.append(len(caps))
-            for cap in caps:
-                tokens.append(self.caption_tokens(cap))
-                owner.append(b)
-            if ref_scores is not None and caps:
-                s, n = ref_scores[c.id]
-                refs.append(s[: len(caps)])
-                ref_n.append(n[: len(caps)])
-        S = len(tokens)
-        L = max((len(t) for t in tokens), default=0)
-        caption_ids = torch.full((S, L), self.pad_id, dtype=torch.long)
-        labels = torch.full((S, L), IGNORE_INDEX, dtype=torch.long)
-        for s, t in enumerate(tokens):
-            caption_ids[s, : len(t)] = torch.tensor(t)
-            labels[s, : len(t)] = torch.tensor(t)
-        owner_t = torch.tensor(owner, dtype=torch.long)
-        cap_pos = (next_positions[owner_t][:, None] + torch.arange(L)[None, :]).expand(3, S, L).contiguous()
-        return ChainBatch(
-            pixel_values_videos=vp["pixel_values_videos"],
-            video_grid_thw=grids.long(),
-            prefix_ids=prefix_ids,
-            prefix_mask=prefix_mask if padded else None,
-            prefix_positions=prefix_pos,
-            caption_ids=caption_ids,
-            caption_positions=cap_pos,
-            labels=labels,
-            caption_video=owner_t,
-            chain_sizes=torch.tensor(sizes, dtype=torch.long),
-            next_positions=next_positions,
-            ref_scores=torch.cat(refs) if refs else None,
-            ref_num_tokens=torch.cat(ref_n) if ref_n else None,
-            ids=[c.id for c in chains],
-        )
+
+def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """``batch`` with its tensors on ``device`` (other values, e.g. ``chain_ids``, as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}

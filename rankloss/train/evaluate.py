@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..integrations.collator import ChainCollator
 from ..losses import chain_loss
 from ..synthetic import fact_scores
-from .data import BatchBuilder, FrameStore, VideoChain
+from .data import FrameStore, VideoChain, batch_to, collate_chains
 
 __all__ = ["EvalResult", "score_chains", "assessment_metrics", "generation_metrics", "word_overlap"]
 
@@ -64,7 +65,7 @@ def score_chains(
     model: Callable[..., dict[str, Any]],
     chains: Sequence[VideoChain],
     frames: FrameStore,
-    builder: BatchBuilder,
+    collator: ChainCollator,
     *,
     batch_size: int,
     device: torch.device,
@@ -79,10 +80,11 @@ def score_chains(
     local: list[tuple[str, list[float], list[int]]] = []
     for i in range(0, len(part), batch_size):
         chunk = part[i : i + batch_size]
-        batch = builder.build(chunk, frames).to(device)
+        batch = batch_to(collate_chains(collator, chunk, frames), device)
         out = model(batch, mode="score")
-        scores = out["scores"].float().cpu().split(batch.chain_sizes.tolist())
-        counts = out["num_tokens"].cpu().split(batch.chain_sizes.tolist())
+        sizes = batch["chain_sizes"].tolist()
+        scores = out["scores"].float().cpu().split(sizes)
+        counts = out["num_tokens"].cpu().split(sizes)
         for j, c in enumerate(chunk):
             if i + j < real:
                 local.append((c.id, scores[j].tolist(), counts[j].tolist()))
@@ -150,7 +152,7 @@ def generation_metrics(
     model: Callable[..., dict[str, Any]],
     chains: Sequence[VideoChain],
     frames: FrameStore,
-    builder: BatchBuilder,
+    collator: ChainCollator,
     *,
     batch_size: int,
     device: torch.device,
@@ -163,19 +165,19 @@ def generation_metrics(
     num_samples: int = 3,
 ) -> EvalResult:
     """Greedy captions of the held-out videos and their fact (or word) scores."""
-    tok = builder.tokenizer
-    stop_ids = sorted({builder.end_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+    tok = collator.tokenizer
+    stop_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
     part, real = _shard(chains, rank, world)
     local: list[tuple[str, str]] = []
     for i in range(0, len(part), batch_size):
         chunk = part[i : i + batch_size]
-        batch = builder.build(chunk, frames, with_captions=False).to(device)
+        batch = batch_to(collate_chains(collator, chunk, frames, best_only=True), device)
         out = model(
             batch,
             mode="generate",
             max_new_tokens=max_new_tokens,
             stop_ids=stop_ids,
-            pad_id=builder.pad_id,
+            pad_id=collator.pad_id,
             stop_when_done=stop_when_done,
         )
         texts = tok.batch_decode(out["tokens"].cpu().tolist(), skip_special_tokens=True)

@@ -7,7 +7,8 @@ against the cached reference scores, or continue SFT for the control arm; evalua
 folder ``<run>/seed<k>/<task>/`` with its ``metrics.jsonl``, its checkpoints and, when finished, a
 ``done.json``; every arm of a seed reuses that seed's SFT model and reference scores.
 
-Training goes through ``accelerate``: the :class:`~rankloss.train.model.VideoChainModel` wrapper, the
+Training goes through ``accelerate``: the :class:`~rankloss.integrations.ChainRankModel` wrapper (the
+chain forward ``ChainRankTrainer`` uses; batches from :class:`~rankloss.integrations.ChainCollator`), the
 optimizer and the scheduler are prepared together; ``--batch-size`` is the *global* number of chains per
 optimizer step, split evenly over processes and then over ``--grad-accum`` micro-batches (so one process
 and two processes with the same batch size compute the same update). Batches are a pure function of
@@ -29,21 +30,23 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..integrations.collator import ChainCollator
+from ..integrations.forward import ChainRankModel, LossSpec
 from .config import Arm, TrainConfig
 from .data import (
-    BatchBuilder,
     FrameStore,
     VideoChain,
+    batch_to,
+    collate_chains,
     decode_videos,
     global_batch_indices,
     load_chains_file,
+    make_collator,
     synthetic_chains,
     synthetic_frames,
 )
 from .evaluate import EvalResult, assessment_metrics, generation_metrics, score_chains
 from .model import (
-    LossSpec,
-    VideoChainModel,
     build_tiny_model,
     load_pretrained,
     load_processor,
@@ -109,7 +112,7 @@ class NullReporter:
 
 @dataclass
 class Context:
-    """Everything a task needs: the settings, the accelerator, the data, the processor and builders."""
+    """Everything a task needs: the settings, the accelerator, the data, the processor and collator."""
 
     config: TrainConfig
     run_dir: str
@@ -119,7 +122,7 @@ class Context:
     frames: FrameStore
     processor: Any
     model_config: Any
-    builder: BatchBuilder
+    collator: ChainCollator
     attn_implementation: str
     reporter: Reporter
     steps_done: int = 0  # optimizer steps taken in this invocation (for --stop-after-steps)
@@ -243,15 +246,19 @@ def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter:
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(config.model, local_files_only=True)
-    from transformers import Qwen2_5_VLModel
-
-    with torch.device("meta"):  # get_rope_index only reads the config: no weights needed
-        skeleton = Qwen2_5_VLModel(model_config)
-    builder = BatchBuilder(
-        processor, skeleton.get_rope_index, prompt=config.prompt, video_token_id=model_config.video_token_id
-    )
+    collator = make_collator(processor, config.prompt)
     return Context(
-        config, run_dir, accelerator, train, heldout, frames, processor, model_config, builder, attn, reporter
+        config,
+        run_dir,
+        accelerator,
+        train,
+        heldout,
+        frames,
+        processor,
+        model_config,
+        collator,
+        attn,
+        reporter,
     )
 
 
@@ -361,7 +368,7 @@ def evaluate(
         model,
         ctx.heldout,
         ctx.frames,
-        ctx.builder,
+        ctx.collator,
         batch_size=cfg.eval_batch_size,
         device=ctx.device,
         rank=rank,
@@ -379,7 +386,7 @@ def evaluate(
             model,
             ctx.heldout,
             ctx.frames,
-            ctx.builder,
+            ctx.collator,
             batch_size=cfg.eval_batch_size,
             device=ctx.device,
             max_new_tokens=cfg.max_new_tokens,
@@ -405,7 +412,7 @@ def _reference_scores(ctx: Context, model: Any, task: str) -> dict[str, Any]:
         model,
         ctx.train + ctx.heldout,
         ctx.frames,
-        ctx.builder,
+        ctx.collator,
         batch_size=ctx.config.eval_batch_size,
         device=ctx.device,
         rank=acc.process_index,
@@ -485,7 +492,8 @@ def setup_stage(
     acc, cfg = ctx.accelerator, ctx.config
     _check_batch(ctx)
     set_vision_trainable(model, not freeze_vision)
-    wrapper = VideoChainModel(model, share_prefix=cfg.share_prefix)
+    # --share-prefix: share the prompt wherever that is exact (full sequences otherwise, with a warning)
+    wrapper = ChainRankModel(model, share_prefix=None if cfg.share_prefix else False)
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(optimizer, cfg.lr_scheduler, steps, cfg.warmup_ratio)
@@ -521,7 +529,6 @@ def run_steps(
     wrapper, optimizer, scheduler, params = stage.wrapper, stage.optimizer, stage.scheduler, stage.params
     rank, world = acc.process_index, acc.num_processes
     per_process = cfg.batch_size // world
-    dtype = None if cfg.mixed_precision != "no" else next(wrapper.parameters()).dtype
     running = _Running()
     ctx.reporter.start(task, stage.steps)
     if stage.start:
@@ -540,13 +547,14 @@ def run_steps(
         for m in range(cfg.grad_accum):
             chains = [ctx.train[i] for i in mine[m * micro : (m + 1) * micro]]
             with acc.accumulate(wrapper):
-                batch = ctx.builder.build(
+                batch = collate_chains(
+                    ctx.collator,
                     chains,
                     ctx.frames,
                     best_only=mode == "sft",
                     ref_scores=ref_scores if mode == "rank" else None,
                 )
-                batch = batch.to(acc.device, dtype)
+                batch = batch_to(batch, acc.device)
                 out = wrapper(batch, mode=mode, spec=spec)
                 acc.backward(out["loss"])
                 if acc.sync_gradients and cfg.max_grad_norm > 0:

@@ -1,35 +1,25 @@
-"""The Qwen2.5-VL model: a tiny one built from a config (with a tokenizer trained locally) or a real local
-checkpoint, and :class:`VideoChainModel`, the wrapper whose ``forward`` computes the training losses.
+"""The model: a tiny Qwen2.5-VL built from a config (with a tokenizer trained locally), or a local checkpoint
+of any video-language model family rankloss supports (:func:`rankloss.integrations.supported_model_types`
+with a vision config: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, ...).
 
-Everything that touches parameters happens inside ``VideoChainModel.forward`` (the SFT loss, the chain
-loss through :func:`rankloss.fused_linear_chain_loss` on the final hidden states and ``lm_head.weight``,
-the scores, greedy generation), so the wrapper is what ``accelerate`` prepares: DDP sees one forward,
-and under FSDP ``lm_head.weight`` is read while the root unit's parameters are gathered (keep ``lm_head``
-in the root unit: the transformer-layer auto-wrap policy, which the wrapper's ``_no_split_modules``
-feeds, does).
-
-**The video is read once per chain.** The vision tower runs once per video; its output fills the video
-tokens of the prefix, the LLM runs over the prefix once (``B`` rows, with a KV cache), the cache is
-repeated for the ``K`` captions of each chain, and the captions run against it. Gradients from every
-caption flow back through the cache into the prefix and the vision tower. Models with sliding-window
-layers (whose cache drops old positions) fall back to full sequences, which give the same numbers.
+The training losses, scores and greedy generation all come from
+:class:`~rankloss.integrations.ChainRankModel` (``forward(batch, mode="sft" | "rank" | "score" |
+"generate")``), the same chain forward ``ChainRankTrainer`` uses: the wrapper is what ``accelerate``
+prepares, so DDP sees one forward, and under FSDP the LM head is read while the root unit's parameters
+are gathered (keep it in the root unit: the transformer-layer auto-wrap policy, which the wrapper's
+``_no_split_modules`` feeds, does). The video is read once per chain: the vision tower runs once per
+video, the prompt once per chain with a KV cache that the chain's captions share.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from ..fused_losses import fused_linear_chain_loss
-from ..logprobs import linear_token_logprobs
-from .data import IGNORE_INDEX, ChainBatch
+from torch import nn
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -41,8 +31,8 @@ __all__ = [
     "load_processor",
     "pick_attn_implementation",
     "set_vision_trainable",
-    "VideoChainModel",
-    "LossSpec",
+    "vision_model_types",
+    "checkpoint_model_type",
 ]
 
 #: Special tokens of the locally trained tokenizer (Qwen's names, so the processor finds them).
@@ -214,243 +204,75 @@ def build_tiny_model(config: Any, *, seed: int, attn_implementation: str = "sdpa
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_pretrained(path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa") -> Any:
-    """A local Qwen2.5-VL checkpoint (``save_pretrained`` folder; nothing is downloaded)."""
-    transformers = _require_transformers()
+def vision_model_types() -> list[str]:
+    """The ``model_type`` values ``--model`` accepts: every family rankloss supports that takes media."""
+    from ..integrations import get_family, supported_model_types
+
+    return [t for t in supported_model_types() if getattr(get_family(t), "multimodal", False)]
+
+
+def checkpoint_model_type(path: str) -> str:
+    """The ``model_type`` of the checkpoint folder ``path``, checked to be a supported video-language model
+    (``ValueError`` naming it otherwise)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"--model {path!r} has no config.json: not a transformers checkpoint folder")
     with open(cfg_path, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    if model_type != "qwen2_5_vl":
+        raw = json.load(f)
+    model_type = raw.get("model_type")
+    supported = vision_model_types()
+    if model_type not in supported:
+        from ..integrations import supported_model_types
+
+        if model_type in supported_model_types() or "vision_config" not in raw:
+            what = "a text-only model"
+        else:
+            what = "a multimodal model without a rankloss family"
         raise ValueError(
-            f"--model {path!r} is a {model_type!r} checkpoint; the trainer supports Qwen2.5-VL "
-            "(model_type 'qwen2_5_vl')"
+            f"--model {path!r} has model_type {model_type!r}, {what}; the trainer fine-tunes video-language "
+            f"models: model_type one of {', '.join(supported)}"
         )
-    return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    return str(model_type)
+
+
+def load_pretrained(path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa") -> Any:
+    """A local checkpoint (``save_pretrained`` folder; nothing is downloaded) of a supported video-language
+    model family (:func:`vision_model_types`), loaded with ``AutoModelForImageTextToText``."""
+    transformers = _require_transformers()
+    checkpoint_model_type(path)
+    return transformers.AutoModelForImageTextToText.from_pretrained(
         path, dtype=_DTYPES[dtype], attn_implementation=attn_implementation, local_files_only=True
     )
 
 
 def load_processor(path: str) -> Any:
-    """``AutoProcessor.from_pretrained(path)`` (local files only), checked to have a video processor."""
+    """``AutoProcessor.from_pretrained(path)`` (local files only), checked to have a tokenizer and a video
+    processor; a tokenizer without a pad token pads with its end token."""
     transformers = _require_transformers()
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
-    if getattr(processor, "video_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+    tokenizer = getattr(processor, "tokenizer", None)
+    if getattr(processor, "video_processor", None) is None or tokenizer is None:
         raise ValueError(
-            f"the processor in {path!r} has no video processor or tokenizer: need a Qwen2.5-VL processor"
+            f"the processor in {path!r} ({type(processor).__name__}) has no video processor or tokenizer: "
+            "need a video-language model's processor"
         )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     return processor
 
 
-def set_vision_trainable(model: Any, trainable: bool) -> None:
-    """Freeze (``False``) or unfreeze the vision tower ``model.model.visual``."""
-    for p in model.model.visual.parameters():
-        p.requires_grad_(trainable)
+def set_vision_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (``False``) or unfreeze the vision encoder(s): the family's
+    :meth:`~rankloss.integrations.Family.vision_modules` (the projector into the LLM stays trainable)."""
+    from ..integrations import get_family
 
-
-# ------------------------------------------------------------------------------------------------------
-# The wrapper
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """Options of the ranking stage's :func:`rankloss.fused_linear_chain_loss` call."""
-
-    loss: str = "plackett_luce"
-    beta: float = 0.1
-    pairs: str | None = None
-    dpo_loss_type: str | None = None
-    top_k: int | None = None
-    sft_weight: float = 0.0
-    length_normalize: bool = False
-
-
-def _cache_kwarg(module: nn.Module) -> str:
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-class VideoChainModel(nn.Module):
-    """Qwen2.5-VL wrapped so that ``forward`` returns the training loss (or scores, or generations).
-
-    ``forward(batch, mode=..., ...)`` with ``mode``:
-
-    * ``"sft"``: ``loss = mean_b(-s_b / n_b)`` over the batch's captions (one per video: the best one):
-      the per-token negative log-likelihood of each caption, averaged over videos (the SFT term of
-      DESIGN.md §2, so process and micro-batch splits of equal size average exactly).
-    * ``"rank"``: :func:`rankloss.fused_linear_chain_loss` on the final hidden states ``[S, L, D]`` and
-      ``lm_head.weight`` with ``batch.ref_scores`` (``spec`` gives the loss, beta, pairs, SFT weight);
-      returns the :class:`~rankloss.ChainLossOutput` under ``"chain"`` too.
-    * ``"score"``: (no gradient) ``scores [S]`` (sums of token log-probs) and ``num_tokens [S]``.
-    * ``"generate"``: (no gradient) greedy continuation of each prefix, ``tokens [B, max_new_tokens]``
-      padded with ``pad_id`` after the end token.
-
-    Returns a dict with ``"loss"`` (training modes) and the mode's outputs.
-    """
-
-    def __init__(self, model: nn.Module, *, share_prefix: bool = True, impl: str | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
-        text_cfg = model.config.get_text_config(decoder=True)
-        layer_types = getattr(text_cfg, "layer_types", None) or []
-        self.sliding = any(t != "full_attention" for t in layer_types) or bool(
-            getattr(text_cfg, "use_sliding_window", False)
+    family = get_family(model)
+    modules = family.vision_modules(model) if family is not None else []
+    if not modules:
+        raise ValueError(
+            f"model_type {getattr(model.config, 'model_type', None)!r} has no vision encoder to "
+            f"{'unfreeze' if trainable else 'freeze'}"
         )
-        self.share_prefix = share_prefix and not self.sliding
-        self.impl = impl
-        self.video_token_id = int(model.config.video_token_id)
-        self._cache_kw = _cache_kwarg(model.model.language_model)
-
-    # -------------------------------------------------------------------------------------------------
-    @property
-    def lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def visual(self) -> nn.Module:
-        return self.model.model.visual
-
-    def _prefix_embeds(self, batch: ChainBatch) -> Tensor:
-        """Token embeddings of the prefixes with the vision tower's output at the video tokens."""
-        embeds = self.lm.embed_tokens(batch.prefix_ids)
-        pixels = batch.pixel_values_videos.to(
-            self.visual.dtype if hasattr(self.visual, "dtype") else embeds.dtype
-        )
-        out = self.visual(pixels, grid_thw=batch.video_grid_thw)
-        video = out.pooler_output if hasattr(out, "pooler_output") else out
-        if isinstance(video, (tuple, list)):
-            video = torch.cat(list(video), 0)
-        mask = (batch.prefix_ids == self.video_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(mask, video.to(embeds.dtype))
-
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # older transformers
-            return DynamicCache()
-
-    def _lm(self, embeds: Tensor, positions: Tensor, mask: Tensor | None, cache: Any = None) -> Tensor:
-        kw: dict[str, Any] = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask}
-        if cache is not None:
-            kw[self._cache_kw] = cache
-            kw["use_cache"] = True
-        else:
-            kw["use_cache"] = False
-        return self.lm(**kw).last_hidden_state
-
-    def caption_hidden(self, batch: ChainBatch) -> Tensor:
-        """Final hidden states ``[S, L, D]`` that score the caption tokens (``labels`` aligned with them)."""
-        prefix = self._prefix_embeds(batch)
-        captions = self.lm.embed_tokens(batch.caption_ids)
-        owner = batch.caption_video
-        full_mask = None
-        if batch.prefix_mask is not None:
-            ones = torch.ones_like(batch.caption_ids, dtype=batch.prefix_mask.dtype)
-            full_mask = torch.cat([batch.prefix_mask[owner], ones], 1)
-        if self.share_prefix:
-            cache = self._new_cache()
-            h_prefix = self._lm(prefix, batch.prefix_positions, batch.prefix_mask, cache)
-            cache.batch_select_indices(owner)
-            h_caps = self._lm(captions, batch.caption_positions, full_mask, cache)
-            return torch.cat([h_prefix[owner, -1:], h_caps[:, :-1]], 1)
-        P = prefix.shape[1]
-        embeds = torch.cat([prefix[owner], captions], 1)
-        positions = torch.cat([batch.prefix_positions[:, owner], batch.caption_positions], 2)
-        h = self._lm(embeds, positions, full_mask)
-        return h[:, P - 1 : -1]
-
-    def _weight(self) -> Tensor:
-        return self.model.lm_head.weight
-
-    def _bias(self) -> Tensor | None:
-        return getattr(self.model.lm_head, "bias", None)
-
-    # -------------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        batch: ChainBatch,
-        mode: str = "rank",
-        spec: LossSpec | None = None,
-        max_new_tokens: int = 64,
-        stop_ids: Sequence[int] = (),
-        pad_id: int = 0,
-        stop_when_done: bool = True,
-    ) -> dict[str, Any]:
-        if mode == "generate":
-            return {"tokens": self.generate(batch, max_new_tokens, stop_ids, pad_id, stop_when_done)}
-        hidden = self.caption_hidden(batch)
-        labels = batch.labels
-        if mode == "rank":
-            if spec is None:
-                raise ValueError("mode='rank' needs spec=LossSpec(...)")
-            ref = batch.ref_scores
-            if ref is not None and spec.length_normalize:
-                ref = ref / batch.ref_num_tokens.clamp(min=1).to(ref.dtype)
-            out = fused_linear_chain_loss(
-                hidden,
-                self._weight(),
-                labels,
-                batch.chain_sizes,
-                ref,
-                loss=spec.loss,
-                beta=spec.beta,
-                pairs=spec.pairs,
-                dpo_loss_type=spec.dpo_loss_type,
-                top_k=spec.top_k,
-                sft_weight=spec.sft_weight,
-                length_normalize=spec.length_normalize,
-                bias=self._bias(),
-                ignore_index=IGNORE_INDEX,
-                impl=self.impl,
-            )
-            return {"loss": out.loss, "chain": out}
-        token_logps = linear_token_logprobs(
-            hidden, self._weight(), labels, bias=self._bias(), ignore_index=IGNORE_INDEX, impl=self.impl
-        )
-        sums = token_logps.sum(-1)
-        counts = (labels != IGNORE_INDEX).sum(-1)
-        if mode == "sft":
-            nll = -sums / counts.clamp(min=1).to(sums.dtype)
-            return {"loss": nll.mean(), "nll": nll.detach()}
-        if mode == "score":
-            return {"scores": sums.detach(), "num_tokens": counts}
-        raise ValueError(f"mode must be 'sft', 'rank', 'score' or 'generate', got {mode!r}")
-
-    @torch.no_grad()
-    def generate(
-        self,
-        batch: ChainBatch,
-        max_new_tokens: int,
-        stop_ids: Sequence[int],
-        pad_id: int,
-        stop_when_done: bool = True,
-    ) -> Tensor:
-        """Greedy decoding from each video's prefix with a KV cache: ``[B, max_new_tokens]`` token ids,
-        ``pad_id`` after the first stop token (kept). Positions continue from ``batch.next_positions``."""
-        B = batch.num_videos
-        device = batch.prefix_ids.device
-        cache = self._new_cache()
-        h = self._lm(self._prefix_embeds(batch), batch.prefix_positions, batch.prefix_mask, cache)
-        weight, bias = self._weight(), self._bias()
-        stops = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        mask = batch.prefix_mask
-        last = h[:, -1]
-        for t in range(max_new_tokens):
-            logits = nn.functional.linear(last.to(weight.dtype), weight, bias)
-            nxt = logits.float().argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out[:, t] = nxt
-            done = done | torch.isin(nxt, stops)
-            if t + 1 == max_new_tokens or (stop_when_done and bool(done.all())):
-                break
-            pos = (batch.next_positions + t).view(1, B, 1).expand(3, B, 1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-            last = self._lm(self.lm.embed_tokens(nxt[:, None]), pos, mask, cache)[:, -1]
-        return out
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(trainable)
