@@ -45,7 +45,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["IGNORE_INDEX", "ChainCollator", "load_chain_dataset"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ChainCollator",
+    "ChainFileRecord",
+    "check_videos_exist",
+    "load_chain_dataset",
+    "read_chain_records",
+]
 
 #: Label of completion tokens that are not scored (padding).
 IGNORE_INDEX = -100
@@ -737,6 +744,106 @@ class ChainCollator:
 # Datasets
 
 
+@dataclass(frozen=True)
+class ChainFileRecord:
+    """One usable record of a chains file: its id, captions (best first, cut to ``chain_length``), the
+    video path resolved against the video root (``None`` without a video), and the raw record."""
+
+    id: str
+    captions: list[str]
+    video: str | None
+    record: Mapping[str, Any]
+
+
+def read_chain_records(
+    path_or_records: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    *,
+    video_root: str | os.PathLike[str] | None = None,
+    chain_length: int | None = None,
+    require_video: bool = False,
+) -> tuple[list[ChainFileRecord], int]:
+    """The ``rankloss chains make`` output (a chains JSONL file, or a list of its records), checked:
+    ``(records, skipped)`` where ``skipped`` counts chains left with fewer than 2 captions.
+
+    The one reader of chains files: :func:`load_chain_dataset` and the example trainer's ``--data`` use it.
+    Video paths are joined to ``video_root`` (default: the chains file's folder; for a list of records,
+    the paths are kept as they are).
+
+    Raises:
+        ValueError: a corrupt line, a malformed chain, a repeated id, a missing video with
+            ``require_video`` (the message names the file and record).
+        FileNotFoundError: the chains file does not exist (the videos: :func:`check_videos_exist`).
+    """
+    from ..chains import read_chains
+
+    _check_optional_int(chain_length, "chain_length", 2)
+    if isinstance(path_or_records, (str, os.PathLike)):
+        source = os.fspath(path_or_records)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"path_or_records: chains file not found: {source!r}")
+        records: Any = read_chains(source)
+        default_root: str | None = os.path.dirname(os.path.abspath(source))
+        name = lambda n: f"{source}: record {n}"  # noqa: E731
+    elif isinstance(path_or_records, Sequence):
+        records = path_or_records
+        default_root = None
+        name = lambda n: f"path_or_records[{n}]"  # noqa: E731
+    else:
+        raise TypeError(
+            "path_or_records must be a chains JSONL path or a list of chain records, got "
+            f"{_describe(path_or_records)}"
+        )
+    root = os.fspath(video_root) if video_root is not None else default_root
+
+    out: list[ChainFileRecord] = []
+    seen: set[str] = set()
+    short = 0
+    for n, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or "chain" not in rec:
+            raise ValueError(
+                f"{name(n)}: not a chain record (a dict with a 'chain' list), got {_describe(rec)}"
+            )
+        captions = rec["chain"]
+        if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ValueError(f"{name(n)}: 'chain' must be a list of non-empty captions (best first)")
+        if chain_length is not None:
+            captions = captions[:chain_length]
+        if len(captions) < 2:
+            short += 1
+            continue
+        video = rec.get("video")
+        if video is not None and (not isinstance(video, str) or not video):
+            raise ValueError(f"{name(n)}: 'video' must be a non-empty path string, got {_describe(video)}")
+        if video is None and require_video:
+            raise ValueError(f"{name(n)}: record has no 'video' path")
+        rid = str(rec.get("id", video if video is not None else n))
+        if rid in seen:
+            raise ValueError(f"{name(n)}: id {rid!r} appears twice")
+        seen.add(rid)
+        path = None if video is None else (os.path.join(root, video) if root else video)
+        out.append(ChainFileRecord(rid, list(captions), path, rec))
+    return out, short
+
+
+def check_videos_exist(
+    records: Sequence[ChainFileRecord],
+    video_root: str | os.PathLike[str] | None,
+    hint: str = "set video_root to the folder the records' video paths are relative to",
+) -> None:
+    """Raise ``FileNotFoundError`` listing the first few of ``records``' video files that do not exist."""
+    missing = [r.video for r in records if r.video is not None and not os.path.isfile(r.video)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise FileNotFoundError(
+            f"{len(missing)} video file(s) not found"
+            + (f" under {os.fspath(video_root)!r}" if video_root is not None else "")
+            + ": "
+            + ", ".join(repr(m) for m in missing[:3])
+            + more
+            + f" ({hint})"
+        )
+
+
 def load_chain_dataset(
     path_or_records: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
     *,
@@ -773,77 +880,30 @@ def load_chain_dataset(
         raise ImportError(
             "load_chain_dataset needs the datasets package: pip install 'rankloss[train]'"
         ) from exc
-    from ..chains import read_chains
 
-    _check_optional_int(chain_length, "chain_length", 2)
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be None or a string, got {_describe(prompt)}")
-    if isinstance(path_or_records, (str, os.PathLike)):
-        source = os.fspath(path_or_records)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"path_or_records: chains file not found: {source!r}")
-        records: Any = read_chains(source)
-        default_root: str | None = os.path.dirname(os.path.abspath(source))
-        label = source
-        name = lambda n: f"{source}: record {n}"  # noqa: E731
-    elif isinstance(path_or_records, Sequence):
-        records = path_or_records
-        default_root = None
-        label = "path_or_records"
-        name = lambda n: f"path_or_records[{n}]"  # noqa: E731
-    else:
-        raise TypeError(
-            "path_or_records must be a chains JSONL path or a list of chain records, got "
-            f"{_describe(path_or_records)}"
-        )
-    root = os.fspath(video_root) if video_root is not None else default_root
-
-    rows: dict[str, list[Any]] = {"id": [], "prompt": [], "videos": [], "completions": []}
-    seen: set[str] = set()
-    short = 0
-    for n, rec in enumerate(records):
-        if not isinstance(rec, Mapping) or "chain" not in rec:
-            raise ValueError(
-                f"{name(n)}: not a chain record (a dict with a 'chain' list), got {_describe(rec)}"
-            )
-        captions = rec["chain"]
-        if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise ValueError(f"{name(n)}: 'chain' must be a list of non-empty captions (best first)")
-        if chain_length is not None:
-            captions = captions[:chain_length]
-        if len(captions) < 2:
-            short += 1
-            continue
-        video = rec.get("video")
-        if video is not None and (not isinstance(video, str) or not video):
-            raise ValueError(f"{name(n)}: 'video' must be a non-empty path string, got {_describe(video)}")
-        rid = str(rec.get("id", video if video is not None else n))
-        if rid in seen:
-            raise ValueError(f"{name(n)}: id {rid!r} appears twice")
-        seen.add(rid)
-        rows["id"].append(rid)
-        rows["prompt"].append(prompt)
-        rows["videos"].append([] if video is None else [os.path.join(root, video) if root else video])
-        rows["completions"].append(list(captions))
+    records, short = read_chain_records(path_or_records, video_root=video_root, chain_length=chain_length)
     if short:
         warnings.warn(
             f"load_chain_dataset: skipped {short} chain(s) with fewer than 2 captions"
             + (f" (after chain_length={chain_length})" if chain_length is not None else ""),
             stacklevel=2,
         )
-    if not rows["id"]:
-        raise ValueError(f"{label}: no chain with at least 2 captions")
-    missing = [v for vs in rows["videos"] for v in vs if not os.path.isfile(v)]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(
-            f"{len(missing)} video file(s) not found"
-            + (f" under {root!r}" if root else "")
-            + ": "
-            + ", ".join(repr(m) for m in missing[:3])
-            + more
-            + " (set video_root to the folder the records' video paths are relative to)"
+    if not records:
+        label = (
+            os.fspath(path_or_records)
+            if isinstance(path_or_records, (str, os.PathLike))
+            else "path_or_records"
         )
+        raise ValueError(f"{label}: no chain with at least 2 captions")
+    check_videos_exist(records, video_root)
+    rows = {
+        "id": [r.id for r in records],
+        "prompt": [prompt] * len(records),
+        "videos": [[] if r.video is None else [r.video] for r in records],
+        "completions": [r.captions for r in records],
+    }
     features = datasets.Features(
         {
             "id": datasets.Value("string"),

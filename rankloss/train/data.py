@@ -145,44 +145,26 @@ def load_chains_file(
             message names the file and line).
         FileNotFoundError: video files that do not exist (the message lists the first few).
     """
-    from ..chains import read_chains
+    from ..integrations.collator import check_videos_exist, read_chain_records
 
-    root = video_root if video_root is not None else os.path.dirname(os.path.abspath(path))
-    chains: list[VideoChain] = []
-    seen: set[str] = set()
-    short = 0
-    for lineno, rec in enumerate(read_chains(path), 1):
-        captions = rec["chain"]
-        if not isinstance(captions, list) or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise ValueError(f"{path}:{lineno}: 'chain' must be a list of non-empty captions")
-        if chain_length is not None:
-            captions = captions[:chain_length]
-        if len(captions) < 2:
-            short += 1
-            continue
-        video = rec.get("video")
-        if not isinstance(video, str) or not video:
-            raise ValueError(f"{path}:{lineno}: record has no 'video' path")
-        rid = str(rec.get("id", video))
-        if rid in seen:
-            raise ValueError(f"{path}:{lineno}: id {rid!r} appears twice")
-        seen.add(rid)
-        scene = None
-        src = rec.get("source")
-        if isinstance(src, dict) and isinstance(src.get("scene"), dict):
-            scene = Scene.from_dict(src["scene"])
-        chains.append(VideoChain(rid, list(captions), os.path.join(root, video), scene, len(chains)))
-    if not chains:
+    records, short = read_chain_records(
+        path, video_root=video_root, chain_length=chain_length, require_video=True
+    )
+    if not records:
         raise ValueError(f"--data {path!r}: no chain with at least 2 captions")
-    missing = [c.video for c in chains if not os.path.isfile(c.video)]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(
-            f"{len(missing)} video file(s) of {path!r} not found under {root!r}: "
-            + ", ".join(repr(m) for m in missing[:3])
-            + more
-            + " (set --video-root to the folder the chains file's video paths are relative to)"
+    root = video_root if video_root is not None else os.path.dirname(os.path.abspath(path))
+    check_videos_exist(
+        records, root, "set --video-root to the folder the chains file's video paths are relative to"
+    )
+    chains: list[VideoChain] = []
+    for r in records:
+        src = r.record.get("source")
+        scene = (
+            Scene.from_dict(src["scene"])
+            if isinstance(src, dict) and isinstance(src.get("scene"), dict)
+            else None
         )
+        chains.append(VideoChain(r.id, r.captions, r.video, scene, len(chains)))
     notes = [f"skipped {short} chain(s) with fewer than 2 captions"] if short else []
     return chains, notes
 
