@@ -27,7 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Family", "LMHead", "get_family", "register_family", "supported_model_types", "model_type_of"]
+__all__ = [
+    "Family",
+    "LMHead",
+    "assign_items",
+    "get_family",
+    "model_type_of",
+    "register_family",
+    "repeat_per_prompt",
+    "supported_model_types",
+]
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,44 @@ class Family:
         if media:
             raise NotImplementedError(f"{type(self).__name__} cannot repeat media for full sequences")
         return media
+
+
+def assign_items(placeholders: list[int], item_tokens: list[int], what: str) -> list[int]:
+    """The prompt of each media item, items in prompt order: the model fills each prompt's placeholder
+    tokens (``placeholders[b]`` of them) with the items' features in order, ``item_tokens[i]`` tokens
+    for item ``i``; raises ``ValueError`` (naming ``what``) when they do not fit exactly."""
+    need = list(placeholders)
+    out: list[int] = []
+    b = 0
+    for i, n in enumerate(item_tokens):
+        while b < len(need) and need[b] == 0:
+            b += 1
+        if b == len(need) or n > need[b]:
+            raise ValueError(
+                f"full-sequence rows need each {what}'s prompt: {what} {i} takes {n} placeholder tokens, "
+                f"but the prompts have {placeholders} {what} placeholder tokens"
+            )
+        need[b] -= n
+        out.append(b)
+    if any(need):
+        raise ValueError(
+            f"the prompts have {placeholders} {what} placeholder tokens, but the {what}s take {item_tokens}"
+        )
+    return out
+
+
+def repeat_per_prompt(family: Family, key: str, value: Any, owner: Tensor, num_prompts: int) -> Any:
+    """A media value for full-sequence rows: a tensor with one row per prompt is indexed by ``owner``;
+    non-tensors pass unchanged; any other tensor is an error naming ``key``."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.dim() > 0 and value.shape[0] == num_prompts:
+        return value[owner.to(value.device)]
+    rows = value.shape[0] if value.dim() else 0
+    raise ValueError(
+        f"{type(family).__name__} cannot repeat the media key {key!r} ({rows} rows for {num_prompts} "
+        "prompts) for full sequences"
+    )
 
 
 _REGISTRY: dict[str, Family] = {}

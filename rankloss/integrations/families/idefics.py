@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import Family, register_family
+from . import Family, assign_items, register_family, repeat_per_prompt
 
 #: Media keys whose rows are images (tiles) or videos (frames), dim 1 the images of a row.
 _PIXEL_KEYS = ("pixel_values", "pixel_attention_mask")
@@ -54,27 +54,12 @@ def _prompts_of_rows(model: nn.Module, ids: Tensor, pixel_values: Tensor) -> lis
         raise ValueError("the model's config has no image_token_id to find each image's prompt")
     tokens = (ids == int(token_id)).sum(-1).tolist()
     per = _image_seq_len(model)
-    need = list(tokens)
-    out: list[int | None] = []
-    b = 0
-    for r, n in enumerate(_real_images(pixel_values).tolist()):
-        if n == 0:
-            out.append(None)
-            continue
-        while b < len(need) and need[b] == 0:
-            b += 1
-        if b == len(need) or n * per > need[b]:
-            raise ValueError(
-                f"full-sequence rows need each image's prompt: pixel row {r} has {n} images of {per} tokens, "
-                f"but the prompts have {tokens} image placeholder tokens"
-            )
-        need[b] -= n * per
-        out.append(b)
-    if any(need):
-        raise ValueError(
-            f"the prompts have {tokens} image placeholder tokens, but pixel_values has "
-            f"{_real_images(pixel_values).tolist()} images of {per} tokens per row"
-        )
+    real = _real_images(pixel_values).tolist()
+    rows = [r for r, n in enumerate(real) if n]
+    prompts = assign_items(tokens, [real[r] * per for r in rows], "image")
+    out: list[int | None] = [None] * len(real)
+    for r, b in zip(rows, prompts):
+        out[r] = b
     return out
 
 
@@ -112,15 +97,8 @@ class IdeficsFamily(Family):
             if key in _PIXEL_KEYS and isinstance(value, Tensor):
                 if pick:  # no rows at all: no image to encode, so no pixel keys
                     out[key] = value[torch.tensor(pick, device=value.device)]
-            elif isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == B:
-                out[key] = value[owner.to(value.device)]
-            elif isinstance(value, Tensor):
-                raise ValueError(
-                    f"{type(self).__name__} cannot repeat the media key {key!r} ({value.shape[0]} rows for "
-                    f"{B} prompts) for full sequences"
-                )
             else:
-                out[key] = value
+                out[key] = repeat_per_prompt(self, key, value, owner, B)
         return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import Family, register_family
+from . import Family, register_family, repeat_per_prompt
 
 
 def _token_id(config: Any, kind: str) -> int | None:
@@ -90,15 +90,8 @@ class LlavaFamily(Family):
                 sizes, row_of_group = groups
                 g_pick = [g for s in owner.tolist() for g, r in row_of_group.items() if r == s]
                 out[key] = value.new_tensor([sizes[g] for g in g_pick])
-            elif isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == B:
-                out[key] = value[owner]
-            elif isinstance(value, Tensor):
-                raise ValueError(
-                    f"{type(self).__name__} cannot repeat the media key {key!r} ({value.shape[0]} rows for "
-                    f"{B} prompts) for full sequences"
-                )
             else:
-                out[key] = value
+                out[key] = repeat_per_prompt(self, key, value, owner, B)
         return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import Family, register_family
+from . import Family, assign_items, register_family, repeat_per_prompt
 
 # media key -> (its grid key, token id attribute of the config)
 _FLAT = {
@@ -91,7 +91,8 @@ class QwenVLFamily(Family):
             if key in _FLAT:
                 grid_key, token_attr = _FLAT[key]
                 grids = media[grid_key]
-                rows = self._rows_of_items(ids, grids, int(getattr(model.config, token_attr)), merge2, key)
+                placeholders = (ids == int(getattr(model.config, token_attr))).sum(-1).tolist()
+                rows = assign_items(placeholders, (grids.prod(-1) // merge2).tolist(), key)
                 patches = grids.prod(-1).tolist()
                 chunks = list(torch.split(value, patches))
                 pick = [i for s in owner.tolist() for i in range(len(chunks)) if rows[i] == s]
@@ -101,27 +102,9 @@ class QwenVLFamily(Family):
                     out["second_per_grid_ts"] = media["second_per_grid_ts"][pick]
             elif key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
                 continue
-            elif key == "mm_token_type_ids":
-                out[key] = value[owner]
             else:
-                raise ValueError(
-                    f"{type(self).__name__} cannot repeat the media key {key!r} for full sequences"
-                )
+                out[key] = repeat_per_prompt(self, key, value, owner, int(ids.shape[0]))
         return out
-
-    @staticmethod
-    def _rows_of_items(ids: Tensor, grids: Tensor, token_id: int, merge2: int, key: str) -> list[int]:
-        """The prompt row of each image / video, from its placeholder tokens (grids are in prompt order)."""
-        counts = (ids == token_id).sum(-1).tolist()
-        rows, row, used = [], 0, 0
-        for n in (grids.prod(-1) // merge2).tolist():
-            while row < len(counts) and used >= counts[row]:
-                row, used = row + 1, 0
-            if row >= len(counts) or used + n > counts[row]:
-                raise ValueError(f"{key}: the grids do not match the prompts' placeholder tokens")
-            rows.append(row)
-            used += n
-        return rows
 
 
 FAMILY = register_family(QwenVLFamily())
