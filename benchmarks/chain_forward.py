@@ -38,6 +38,7 @@ prints the table. ``benchmarks/gpu_check.py`` runs the GPU profile as its last, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -297,6 +298,28 @@ class Row:
     grad_max_rel_diff: float | None = None
     peak_bytes_shared: int | None = None
     peak_bytes_full: int | None = None
+    op_shares: dict = field(default_factory=dict)
+
+
+#: Profiler op names counted as attention (SDPA's CPU and CUDA kernels, forward and backward) and as GEMMs.
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+
+
+def op_time_shares(fn: Callable[[], object], device: str) -> dict[str, float]:
+    """Shares of one call's self time (CPU, or CUDA kernels on CUDA) in attention ops and in GEMMs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr, 0) or 0) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1
+    attention = sum(t for k, t in events if any(a in k for a in ATTENTION_OPS))
+    matmul = sum(t for k, t in events if k in MATMUL_OPS)
+    return {"attention": attention / total, "matmul": matmul / total}
 
 
 def _step(model: torch.nn.Module, cf, batch) -> torch.Tensor:
@@ -316,8 +339,12 @@ def run_shape(
     warmup: int,
     deadline: float = float("inf"),
     seed: int = 0,
+    op_shares: bool = False,
 ) -> Row:
-    """Warm up and compare both paths on ``shape``, then time them interleaved (see the module doc)."""
+    """Warm up and compare both paths on ``shape``, then time them interleaved (see the module doc).
+
+    ``op_shares``: one more call of each path under ``torch.profiler`` (untimed): :func:`op_time_shares`.
+    """
     from rankloss.integrations import ChainForward
 
     row = Row(
@@ -364,6 +391,9 @@ def run_shape(
         row.grad_max_rel_diff = diff / top if top else diff
         del grads
         _free(device)
+        if op_shares:
+            for name, cf in paths.items():
+                row.op_shares[name] = op_time_shares(lambda cf=cf: _step(model, cf, batch), device)
         left = deadline - time.perf_counter()
         if left < reps * (first["shared"] + first["full"]):
             reps = int(left / (first["shared"] + first["full"]))
@@ -405,6 +435,7 @@ def run_profile(
     deadline: float = float("inf"),
     on_row: Callable[[Row], None] = lambda row: None,
     seed: int = 0,
+    op_shares: bool = False,
 ) -> list[Row]:
     """Every shape of ``profile`` in order (the model is built once); ``on_row`` sees each row."""
     rows: list[Row] = []
@@ -426,6 +457,7 @@ def run_profile(
                 warmup=max(1, warmup or profile.warmup),
                 deadline=deadline,
                 seed=seed,
+                op_shares=op_shares,
             )
         rows.append(row)
         on_row(row)
@@ -480,6 +512,27 @@ def table(rows: Sequence[Row]) -> list[str]:
             + f"| {r.max_abs_loss_diff:.2g} | {r.grad_max_rel_diff:.2g} | {peak} |"
         )
     return lines
+
+
+def op_share_lines(rows: Sequence[Row]) -> list[str]:
+    """Measured shares of a step's time in attention and in GEMMs (rows run with ``--op-shares``)."""
+    rows = [r for r in rows if r.op_shares]
+    if not rows:
+        return []
+    lines = [
+        "Shares of one step's time by op (torch.profiler, one untimed call per path; GEMMs: the decoder's "
+        "linear layers and the LM head)",
+        "",
+        "| P | L | K | attention shared / full | GEMMs shared / full |",
+        "|--:|--:|--:|--:|--:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.shape["P"], r.shape["L"], r.shape["K"])):
+        sh, fu = r.op_shares["shared"], r.op_shares["full"]
+        lines.append(
+            f"| {r.shape['P']} | {r.shape['L']} | {r.shape['K']} | {100 * sh['attention']:.0f}% / "
+            f"{100 * fu['attention']:.0f}% | {100 * sh['matmul']:.0f}% / {100 * fu['matmul']:.0f}% |"
+        )
+    return [*lines, ""]
 
 
 def target_lines(rows: Sequence[Row]) -> list[str]:
@@ -551,6 +604,7 @@ class Report:
             "attention / LM head share: of the full path's step FLOPs; loss and gradient differences: "
             "between the two paths on the first call.",
             "",
+            *op_share_lines(self.rows),
             *target_lines(self.rows),
             "",
         ]
@@ -599,12 +653,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="CPU torch threads (default: all cores)")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="skip the shapes that do not fit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shapes", help="only these shapes, e.g. 1024x256x2,4096x256x2 (P x L x K)")
+    p.add_argument("--op-shares", action="store_true", help="also profile one call per path: op time shares")
     p.add_argument("--note", help="a line for the report (e.g. 'shared machine, other jobs running')")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("chain_forward: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     profile = PROFILES[args.profile or ("quick" if args.quick else "gpu" if args.device == "cuda" else "cpu")]
+    if args.shapes:
+        wanted = {tuple(int(x) for x in item.split("x")) for item in args.shapes.split(",")}
+        picked = tuple(s for s in profile.shapes if (s.P, s.L, s.K) in wanted)
+        if not picked:
+            p.error(f"--shapes {args.shapes}: none of the profile's shapes")
+        profile = dataclasses.replace(profile, shapes=picked)
     if args.device == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     tag = device_tag(args.device) + ("" if profile.name in ("cpu", "gpu") else f"-{profile.name}")
@@ -645,10 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline=report.t0 + args.budget_s,
         on_row=on_row,
         seed=args.seed,
+        op_shares=args.op_shares,
     )
     report.finished = True
     report.save()
-    print("\n".join(["", *table(report.rows), "", *target_lines(report.rows)]))
+    print("\n".join(["", *table(report.rows), "", *op_share_lines(report.rows), *target_lines(report.rows)]))
     print(f"wrote {report.stem}.md and {report.stem}.json")
     return 0
 
