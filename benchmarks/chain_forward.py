@@ -306,16 +306,13 @@ ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention",
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
 
 
-def op_time_shares(fn: Callable[[], object], device: str) -> dict[str, float]:
-    """Shares of one call's self time (CPU, or CUDA kernels on CUDA) in attention ops and in GEMMs."""
+def op_time_shares(fn: Callable[[], object]) -> dict[str, float]:
+    """Shares of one CPU call's self time in attention ops and in GEMMs (``torch.profiler``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-        _sync(device)
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = [(e.key, getattr(e, attr, 0) or 0) for e in prof.key_averages()]
+    events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     total = sum(t for _, t in events) or 1
     attention = sum(t for k, t in events if any(a in k for a in ATTENTION_OPS))
     matmul = sum(t for k, t in events if k in MATMUL_OPS)
@@ -393,7 +390,7 @@ def run_shape(
         _free(device)
         if op_shares:
             for name, cf in paths.items():
-                row.op_shares[name] = op_time_shares(lambda cf=cf: _step(model, cf, batch), device)
+                row.op_shares[name] = op_time_shares(lambda cf=cf: _step(model, cf, batch))
         left = deadline - time.perf_counter()
         if left < reps * (first["shared"] + first["full"]):
             reps = int(left / (first["shared"] + first["full"]))
@@ -654,13 +651,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="skip the shapes that do not fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shapes", help="only these shapes, e.g. 1024x256x2,4096x256x2 (P x L x K)")
-    p.add_argument("--op-shares", action="store_true", help="also profile one call per path: op time shares")
+    p.add_argument(
+        "--op-shares", action="store_true", help="CPU: also profile one call per path: op time shares"
+    )
     p.add_argument("--note", help="a line for the report (e.g. 'shared machine, other jobs running')")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("chain_forward: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     profile = PROFILES[args.profile or ("quick" if args.quick else "gpu" if args.device == "cuda" else "cpu")]
+    if args.op_shares and args.device == "cuda":
+        p.error("--op-shares reads CPU self times: CPU only")
     if args.shapes:
         wanted = {tuple(int(x) for x in item.split("x")) for item in args.shapes.split(",")}
         picked = tuple(s for s in profile.shapes if (s.P, s.L, s.K) in wanted)
