@@ -43,6 +43,7 @@ import gc
 import itertools
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -576,7 +577,7 @@ class Report:
             where = f"{m['cpu']}, {m['cpu_cores']} cores ({', '.join(m.get('cpu_simd') or [])})"
         return (
             f"- Machine: **{where}**; torch {m['torch']}, transformers {m.get('transformers')}, rankloss "
-            f"{m['rankloss']}, Python {m['python']}; {self.args.get('threads')} torch threads; load average "
+            f"{m['rankloss']}, Python {m['python']}; torch threads: {self.args.get('threads')}; load average "
             f"{m.get('loadavg')} at the start, {m.get('loadavg_end')} at the end"
         )
 
@@ -671,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     tag = device_tag(args.device) + ("" if profile.name in ("cpu", "gpu") else f"-{profile.name}")
-    command = "python benchmarks/chain_forward.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/chain_forward.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     run_args = {
         "reps": args.reps or profile.reps,
         "warmup": max(1, args.warmup or profile.warmup),
