@@ -38,6 +38,7 @@ It goes to ``benchmarks/results/gpu_check-<gpu name>[-quick].{json,md}`` (``--ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -656,6 +657,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-timings", action="store_true")
     p.add_argument(
+        "--skip-chain-forward",
+        action="store_true",
+        help="skip the last, optional step (chain forward: shared prefix vs full sequences)",
+    )
+    p.add_argument(
         "--budget-s",
         type=float,
         default=420.0,
@@ -695,6 +701,7 @@ class Report:
         self.correctness: list[dict] = []
         self.timings: list[Timing] = []
         self.kernels: list[dict] = []
+        self.chain_forward: dict = {}
         self.ok = True
         self.finished = False
         self.t0 = time.perf_counter()
@@ -740,6 +747,7 @@ class Report:
                 ),
                 "",
             ]
+        md += chain_forward_lines(self.chain_forward)
         wall = time.perf_counter() - self.t0
         state = ("PASS" if self.ok else "FAIL") if self.finished else "INCOMPLETE (still running or killed)"
         md.append(f"Wall time: {wall:.0f} s. Result: {state}.")
@@ -753,6 +761,7 @@ class Report:
             "correctness": self.correctness,
             "timings": [t.__dict__ for t in self.timings],
             "kernels": self.kernels,
+            "chain_forward": self.chain_forward,
             "pass": self.ok if self.finished else None,
             "finished": self.finished,
             "wall_s": time.perf_counter() - self.t0,
@@ -811,6 +820,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  N={row.N} {row.mode} {row.label}: {speed}", flush=True)
 
         run_timings(args, D, V, deadline, timing_row)
+    if not args.skip_chain_forward:
+        run_chain_forward(args, report, deadline)
     report.kernels = compiled_kernels()
     report.finished = True
     report.save()
@@ -818,6 +829,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(["", *timing_table(report.timings, D, V), "", *summary]), flush=True)
     print(f"{'PASS' if ok else 'FAIL'}; wrote {report.stem}.md and {report.stem}.json")
     return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional last step: the chain forward, shared prefix vs full sequences (benchmarks/chain_forward.py)
+# --------------------------------------------------------------------------------------------------
+def run_chain_forward(args: argparse.Namespace, report: Report, deadline: float) -> None:
+    """The lowest-priority step: ``benchmarks/chain_forward.py``'s GPU profile (bf16, 8 layers of hidden
+    2048; prefix 1024/4096 x completions 64/256 x K 2/4/8, and prefix 16384 / completion 64 at K=2; the
+    K=2 shapes li-plus/flash-preference measured come first) in what is left of the budget, into
+    ``report.chain_forward`` (saved after every shape). ``--quick``: those three K=2 shapes only, 3
+    repetitions; the dry run: the script's ``quick`` profile on CPU. It never changes the verdict."""
+    import chain_forward as cfb
+
+    tiny = args.tiny or args.device == "cpu"
+    profile = cfb.PROFILES["quick" if tiny else "gpu"]
+    reps = 2 if tiny else (3 if args.quick else profile.reps)
+    if args.quick and not tiny:
+        profile = dataclasses.replace(profile, shapes=profile.shapes[:3])
+    section = report.chain_forward
+    section.update(
+        {"model": profile.model.describe(), "profile": profile.name, "reps": reps, "rows": [], "status": "ok"}
+    )
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        section["status"] = "skipped: transformers is not installed"
+        report.save()
+        return
+    # The larger model takes a few seconds to build: start only with room for a shape or two.
+    if deadline - time.perf_counter() < (2.0 if tiny else 30.0):
+        deadline = -1.0
+
+    def on_row(row) -> None:
+        section["rows"].append(dataclasses.asdict(row))
+        report.save()
+        s = row.shape
+        what = f"{row.speedup:.2f}x (tokens {row.token_ratio:.2f}x)" if row.status == "ok" else row.status
+        print(f"  chain forward P={s['P']} L={s['L']} K={s['K']}: {what}", flush=True)
+
+    try:
+        cfb.run_profile(profile, device=args.device, reps=reps, deadline=deadline, on_row=on_row)
+    except Exception as exc:  # noqa: BLE001 - optional step: record, never fail the check
+        section["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    _free()
+    report.save()
+
+
+def chain_forward_lines(section: dict) -> list[str]:
+    """The chain-forward section of the markdown report (empty when the step did not run)."""
+    if not section:
+        return []
+    import chain_forward as cfb
+
+    rows = [cfb.Row(**r) for r in section.get("rows", [])]
+    return [
+        f"Chain forward, shared prefix vs full sequences (optional last step; {section['model']}; forward + "
+        f"backward of the chain loss, median of {section['reps']} interleaved repetitions; "
+        f"status: {section['status']})",
+        "",
+        *cfb.table(rows),
+        "",
+        *cfb.target_lines(rows),
+        "",
+    ]
 
 
 if __name__ == "__main__":
