@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arms",
         type=lambda s: tuple(x.strip() for x in s.split(",")),
         metavar="LIST",
-        help="comparison arms: plackett_luce, dpo, lipo, sft, each optionally ':frozen'" + _d("arms"),
+        help="comparison arms, each loss[:pairs][:frozen]: plackett_luce, dpo, lipo, sft; dpo may name its "
+        "pairs (dpo:best_worst is binary DPO, one pair per chain)" + _d("arms"),
     )
     g.add_argument("--seeds", type=int, help="seeds of the comparison" + _d("seeds"))
     g.add_argument("--seed", type=int, help="first seed (model init and batch order)" + _d("seed"))
@@ -194,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, help="chains per evaluation batch" + _d("eval_batch_size"))
     g.add_argument("--max-new-tokens", type=int, help="greedy caption length cap" + _d("max_new_tokens"))
     g.add_argument("--log-every", type=int, help="train record every N steps" + _d("log_every"))
+    g.add_argument(
+        "--probes",
+        action=argparse.BooleanOptionalAction,
+        help="per-error-type assessment in full evaluations: the true caption against one single-error "
+        "caption per degradation kind (videos with scenes)" + _d("probes"),
+    )
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", metavar="DIR", help="run folder (default: runs/<date-time>)")

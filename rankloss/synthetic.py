@@ -26,7 +26,7 @@ import random
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -54,6 +54,11 @@ __all__ = [
     "caption_facts",
     "fact_scores",
     "make_scene_chain",
+    "PROBE_GROUPS",
+    "FACT_GROUPS",
+    "probe_chain",
+    "probe_captions",
+    "group_fact_scores",
     "synthetic_record",
     "make_synthetic_dataset",
 ]
@@ -643,6 +648,92 @@ def make_scene_chain(
             short = SHORT_NO_SPANS
             break
     return SceneChain(scenes, captions, edits, length, short)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-error-type probes
+
+#: Degradation kinds by what it takes to see them: ``static`` errors are visible in any single frame
+#: (an object's colour, size, shape, how many there are), ``dynamic`` ones need time (how an object
+#: moves, which event comes first); ``insertion`` and ``omission`` change a caption's length (an object
+#: more or less), so they are their own groups.
+PROBE_GROUPS: dict[str, tuple[str, ...]] = {
+    "static": ("colour", "size", "shape", "count"),
+    "dynamic": ("motion", "order"),
+    "insertion": ("insertion",),
+    "omission": ("omission",),
+}
+#: Fact types of :func:`scene_facts` by the same split: what one frame shows, and what needs time.
+FACT_GROUPS: dict[str, tuple[str, ...]] = {
+    "static": ("object", "size", "count"),
+    "dynamic": ("motion", "order"),
+}
+
+
+#: Kinds that swap one detail for another of the same form: their probes are length-matched when possible.
+_SUBSTITUTIONS = ("colour", "size", "shape", "count", "motion", "order")
+
+
+def probe_chain(
+    scene: Scene,
+    kind: str,
+    *,
+    seed: int,
+    key: str,
+    length: Callable[[str], int] | None = None,
+    tries: int = 32,
+) -> SceneChain | None:
+    """The true caption of ``scene`` and one with exactly one error of kind ``kind`` (of
+    :data:`DEGRADATIONS`): a :func:`make_scene_chain` of length 2 with ``kinds=[kind]``, or ``None`` when
+    the scene has nothing that kind can change (``order`` with a single event).
+
+    Deterministic: attempt ``i`` draws with ``Random(f"probe:{seed}:{key}:{kind}:{i}")`` (``key`` names
+    the video), so every model of a run is probed with the same captions. With ``length`` (e.g. a token
+    count) a substitution kind (all but insertion and omission) takes the first of ``tries`` attempts
+    whose error caption is as long as the true one, else the first attempt."""
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"kind must be one of {tuple(DEGRADATIONS)}, got {kind!r}")
+    first = None
+    for i in range(tries if length is not None and kind in _SUBSTITUTIONS else 1):
+        ch = make_scene_chain(scene, 2, random.Random(f"probe:{seed}:{key}:{kind}:{i}"), kinds=[kind])
+        if len(ch.captions) < 2:
+            return None
+        if first is None:
+            first = ch
+        if length is None or kind not in _SUBSTITUTIONS or length(ch.captions[1]) == length(ch.captions[0]):
+            return ch
+    return first
+
+
+def probe_captions(
+    scene: Scene, *, seed: int, key: str, length: Callable[[str], int] | None = None
+) -> dict[str, str]:
+    """``{kind: single-error caption}`` for every kind of :data:`DEGRADATIONS` the scene allows
+    (:func:`probe_chain`)."""
+    out = {}
+    for kind in DEGRADATIONS:
+        ch = probe_chain(scene, kind, seed=seed, key=key, length=length)
+        if ch is not None:
+            out[kind] = ch.captions[1]
+    return out
+
+
+def group_fact_scores(text: str, scene: Scene) -> dict[str, FactScores]:
+    """:func:`fact_scores` restricted to each group of :data:`FACT_GROUPS` (both the caption's and the
+    scene's facts); a group the scene has no fact of is left out."""
+    c, s = caption_facts(text), scene_facts(scene)
+    out = {}
+    for group, types in FACT_GROUPS.items():
+        cg = {f for f in c if f[0] in types}
+        sg = {f for f in s if f[0] in types}
+        if not sg:
+            continue
+        tp = len(cg & sg)
+        p = tp / len(cg) if cg else 0.0
+        r = tp / len(sg)
+        f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+        out[group] = FactScores(p, r, f1, tp, len(cg) - tp, len(sg) - tp)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------

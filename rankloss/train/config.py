@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Arm", "ARM_LOSSES", "DEFAULT_ARMS", "TrainConfig", "RUNTIME_FIELDS", "parse_arms"]
+__all__ = ["Arm", "ARM_LOSSES", "ARM_PAIRS", "DEFAULT_ARMS", "TrainConfig", "RUNTIME_FIELDS", "parse_arms"]
 
 #: Losses a ranking arm can use (``sft`` is the control that simply continues SFT).
 ARM_LOSSES = ("plackett_luce", "dpo", "lipo", "sft")
@@ -38,6 +38,16 @@ RUNTIME_FIELDS = frozenset(
 )
 
 
+#: DPO pair strategies an arm may name (``dpo:best_worst``), and how a table says them.
+ARM_PAIRS = ("adjacent", "all", "best_worst", "best_rest")
+_PAIR_TITLES = {
+    "adjacent": "adjacent",
+    "all": "all pairs",
+    "best_worst": "one pair: best vs worst",
+    "best_rest": "best vs each other caption",
+}
+
+
 @dataclass(frozen=True)
 class Arm:
     """One training arm after the SFT stage.
@@ -45,42 +55,68 @@ class Arm:
     Attributes:
         loss: ``"plackett_luce"``, ``"dpo"``, ``"lipo"`` or ``"sft"`` (continue SFT: the control).
         frozen_vision: train the LLM only (the vision tower's parameters get no updates).
+        pairs: ``dpo`` only: the arm's own pair strategy (``"best_worst"``: binary DPO, one pair per
+            chain); ``None`` takes the run's ``--pairs`` (default adjacent).
     """
 
     loss: str
     frozen_vision: bool = False
+    pairs: str | None = None
 
     @property
     def name(self) -> str:
-        """Folder and key name: ``plackett_luce``, ``plackett_luce_frozen``, ``sft_control``, ..."""
+        """Folder and key name: ``plackett_luce``, ``plackett_luce_frozen``, ``dpo_best_worst``,
+        ``sft_control``, ..."""
         base = "sft_control" if self.loss == "sft" else self.loss
+        if self.pairs is not None:
+            base += "_" + self.pairs
         return base + ("_frozen" if self.frozen_vision else "")
 
     @property
     def spec(self) -> str:
-        """The ``--arms`` spelling: ``plackett_luce:frozen``."""
-        return self.loss + (":frozen" if self.frozen_vision else "")
+        """The ``--arms`` spelling: ``plackett_luce:frozen``, ``dpo:best_worst``."""
+        return (
+            self.loss + (f":{self.pairs}" if self.pairs else "") + (":frozen" if self.frozen_vision else "")
+        )
 
     def title(self, pairs: str | None = None) -> str:
-        """Human-readable name for tables: ``Plackett-Luce, frozen vision``, ``DPO (adjacent)``."""
+        """Human-readable name for tables: ``Plackett-Luce, frozen vision``, ``DPO (adjacent)``,
+        ``DPO (one pair: best vs worst)``; ``pairs`` is the run's ``--pairs`` (for a ``dpo`` arm without
+        its own)."""
         t = _LOSS_TITLES[self.loss]
         if self.loss == "dpo":
-            t += f" ({pairs or 'adjacent'})"
+            t += f" ({_PAIR_TITLES.get(self.pairs or pairs or 'adjacent')})"
         return t + (", frozen vision" if self.frozen_vision else "")
 
 
 def parse_arms(text: str | tuple[str, ...] | list[str]) -> tuple[Arm, ...]:
-    """``"plackett_luce,dpo,plackett_luce:frozen,sft"`` -> arms (raises ``ValueError`` naming ``--arms``)."""
+    """``"plackett_luce,dpo:best_worst,plackett_luce:frozen,sft"`` -> arms.
+
+    Each arm is ``loss[:pairs][:frozen]``: ``pairs`` (one of :data:`ARM_PAIRS`) only for ``dpo``.
+    Raises ``ValueError`` naming ``--arms``.
+    """
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
     arms = []
     for item in items:
-        loss, _, mod = item.partition(":")
-        if loss not in ARM_LOSSES or mod not in ("", "frozen"):
+        loss, *mods = item.split(":")
+        frozen = bool(mods) and mods[-1] == "frozen"
+        if frozen:
+            mods = mods[:-1]
+        if loss not in ARM_LOSSES or len(mods) > 1:
             raise ValueError(
-                f"--arms: {item!r} is not an arm; use one of {ARM_LOSSES}, optionally with ':frozen' "
-                f"(e.g. 'plackett_luce:frozen'), comma-separated"
+                f"--arms: {item!r} is not an arm; write loss[:pairs][:frozen] with a loss of {ARM_LOSSES} "
+                f"(e.g. 'plackett_luce:frozen', 'dpo:best_worst'), comma-separated"
             )
-        arms.append(Arm(loss, mod == "frozen"))
+        pairs = mods[0] if mods else None
+        if pairs is not None:
+            if loss != "dpo":
+                raise ValueError(
+                    f"--arms: {item!r}: a pair strategy ({pairs!r}) applies to dpo arms only "
+                    f"(e.g. 'dpo:best_worst')"
+                )
+            if pairs not in ARM_PAIRS:
+                raise ValueError(f"--arms: {item!r}: pairs must be one of {ARM_PAIRS}, got {pairs!r}")
+        arms.append(Arm(loss, frozen, pairs))
     if not arms:
         raise ValueError("--arms must name at least one arm")
     if len({a.name for a in arms}) != len(arms):
@@ -148,6 +184,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     max_new_tokens: int = 96
     log_every: int = 10
+    probes: bool = True
     # --- run
     save_every: int = 100
     keep_checkpoints: int = 1
@@ -189,7 +226,7 @@ class TrainConfig:
         """The arm whose model of the first seed is saved as ``<output_dir>/model``."""
         arms = self.arm_list
         for a in arms:
-            if a.loss == self.loss and not a.frozen_vision:
+            if a.loss == self.loss and not a.frozen_vision and a.pairs is None:
                 return a
         return arms[0]
 
@@ -200,7 +237,7 @@ class TrainConfig:
             return {}
         opts: dict[str, Any] = {"loss": arm.loss, "beta": self.beta, "sft_weight": self.sft_weight}
         if arm.loss == "dpo":
-            opts["pairs"] = self.pairs or "adjacent"
+            opts["pairs"] = arm.pairs or self.pairs or "adjacent"
             opts["dpo_loss_type"] = self.dpo_loss_type or "sigmoid"
         if arm.loss == "plackett_luce" and self.top_k is not None:
             opts["top_k"] = self.top_k
@@ -361,6 +398,11 @@ class TrainConfig:
         losses = {a.loss for a in arms}
         if self.pairs is not None and "dpo" not in losses:
             raise ValueError(f"--pairs applies to the dpo loss only; this run trains {sorted(losses)}")
+        if self.pairs is not None and all(a.pairs is not None for a in arms if a.loss == "dpo"):
+            raise ValueError(
+                "--pairs applies to dpo arms without their own pairs; every dpo arm of --arms names its "
+                "pairs (e.g. 'dpo:best_worst')"
+            )
         if self.dpo_loss_type is not None and "dpo" not in losses:
             raise ValueError(
                 f"--dpo-loss-type applies to the dpo loss only; this run trains {sorted(losses)}"

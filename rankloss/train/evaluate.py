@@ -19,7 +19,20 @@ is parsed into atomic facts (:func:`rankloss.synthetic.fact_scores`): ``gen_prec
 ``gen_f1`` (exact for synthetic data) and ``gen_exact`` (share of captions equal to the true one).
 Without scenes (real data) the generated caption is compared with the chain's best caption word by
 word instead: ``gen_word_precision``, ``gen_word_recall``, ``gen_word_f1`` (unigram overlap, a rough
-proxy, clearly not fact-level).
+proxy, clearly not fact-level). With scenes, ``gen_f1_static`` / ``gen_f1_dynamic`` are the fact F1
+restricted to the facts one frame shows (object, size, count) and to those that need time (motion,
+order), averaged over the captions whose scene has such facts.
+
+Per error type (:func:`probe_set`, :func:`probe_metrics`; full evaluations with scenes, ``--probes``):
+each held-out video's true caption against one single-error caption per degradation kind
+(:func:`rankloss.synthetic.probe_chain`, length-matched where the kind allows).
+``probe_acc_<kind>`` is the share of videos whose true caption scores higher, by the summed log-prob
+where both captions have the same number of tokens and by the mean token log-prob where they differ
+(insertion, omission, some motion swaps), so that no comparison is decided by length alone;
+``probe_acc_<group>`` pools the kinds of each group of :data:`rankloss.synthetic.PROBE_GROUPS`
+(``static``, ``dynamic``, ``insertion``, ``omission``); ``probe_reward_acc_*`` rank by the implicit
+reward ``s - s_ref`` instead (the same rule for length) once reference scores of the probes exist;
+``probe_n_<group>`` counts the comparisons.
 """
 
 from __future__ import annotations
@@ -35,10 +48,19 @@ from torch import Tensor
 
 from ..integrations.collator import ChainCollator
 from ..losses import chain_loss
-from ..synthetic import fact_scores
+from ..synthetic import DEGRADATIONS, PROBE_GROUPS, fact_scores, group_fact_scores, probe_chain
 from .data import FrameStore, VideoChain, batch_to, collate_chains
 
-__all__ = ["EvalResult", "score_chains", "assessment_metrics", "generation_metrics", "word_overlap"]
+__all__ = [
+    "EvalResult",
+    "score_chains",
+    "assessment_metrics",
+    "generation_metrics",
+    "word_overlap",
+    "ProbeSet",
+    "probe_set",
+    "probe_metrics",
+]
 
 
 @dataclass
@@ -190,6 +212,8 @@ def generation_metrics(
     by_id = {c.id: c for c in chains}
     with_scene = all(c.scene is not None for c in chains)
     sums: Counter[str] = Counter()
+    group_sums: Counter[str] = Counter()
+    group_counts: Counter[str] = Counter()
     for cid, text in rows.items():
         c = by_id[cid]
         sums["gen_words"] += len(text.split())
@@ -199,6 +223,9 @@ def generation_metrics(
             sums["gen_recall"] += fs.recall
             sums["gen_f1"] += fs.f1
             sums["gen_exact"] += float(text == c.captions[0])
+            for group, gs in group_fact_scores(text, c.scene).items():
+                group_sums[group] += gs.f1
+                group_counts[group] += 1
         else:
             p, r, f = word_overlap(text, c.captions[0])
             sums["gen_word_precision"] += p
@@ -206,5 +233,78 @@ def generation_metrics(
             sums["gen_word_f1"] += f
     n = max(1, len(rows))
     metrics = {k: v / n for k, v in sums.items()}
+    for group, total in group_sums.items():
+        metrics[f"gen_f1_{group}"] = total / group_counts[group]
     samples = [{"id": c.id, "generated": rows[c.id], "truth": c.captions[0]} for c in chains[:num_samples]]
     return EvalResult(metrics, samples)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Per-error-type probes
+
+
+@dataclass
+class ProbeSet:
+    """Probe chains: per held-out video ``captions = [true caption, one probe per kind...]`` (id
+    ``probe:<video id>``) and the kind of each probe (``kinds[id]``, aligned with ``captions[1:]``)."""
+
+    chains: list[VideoChain]
+    kinds: dict[str, list[str]]
+
+
+def probe_set(
+    chains: Sequence[VideoChain], *, seed: int, length: Callable[[str], int] | None = None
+) -> ProbeSet:
+    """The probes of every chain with a scene (:func:`rankloss.synthetic.probe_chain` with ``seed``, the
+    video id as key and ``length`` to match token counts); chains without a scene get none."""
+    out, kinds = [], {}
+    for c in chains:
+        if c.scene is None:
+            continue
+        caps, ks = [c.captions[0]], []
+        for kind in DEGRADATIONS:
+            ch = probe_chain(c.scene, kind, seed=seed, key=c.id, length=length)
+            if ch is not None:
+                caps.append(ch.captions[1])
+                ks.append(kind)
+        if ks:
+            pid = "probe:" + c.id
+            out.append(VideoChain(pid, caps, c.video, c.scene, c.index))
+            kinds[pid] = ks
+    return ProbeSet(out, kinds)
+
+
+def probe_metrics(
+    probes: ProbeSet,
+    scores: dict[str, tuple[Tensor, Tensor]],
+    ref_scores: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, float]:
+    """Per-kind and per-group accuracies of ``score(true) > score(probe)`` (see the module docstring):
+    summed scores where the two captions have equal token counts, mean token scores where they differ;
+    ``probe_reward_*`` by ``s - s_ref`` when ``ref_scores`` holds every probe chain."""
+    use_ref = ref_scores is not None and all(c.id in ref_scores for c in probes.chains)
+    hits: Counter[str] = Counter()
+    reward_hits: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    group_of = {k: g for g, ks in PROBE_GROUPS.items() for k in ks}
+    for c in probes.chains:
+        s, n = (t.double() for t in scores[c.id])
+        r = ref_scores[c.id][0].double() if use_ref else None
+        for j, kind in enumerate(probes.kinds[c.id], start=1):
+            same = int(n[0]) == int(n[j])
+            norm = (1.0, 1.0) if same else (float(n[0].clamp(min=1)), float(n[j].clamp(min=1)))
+            for key in dict.fromkeys((kind, group_of[kind])):  # insertion: kind and group alike
+                counts[key] += 1
+                hits[key] += float(s[0] / norm[0] > s[j] / norm[1])
+                if r is not None:
+                    reward_hits[key] += float((s[0] - r[0]) / norm[0] > (s[j] - r[j]) / norm[1])
+    metrics = {}
+    keys = list(DEGRADATIONS) + [g for g in PROBE_GROUPS if g not in DEGRADATIONS]
+    for key in keys:
+        if counts[key]:
+            metrics[f"probe_acc_{key}"] = hits[key] / counts[key]
+            if use_ref:
+                metrics[f"probe_reward_acc_{key}"] = reward_hits[key] / counts[key]
+    for g in PROBE_GROUPS:
+        metrics[f"probe_n_{g}"] = float(counts[g])
+    return metrics

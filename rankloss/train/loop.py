@@ -34,6 +34,7 @@ from ..integrations.collator import ChainCollator
 from ..integrations.forward import ChainRankModel, LossSpec
 from .config import Arm, TrainConfig
 from .data import (
+    IGNORE_INDEX,
     FrameStore,
     VideoChain,
     batch_to,
@@ -45,7 +46,15 @@ from .data import (
     synthetic_chains,
     synthetic_frames,
 )
-from .evaluate import EvalResult, assessment_metrics, generation_metrics, score_chains
+from .evaluate import (
+    EvalResult,
+    ProbeSet,
+    assessment_metrics,
+    generation_metrics,
+    probe_metrics,
+    probe_set,
+    score_chains,
+)
 from .model import (
     build_tiny_model,
     load_pretrained,
@@ -127,6 +136,21 @@ class Context:
     reporter: Reporter
     steps_done: int = 0  # optimizer steps taken in this invocation (for --stop-after-steps)
     notes: list[str] = field(default_factory=list)
+    _probes: ProbeSet | None = None  # the held-out probes (--probes), built on first use
+
+    def probes(self) -> ProbeSet | None:
+        """The per-error-type probes of the held-out videos with scenes (``None`` with ``--no-probes`` or
+        without scenes), length-matched in this tokenizer's tokens where the kind allows."""
+        if not self.config.probes or not any(c.scene is not None for c in self.heldout):
+            return None
+        if self._probes is None:
+            tok = self.collator.tokenizer
+
+            def length(text: str) -> int:
+                return len(tok(text, add_special_tokens=False)["input_ids"])
+
+            self._probes = probe_set(self.heldout, seed=self.config.data_seed, length=length)
+        return self._probes
 
     @property
     def device(self) -> torch.device:
@@ -307,7 +331,7 @@ def _checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def _save_checkpoint(ctx: Context, directory: str, step: int) -> None:
+def _save_checkpoint(ctx: Context, directory: str, step: int, tokens: int = 0) -> None:
     acc = ctx.accelerator
     final = os.path.join(directory, "checkpoints", f"step-{step:06d}")
     tmp = final + ".tmp"
@@ -318,7 +342,7 @@ def _save_checkpoint(ctx: Context, directory: str, step: int) -> None:
     acc.save_state(tmp)
     acc.wait_for_everyone()
     if ctx.main:
-        _write_json_atomic(os.path.join(tmp, "trainer_state.json"), {"step": step})
+        _write_json_atomic(os.path.join(tmp, "trainer_state.json"), {"step": step, "tokens": tokens})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in _checkpoints(directory)[: -ctx.config.keep_checkpoints]:
@@ -397,28 +421,52 @@ def evaluate(
         )
         metrics.update(gen.metrics)
         samples = gen.samples
+        probes = ctx.probes()
+        if probes is not None:
+            ctx.reporter.phase(task, "probes")
+            pscores = score_chains(
+                model,
+                probes.chains,
+                ctx.frames,
+                ctx.collator,
+                batch_size=cfg.eval_batch_size,
+                device=ctx.device,
+                rank=rank,
+                world=world,
+                gather=gather,
+            )
+            metrics.update(probe_metrics(probes, pscores, ref_scores))
     model.train(was_training)
     ctx.reporter.phase(task, "")
     return EvalResult(metrics, samples)
 
 
 def _reference_scores(ctx: Context, model: Any, task: str) -> dict[str, Any]:
+    """The reference scores of every chain, then (``--probes``) of the held-out probes, scored apart so
+    that the chains' batches, hence their scores, are the same with or without probes."""
     from accelerate.utils import gather_object
 
     acc = ctx.accelerator
     ctx.reporter.phase(task, "reference scores")
     model.eval()
-    scores = score_chains(
-        model,
-        ctx.train + ctx.heldout,
-        ctx.frames,
-        ctx.collator,
-        batch_size=ctx.config.eval_batch_size,
-        device=ctx.device,
-        rank=acc.process_index,
-        world=acc.num_processes,
-        gather=gather_object if acc.num_processes > 1 else None,
-    )
+    probes = ctx.probes()
+    scores = {}
+    for chains in (ctx.train + ctx.heldout, probes.chains if probes is not None else []):
+        if not chains:
+            continue
+        scores.update(
+            score_chains(
+                model,
+                chains,
+                ctx.frames,
+                ctx.collator,
+                batch_size=ctx.config.eval_batch_size,
+                device=ctx.device,
+                rank=acc.process_index,
+                world=acc.num_processes,
+                gather=gather_object if acc.num_processes > 1 else None,
+            )
+        )
     ctx.reporter.phase(task, "")
     return scores
 
@@ -473,6 +521,7 @@ class Stage:
     params: list[nn.Parameter]
     start: int
     steps: int
+    tokens: int = 0  # LLM tokens processed before ``start`` (from the checkpoint)
 
 
 def setup_stage(
@@ -498,14 +547,16 @@ def setup_stage(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(optimizer, cfg.lr_scheduler, steps, cfg.warmup_ratio)
     wrapper, optimizer, scheduler = acc.prepare(wrapper, optimizer, scheduler)
-    start = 0
+    start = tokens = 0
     ckpts = _checkpoints(directory)
     if ckpts:
         start, path = ckpts[-1]
         acc.load_state(path)
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            tokens = int(json.load(f).get("tokens", 0))
         log.truncate_after(start)
         ctx.reporter.message(f"seed {seed} {task}: resumed from {path} (step {start})")
-    return Stage(wrapper, optimizer, scheduler, params, start, steps)
+    return Stage(wrapper, optimizer, scheduler, params, start, steps, tokens)
 
 
 def run_steps(
@@ -520,10 +571,11 @@ def run_steps(
     ref_scores: dict[str, Any] | None,
     log: MetricsLog,
     beta: float,
-) -> None:
+) -> int:
     """Optimizer steps ``stage.start .. stage.steps - 1``: train records every ``--log-every`` steps,
     assessment every ``--eval-every``, a checkpoint every ``--save-every``; ``--stop-after-steps`` stops
-    (after a checkpoint) by raising :class:`StopRequested`."""
+    (after a checkpoint) by raising :class:`StopRequested`. Returns the LLM tokens the stage processed
+    over all processes (each chain's prompt once, plus its captions' tokens)."""
     acc, cfg = ctx.accelerator, ctx.config
     micro = _check_batch(ctx)
     wrapper, optimizer, scheduler, params = stage.wrapper, stage.optimizer, stage.scheduler, stage.params
@@ -536,9 +588,17 @@ def run_steps(
     wrapper.train()
     info = ""
     t_last, s_last = time.perf_counter(), stage.start
+    local_tokens = 0
+
+    def tokens_so_far() -> int:
+        t = torch.tensor([local_tokens], dtype=torch.float64, device=acc.device)
+        if world > 1:
+            t = acc.reduce(t, reduction="sum")
+        return stage.tokens + int(t.item())
+
     for step in range(stage.start, stage.steps):
         if cfg.stop_after_steps is not None and ctx.steps_done >= cfg.stop_after_steps:
-            _save_checkpoint(ctx, directory, step)
+            _save_checkpoint(ctx, directory, step, tokens_so_far())
             raise StopRequested(
                 f"stopped after {ctx.steps_done} optimizer steps at seed {seed} {task} step {step}"
             )
@@ -553,6 +613,9 @@ def run_steps(
                     ctx.frames,
                     best_only=mode == "sft",
                     ref_scores=ref_scores if mode == "rank" else None,
+                )
+                local_tokens += int(batch["prompt_attention_mask"].sum()) + int(
+                    (batch["completion_labels"] != IGNORE_INDEX).sum()
                 )
                 batch = batch_to(batch, acc.device)
                 out = wrapper(batch, mode=mode, spec=spec)
@@ -583,6 +646,7 @@ def run_steps(
                     "step": done,
                     "lr": scheduler.get_last_lr()[0],
                     "steps_per_s": rate,
+                    "tokens": tokens_so_far(),
                     **vals,
                 }
             )
@@ -600,8 +664,9 @@ def run_steps(
             )
             log.write({"event": "eval", "kind": "assess", "step": done, "metrics": res.metrics})
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.steps:
-            _save_checkpoint(ctx, directory, done)
+            _save_checkpoint(ctx, directory, done, tokens_so_far())
     ctx.reporter.finish(task)
+    return tokens_so_far()
 
 
 def _unwrapped_state(ctx: Context, wrapper: Any) -> dict[str, torch.Tensor]:
@@ -679,7 +744,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
                 "samples": res.samples,
             }
         )
-    run_steps(
+    tokens = run_steps(
         ctx,
         stage,
         seed=seed,
@@ -692,6 +757,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
         beta=cfg.beta,
     )
     res = evaluate(ctx, stage.wrapper, "sft", ref_scores=None, generate=True, beta=cfg.beta)
+    res.metrics["tokens"] = float(tokens)
     log.write(
         {
             "event": "eval",
@@ -753,7 +819,7 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
         freeze_vision=arm.frozen_vision,
         log=log,
     )
-    run_steps(
+    tokens = run_steps(
         ctx,
         st,
         seed=seed,
@@ -767,6 +833,7 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
     )
     wrapper = st.wrapper
     res = evaluate(ctx, wrapper, arm.name, ref_scores=ref, generate=True, beta=cfg.beta)
+    res.metrics["tokens"] = float(tokens)
     log.write(
         {
             "event": "eval",

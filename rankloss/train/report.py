@@ -24,6 +24,7 @@ __all__ = [
     "mean_se",
     "summary_table",
     "comparison_table",
+    "TYPE_TITLES",
     "plot_curves",
     "plot_comparison",
     "write_reports",
@@ -40,8 +41,28 @@ METRIC_TITLES: dict[str, str] = {
     "gen_precision": "gen precision",
     "gen_recall": "gen recall",
     "gen_word_f1": "gen word F1",
+    "tokens": "LLM tokens",
 }
 _DIFF_KEYS = ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1")
+#: The per-error-type table's columns (``--probes``; gen F1 by fact group): metric key -> title.
+TYPE_TITLES: dict[str, str] = {
+    "probe_acc_static": "static (log-prob)",
+    "probe_acc_dynamic": "dynamic (log-prob)",
+    "probe_acc_insertion": "insertion (log-prob)",
+    "probe_acc_omission": "omission (log-prob)",
+    "probe_reward_acc_static": "static (reward)",
+    "probe_reward_acc_dynamic": "dynamic (reward)",
+    "probe_reward_acc_insertion": "insertion (reward)",
+    "probe_reward_acc_omission": "omission (reward)",
+    "gen_f1_static": "gen F1 static",
+    "gen_f1_dynamic": "gen F1 dynamic",
+}
+_TYPE_NOTE = (
+    "Per error type: accuracy of score(true caption) > score(one single-error caption) per held-out video, "
+    "static = colour, size, shape, count (one frame shows them), dynamic = motion, order (they need "
+    "time); summed log-probs where the two captions have equal token counts, per-token means where they "
+    "differ; gen F1 over the facts of each group."
+)
 
 
 def collect_records(config: TrainConfig, run_dir: str) -> list[dict[str, Any]]:
@@ -88,9 +109,11 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def _fmt(mean: float, se: float, digits: int = 3) -> str:
+def _fmt(mean: float, se: float, digits: int = 3, key: str = "") -> str:
     if math.isnan(mean):
         return "–"
+    if key == "tokens":  # counts: whole numbers with thousands separators
+        return f"{mean:,.0f}" if math.isnan(se) else f"{mean:,.0f} ± {se:,.0f}"
     if math.isnan(se):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {se:.{digits}f}"
@@ -103,18 +126,30 @@ def _row_titles(config: TrainConfig) -> dict[str, str]:
     return titles
 
 
-def _columns(rows: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+def _columns(
+    rows: dict[str, dict[int, dict[str, float]]], titles: dict[str, str] = METRIC_TITLES
+) -> list[str]:
     present = {k for per_seed in rows.values() for m in per_seed.values() for k in m}
-    return [k for k in METRIC_TITLES if k in present]
+    return [k for k in titles if k in present]
 
 
 def summary_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> str:
-    """Markdown: held-out metrics of every seed before SFT, after SFT and after each arm."""
+    """Markdown: held-out metrics of every seed before SFT, after SFT and after each arm (``LLM tokens``:
+    the tokens the stage processed); then, with probes, the same rows per error type."""
     rows = final_metrics(config, records)
-    cols = _columns(rows)
+    text = _summary(config, rows, METRIC_TITLES)
+    if _columns(rows, TYPE_TITLES):
+        text += "\n" + _TYPE_NOTE + "\n\n" + _summary(config, rows, TYPE_TITLES)
+    return text
+
+
+def _summary(
+    config: TrainConfig, rows: dict[str, dict[int, dict[str, float]]], col_titles: dict[str, str]
+) -> str:
+    cols = _columns(rows, col_titles)
     titles = _row_titles(config)
     lines = [
-        "| seed | model | " + " | ".join(METRIC_TITLES[c] for c in cols) + " |",
+        "| seed | model | " + " | ".join(col_titles[c] for c in cols) + " |",
         "|---|---|" + "---:|" * len(cols),
     ]
     for seed in config.seed_list:
@@ -122,7 +157,7 @@ def summary_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> str
             m = rows.get(row, {}).get(seed)
             if m is None:
                 continue
-            cells = [f"{m[c]:.3f}" if c in m else "–" for c in cols]
+            cells = [_fmt(m[c], math.nan, key=c) if c in m else "–" for c in cols]
             lines.append(f"| {seed} | {titles[row]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -131,15 +166,28 @@ def comparison_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> 
     """Markdown: per arm, mean ± standard error over seeds of the final held-out metrics; then, for each
     ranking arm, the per-seed (paired) difference to the SFT-continuation control."""
     rows = final_metrics(config, records)
-    cols = _columns(rows)
+    text = _comparison(config, rows, METRIC_TITLES, _DIFF_KEYS, "Held-out metrics")
+    if _columns(rows, TYPE_TITLES):
+        text += "\n" + _TYPE_NOTE + "\n\n"
+        text += _comparison(config, rows, TYPE_TITLES, tuple(TYPE_TITLES), "Held-out metrics per error type")
+    return text
+
+
+def _comparison(
+    config: TrainConfig,
+    rows: dict[str, dict[int, dict[str, float]]],
+    col_titles: dict[str, str],
+    diff_keys: tuple[str, ...],
+    what: str,
+) -> str:
+    cols = _columns(rows, col_titles)
     titles = _row_titles(config)
     seeds = config.seed_list
     n = len(seeds)
     lines = [
-        f"Held-out metrics, mean ± standard error over {n} seed{'s' if n != 1 else ''} "
-        f"({', '.join(map(str, seeds))}):",
+        f"{what}, mean ± standard error over {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, seeds))}):",
         "",
-        "| model | " + " | ".join(METRIC_TITLES[c] for c in cols) + " |",
+        "| model | " + " | ".join(col_titles[c] for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for row in ["@sft"] + [a.name for a in config.arm_list]:
@@ -149,17 +197,17 @@ def comparison_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> 
         cells = []
         for c in cols:
             mean, se = mean_se([m[c] for m in per_seed.values() if c in m])
-            cells.append(_fmt(mean, se))
+            cells.append(_fmt(mean, se, key=c))
         lines.append(f"| {titles[row]} | " + " | ".join(cells) + " |")
     control = next((a for a in config.arm_list if a.loss == "sft" and not a.frozen_vision), None)
     ranking = [a for a in config.arm_list if a.loss != "sft"]
     if control is not None and ranking and control.name in rows:
-        dcols = [c for c in _DIFF_KEYS if c in cols]
+        dcols = [c for c in diff_keys if c in cols]
         lines += [
             "",
             f"Difference to {control.title()} (same seed), mean ± standard error:",
             "",
-            "| model | " + " | ".join("Δ " + METRIC_TITLES[c] for c in dcols) + " |",
+            "| model | " + " | ".join("Δ " + col_titles[c] for c in dcols) + " |",
             "|---|" + "---:|" * len(dcols),
         ]
         for a in ranking:
