@@ -393,15 +393,28 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
         log_path = os.path.join(directory, "metrics.jsonl")
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
         running: list[float] = []
+        last = [time.perf_counter()]
 
         def on_step(step: int, loss: float) -> None:
             running.append(loss)
             info = ""
             if step % cfg.log_every == 0 or step == cfg.vision_pretrain_steps:
                 mean = sum(running) / len(running)
+                now = time.perf_counter()
+                rate = len(running) / max(1e-9, now - last[0])
+                last[0] = now
                 running.clear()
                 log.write(
-                    json.dumps({"seed": seed, "task": task, "event": "train", "step": step, "loss": mean})
+                    json.dumps(
+                        {
+                            "seed": seed,
+                            "task": task,
+                            "event": "train",
+                            "step": step,
+                            "loss": mean,
+                            "steps_per_s": rate,
+                        }
+                    )
                 )
                 log.write("\n")
                 info = f"loss {mean:.3f}"
