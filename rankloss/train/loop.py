@@ -719,7 +719,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
             "samples": res.samples,
         }
     )
-    if cfg.sft_steps > 0 or cfg.model is None:
+    if cfg.sft_steps > 0 or cfg.model is None or pretrained:  # (stage 0 changed the --model's tower)
         _save_model(ctx, stage.wrapper, os.path.join(directory, "model"))
     ref = _reference_scores(ctx, stage.wrapper, "sft")
     if ctx.main:
