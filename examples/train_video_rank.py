@@ -124,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
         "captions" + _d("share_prefix"),
     )
 
+    g = p.add_argument_group("stage 0: a pretrained vision tower")
+    g.add_argument(
+        "--vision-pretrain",
+        choices=("none", "proxy"),
+        help="proxy: per seed, before SFT, train the tiny model's vision tower (not the merger) to name the "
+        "colour x shape combinations visible in single training frames, then keep it frozen through SFT "
+        "(the arms train it unless ':frozen'); none: the tower trains from scratch in SFT"
+        + _d("vision_pretrain"),
+    )
+    g.add_argument("--vision-pretrain-steps", type=int, help="stage 0 steps" + _d("vision_pretrain_steps"))
+    g.add_argument(
+        "--vision-pretrain-lr", type=float, help="stage 0 learning rate (cosine)" + _d("vision_pretrain_lr")
+    )
+    g.add_argument(
+        "--vision-pretrain-batch-size",
+        type=int,
+        help="frames per stage 0 step" + _d("vision_pretrain_batch_size"),
+    )
+
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--batch-size", type=int, help="chains per optimizer step, all processes" + _d("batch_size")
@@ -328,6 +347,12 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
         bar = Progress(len(chains), "decoding videos", enabled=config.progress)
         decode_videos(chains, os.path.join(run_dir, "data"), config.frames, config.frame_size, bar.update)
         bar.close()
+        if config.vision_pretrain != "none" and any(c.scene is None for c in chains):
+            raise SystemExit(
+                "error: --vision-pretrain proxy labels frames from the videos' scenes; this chains file "
+                "has records without source.scene (use `rankloss synthetic make` data or "
+                "--vision-pretrain none)"
+            )
         if any(c.scene is None for c in chains):
             notes.append(
                 "the chains carry no scenes: generation is scored by word overlap with the best caption "
@@ -382,6 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"model: {model}; device: {accelerator.device}, {accelerator.num_processes} process(es), "
         f"{jobs} job(s) x {threads if jobs > 1 else torch.get_num_threads()} thread(s)"
     )
+    if config.vision_pretrain != "none":
+        say(
+            f"stage 0: vision tower pretrained per seed on the colour x shape proxy "
+            f"({config.vision_pretrain_steps} steps of {config.vision_pretrain_batch_size} frames, lr "
+            f"{config.vision_pretrain_lr:g}), then frozen through SFT (the merger trains)"
+        )
     say(
         f"plan: {len(tasks)} tasks = {len(config.seed_list)} seed(s) x (SFT {config.sft_steps} steps + "
         f"{len(config.arm_list)} arm(s) x {config.rank_steps} steps: "
@@ -408,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "comparison" in paths:
         with open(paths["comparison"], encoding="utf-8") as f:
             say(f.read())
+    if config.vision_pretrain != "none":
+        say(_vision_pretrain_line(config, run_dir))
     model_dir = os.path.join(run_dir, "model")
     say("written:")
     if os.path.isdir(model_dir):
@@ -419,6 +452,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"  {name}: {path}")
     say(f"total wall time: {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+def _vision_pretrain_line(config: TrainConfig, run_dir: str) -> str:
+    """Stage 0's held-out proxy F1 (overall, colour, shape) and time, mean over seeds."""
+    from rankloss.train.vision_pretrain import pretrain_dir
+
+    rows = []
+    for seed in config.seed_list:
+        path = os.path.join(pretrain_dir(run_dir, seed), "done.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                rows.append(json.load(f))
+    if not rows:
+        return "stage 0 (vision pretrain): no results"
+
+    def mean(key: str) -> float:
+        vals = [r["heldout"].get(key, float("nan")) for r in rows]
+        return sum(vals) / len(vals)
+
+    secs = sum(r.get("seconds", 0.0) for r in rows) / len(rows)
+    return (
+        f"stage 0 (vision pretrain, {len(rows)} seed(s)): held-out proxy F1 {mean('f1'):.3f} "
+        f"(colour {mean('colour_f1'):.3f}, shape {mean('shape_f1'):.3f}), {secs:.0f} s per seed; "
+        f"per seed in {os.path.join(run_dir, 'seed<k>', 'vision_pretrain', 'done.json')}"
+    )
 
 
 if __name__ == "__main__":

@@ -154,6 +154,11 @@ class TrainConfig:
     vision_hidden_size: int = 64
     vocab_size: int = 1000
     share_prefix: bool = True
+    # --- stage 0: a pretrained vision tower (rankloss.train.vision_pretrain)
+    vision_pretrain: str = "none"
+    vision_pretrain_steps: int = 1000
+    vision_pretrain_lr: float = 5e-3
+    vision_pretrain_batch_size: int = 32
     # --- optimisation
     batch_size: int = 16
     grad_accum: int = 1
@@ -370,6 +375,7 @@ class TrainConfig:
                 "--prompt applies to --model checkpoints with a chat template; the tiny default "
                 "model reads the video only"
             )
+        self._validate_vision_pretrain()
         if self.frame_size % 28:
             raise ValueError(
                 f"--frame-size must be a multiple of 28 (patch 14 x merge 2), got {self.frame_size}"
@@ -426,6 +432,40 @@ class TrainConfig:
         if self.mixed_precision == "fp16" and self.cpu:
             raise ValueError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
         return self
+
+    def _validate_vision_pretrain(self) -> None:
+        """``--vision-pretrain`` and its options (stage 0: :mod:`rankloss.train.vision_pretrain`)."""
+        if self.vision_pretrain not in ("none", "proxy"):
+            raise ValueError(
+                f"--vision-pretrain must be one of ('none', 'proxy'), got {self.vision_pretrain!r}"
+            )
+        options = ("vision_pretrain_steps", "vision_pretrain_lr", "vision_pretrain_batch_size")
+        if self.vision_pretrain == "none":
+            for name in options:
+                if self._was_given(name):
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} applies to --vision-pretrain proxy (stage 0); "
+                        "this run has --vision-pretrain none"
+                    )
+            return
+        for name in ("vision_pretrain_steps", "vision_pretrain_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        v = self.vision_pretrain_lr
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"--vision-pretrain-lr must be a positive number, got {v!r}")
+        if self.model is not None:
+            from .model import checkpoint_model_type
+            from .vision_pretrain import SUPPORTED_MODEL_TYPES
+
+            model_type = checkpoint_model_type(self.model)
+            if model_type not in SUPPORTED_MODEL_TYPES:
+                raise ValueError(
+                    f"--vision-pretrain proxy trains a Qwen2.5-VL vision tower (patch embedding + blocks, "
+                    f"merger kept for SFT); --model {self.model!r} has model_type {model_type!r}: use "
+                    "--vision-pretrain none"
+                )
 
     # ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -63,6 +63,8 @@ from .model import (
     set_vision_trainable,
     tiny_config,
 )
+from .vision_pretrain import freeze_tower as freeze_tower_
+from .vision_pretrain import load_tower, run_vision_pretrain
 
 __all__ = [
     "Reporter",
@@ -535,12 +537,17 @@ def setup_stage(
     lr: float,
     freeze_vision: bool,
     log: MetricsLog,
+    freeze_tower: bool = False,
 ) -> Stage:
     """Wrap ``model``, build AdamW and the warmup + ``--lr-scheduler`` schedule over ``steps``, prepare all
-    three with the accelerator, and load the task's newest checkpoint if there is one (``--resume``)."""
+    three with the accelerator, and load the task's newest checkpoint if there is one (``--resume``).
+    ``freeze_tower``: the vision tower's patch embedding and blocks get no updates, its merger does (SFT
+    after stage 0, :func:`rankloss.train.vision_pretrain.freeze_tower`)."""
     acc, cfg = ctx.accelerator, ctx.config
     _check_batch(ctx)
     set_vision_trainable(model, not freeze_vision)
+    if freeze_tower:
+        freeze_tower_(model)
     # --share-prefix: share the prompt wherever that is exact (full sequences otherwise, with a warning)
     wrapper = ChainRankModel(model, share_prefix=None if cfg.share_prefix else False)
     params = [p for p in wrapper.parameters() if p.requires_grad]
@@ -720,10 +727,19 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
     )
     if not _checkpoints(directory) and ctx.main and os.path.exists(log.path):
         os.remove(log.path)
+    pretrained = cfg.vision_pretrain != "none"
+    stage0: dict[str, Any] | None = None
+    model = ctx.new_model(seed)
+    if pretrained:
+        # Stage 0 (cached per seed): the tower pretrained on the proxy task, then frozen through SFT.
+        stage0, tower = run_vision_pretrain(ctx, seed)
+        load_tower(model, tower)
+        if not any(r.get("event") == "vision_pretrain" for r in read_jsonl(log.path)):
+            log.write({"event": "vision_pretrain", "step": 0, "metrics": stage0["heldout"]})
     t0 = time.perf_counter()
     stage = setup_stage(
         ctx,
-        ctx.new_model(seed),
+        model,
         seed=seed,
         task="sft",
         directory=directory,
@@ -731,6 +747,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
         lr=cfg.sft_lr,
         freeze_vision=False,
         log=log,
+        freeze_tower=pretrained,
     )
     if stage.start == 0 and not any(r.get("tag") == "init" for r in read_jsonl(log.path)):
         res = evaluate(ctx, stage.wrapper, "sft", ref_scores=None, generate=True, beta=cfg.beta)
@@ -768,7 +785,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
             "samples": res.samples,
         }
     )
-    if cfg.sft_steps > 0 or cfg.model is None:
+    if cfg.sft_steps > 0 or cfg.model is None or pretrained:  # (stage 0 changed the --model's tower)
         _save_model(ctx, stage.wrapper, os.path.join(directory, "model"))
     ref = _reference_scores(ctx, stage.wrapper, "sft")
     if ctx.main:
@@ -777,6 +794,8 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
         os.replace(tmp, os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt"))
     acc.free_memory()
     result = {"seed": seed, "task": "sft", "final": res.metrics, "seconds": time.perf_counter() - t0}
+    if stage0 is not None:
+        result["vision_pretrain"] = {k: stage0[k] for k in ("heldout", "seconds", "steps") if k in stage0}
     return _finish_task(ctx, directory, result)
 
 

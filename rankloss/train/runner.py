@@ -46,7 +46,10 @@ class Task:
         return f"seed{self.seed}/{'sft' if self.arm is None else self.arm.name}"
 
     def steps(self, config: TrainConfig) -> int:
-        return config.sft_steps if self.kind == "sft" else config.rank_steps
+        """Optimizer steps of the task (an SFT task's include stage 0's with ``--vision-pretrain``)."""
+        if self.kind != "sft":
+            return config.rank_steps
+        return config.sft_steps + (config.vision_pretrain_steps if config.vision_pretrain != "none" else 0)
 
 
 def plan_tasks(config: TrainConfig) -> list[Task]:
