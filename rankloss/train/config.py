@@ -48,6 +48,15 @@ _PAIR_TITLES = {
 }
 
 
+def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
+    """``obj`` as JSON (sorted keys, a final newline) in ``path``: written to ``path.tmp``, then renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Arm:
     """One training arm after the SFT stage.
@@ -475,11 +484,7 @@ class TrainConfig:
         return d
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

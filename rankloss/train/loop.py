@@ -32,7 +32,7 @@ from torch import nn
 
 from ..integrations.collator import ChainCollator
 from ..integrations.forward import ChainRankModel, LossSpec
-from .config import Arm, TrainConfig
+from .config import Arm, TrainConfig, write_json_atomic
 from .data import (
     IGNORE_INDEX,
     FrameStore,
@@ -232,14 +232,6 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter: Reporter) -> Context:
     """Load the chains (split from ``<run>/data/split.json``), frames, processor and model config."""
     from transformers.utils import logging as hf_logging
@@ -344,7 +336,7 @@ def _save_checkpoint(ctx: Context, directory: str, step: int, tokens: int = 0) -
     acc.save_state(tmp)
     acc.wait_for_everyone()
     if ctx.main:
-        _write_json_atomic(os.path.join(tmp, "trainer_state.json"), {"step": step, "tokens": tokens})
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), {"step": step, "tokens": tokens})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in _checkpoints(directory)[: -ctx.config.keep_checkpoints]:
@@ -372,6 +364,25 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, name: str, steps: int, war
 # Evaluation
 
 
+def _score(ctx: Context, model: Any, chains: list[Any]) -> dict[str, Any]:
+    """:func:`score_chains` of ``chains`` with the run's collator and batch size, split over the processes
+    and gathered."""
+    from accelerate.utils import gather_object
+
+    acc = ctx.accelerator
+    return score_chains(
+        model,
+        chains,
+        ctx.frames,
+        ctx.collator,
+        batch_size=ctx.config.eval_batch_size,
+        device=ctx.device,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        gather=gather_object if acc.num_processes > 1 else None,
+    )
+
+
 def evaluate(
     ctx: Context,
     model: Any,
@@ -390,17 +401,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     ctx.reporter.phase(task, "eval")
-    scores = score_chains(
-        model,
-        ctx.heldout,
-        ctx.frames,
-        ctx.collator,
-        batch_size=cfg.eval_batch_size,
-        device=ctx.device,
-        rank=rank,
-        world=world,
-        gather=gather,
-    )
+    scores = _score(ctx, model, ctx.heldout)
     metrics = assessment_metrics(
         ctx.heldout, scores, ref_scores, beta=beta, length_normalize=cfg.length_normalize
     )
@@ -426,17 +427,7 @@ def evaluate(
         probes = ctx.probes()
         if probes is not None:
             ctx.reporter.phase(task, "probes")
-            pscores = score_chains(
-                model,
-                probes.chains,
-                ctx.frames,
-                ctx.collator,
-                batch_size=cfg.eval_batch_size,
-                device=ctx.device,
-                rank=rank,
-                world=world,
-                gather=gather,
-            )
+            pscores = _score(ctx, model, probes.chains)
             metrics.update(probe_metrics(probes, pscores, ref_scores))
     model.train(was_training)
     ctx.reporter.phase(task, "")
@@ -446,9 +437,6 @@ def evaluate(
 def _reference_scores(ctx: Context, model: Any, task: str) -> dict[str, Any]:
     """The reference scores of every chain, then (``--probes``) of the held-out probes, scored apart so
     that the chains' batches, hence their scores, are the same with or without probes."""
-    from accelerate.utils import gather_object
-
-    acc = ctx.accelerator
     ctx.reporter.phase(task, "reference scores")
     model.eval()
     probes = ctx.probes()
@@ -456,19 +444,7 @@ def _reference_scores(ctx: Context, model: Any, task: str) -> dict[str, Any]:
     for chains in (ctx.train + ctx.heldout, probes.chains if probes is not None else []):
         if not chains:
             continue
-        scores.update(
-            score_chains(
-                model,
-                chains,
-                ctx.frames,
-                ctx.collator,
-                batch_size=ctx.config.eval_batch_size,
-                device=ctx.device,
-                rank=acc.process_index,
-                world=acc.num_processes,
-                gather=gather_object if acc.num_processes > 1 else None,
-            )
-        )
+        scores.update(_score(ctx, model, chains))
     ctx.reporter.phase(task, "")
     return scores
 
@@ -706,7 +682,7 @@ def _load_done(directory: str) -> dict[str, Any] | None:
 
 def _finish_task(ctx: Context, directory: str, result: dict[str, Any]) -> dict[str, Any]:
     if ctx.main:
-        _write_json_atomic(os.path.join(directory, "done.json"), result)
+        write_json_atomic(os.path.join(directory, "done.json"), result)
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
     ctx.accelerator.wait_for_everyone()
     return result

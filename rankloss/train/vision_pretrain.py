@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..synthetic import COLOURS, SHAPES, SIZES, Scene, _state
+from .config import write_json_atomic
 
 __all__ = [
     "PROXY_CLASSES",
@@ -358,14 +359,6 @@ def pretrain_dir(run_dir: str, seed: int) -> str:
     return os.path.join(run_dir, f"seed{seed}", "vision_pretrain")
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _read_done(directory: str) -> dict[str, Any] | None:
     path = os.path.join(directory, "done.json")
     if os.path.exists(path) and os.path.exists(os.path.join(directory, "tower.pt")):
@@ -459,7 +452,7 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
             "steps": cfg.vision_pretrain_steps,
             "seconds": time.perf_counter() - t0,
         }
-        _write_json_atomic(os.path.join(directory, "done.json"), done)
+        write_json_atomic(os.path.join(directory, "done.json"), done)
         ctx.reporter.message(
             f"seed {seed} vision pretrain: held-out proxy F1 {out['heldout'].get('f1', float('nan')):.3f} "
             f"(colour {out['heldout'].get('colour_f1', float('nan')):.3f}, shape "
