@@ -224,7 +224,6 @@ class ChainRankTrainer(Trainer):
         wrapper = ChainRankModel(model, args.loss_spec(), share_prefix=args.share_prefix, impl=args.impl)
         self._set_vision(wrapper, args)
         self._sums: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
-        self._ref_ready: set[int] = set()
         super().__init__(
             model=wrapper,
             args=args,
@@ -285,18 +284,15 @@ class ChainRankTrainer(Trainer):
     # reference scores
 
     def _with_ref(self, dataset: Any, name: str) -> Any:
-        if dataset is None or self.args.reference_free or id(dataset) in self._ref_ready:
+        if dataset is None or self.args.reference_free or isinstance(dataset, _WithRefScores):
             return dataset
-        scores = self.reference_scores(dataset, name)
-        wrapped = _WithRefScores(dataset, scores)
-        self._ref_ready.add(id(wrapped))
-        return wrapped
+        return _WithRefScores(dataset, self.reference_scores(dataset, name))
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         if (
             eval_dataset is not None
             and not isinstance(eval_dataset, str)
-            and id(eval_dataset) not in self._ref_ready
+            and not isinstance(eval_dataset, _WithRefScores)
         ):
             if not self.args.reference_free and self.ref_model is None:
                 raise ValueError(
