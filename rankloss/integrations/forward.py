@@ -467,14 +467,16 @@ class ChainRankModel(nn.Module):
         if mode == "sft":
             from ..logprobs import linear_token_logprobs
 
-            hidden = cf.hidden_states(batch)
-            head = cf.head()
-            labels = batch["completion_labels"]
+            # only each chain's first (best) completion goes through the model
             sizes = batch["chain_sizes"]
             first = torch.cumsum(sizes, 0) - sizes
-            h, y = hidden[first], labels[first]
+            best = {k: v for k, v in batch.items() if k != "ref_scores"}
+            best["completion_input_ids"] = batch["completion_input_ids"][first]
+            best["completion_labels"] = y = batch["completion_labels"][first]
+            best["chain_sizes"] = torch.ones_like(sizes)
+            head = cf.head()
             logps = linear_token_logprobs(
-                h, head.weight, y, bias=head.bias, softcap=head.softcap, impl=self.impl
+                cf.hidden_states(best), head.weight, y, bias=head.bias, softcap=head.softcap, impl=self.impl
             )
             n = (y != IGNORE_INDEX).sum(-1).clamp(min=1)
             nll = -logps.sum(-1) / n.to(logps.dtype)
