@@ -271,6 +271,7 @@ TINY = [
     "--vocab-size", "300", "--batch-size", "2", "--eval-batch-size", "4", "--max-new-tokens", "4",
     "--log-every", "1", "--no-progress", "--threads", "1", "--jobs", "1", "--seeds", "1",
     "--sft-steps", "2", "--rank-steps", "2", "--arms", "dpo:best_worst,plackett_luce,sft",
+    "--vision-pretrain-steps", "3", "--vision-pretrain-batch-size", "4",  # stage 0 on by default (auto)
 ]  # fmt: skip
 
 
@@ -331,3 +332,9 @@ def test_tiny_run_counts_tokens_per_arm_and_reports_probes(tmp_path: Path):
     assert "DPO (one pair: best vs worst)" in comparison and "LLM tokens" in comparison
     assert "Held-out metrics per error type" in comparison and "static (reward)" in comparison
     assert "static (log-prob)" in (out / "summary.md").read_text()
+    # the claims: claim 1's arms are in this run (one seed: nothing can be decided), claim 2's are not
+    assert "**Claim 1" in comparison and "Claim 1: **undecided at this size** (1 seed)" in comparison
+    assert "Claim 2" not in comparison
+    # stage 0 ran by default (auto: the tiny model on synthetic videos), and SFT froze the tower
+    assert cfg.vision_pretrain == "proxy"
+    assert (out / "seed0" / "vision_pretrain" / "done.json").exists()

@@ -26,6 +26,8 @@ SCRIPT = REPO / "examples" / "train_video_rank.py"
 
 # A run of a few seconds: 10 videos (3 held out), chains of 3, 4 frames of 56 x 56, a 32-wide model.
 TINY = [
+    "--vision-pretrain",  # stage 0 has its own tests (test_vision_pretrain.py)
+    "none",
     "--num-videos",
     "10",
     "--heldout",

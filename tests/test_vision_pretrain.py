@@ -257,7 +257,7 @@ def test_sft_after_stage0_freezes_the_tower_and_trains_the_merger(tmp_path: Path
 
 
 def test_none_is_the_sft_stage_as_before(tmp_path: Path):
-    """``--vision-pretrain none`` (the default): the SFT model is bit for bit what the SFT stage's code
+    """``--vision-pretrain none``: the SFT model is bit for bit what the SFT stage's code
     path without stage 0 gives (the calls ``run_sft_task`` made before stage 0 existed)."""
     from rankloss.train.loop import MetricsLog, _save_model, run_sft_task, run_steps, setup_stage
 
@@ -266,7 +266,7 @@ def test_none_is_the_sft_stage_as_before(tmp_path: Path):
     got = _weights(os.path.join(ctx.run_dir, "seed0", "sft", "model"))
     assert not os.path.exists(os.path.join(ctx.run_dir, "seed0", "vision_pretrain"))
 
-    ref_ctx = _context(tmp_path, [], "b")
+    ref_ctx = _context(tmp_path, ["--vision-pretrain", "none"], "b")
     directory = os.path.join(ref_ctx.run_dir, "seed0", "ref")
     os.makedirs(directory)
     log = MetricsLog(os.path.join(directory, "m.jsonl"), {}, True)
@@ -305,18 +305,28 @@ def test_none_is_the_sft_stage_as_before(tmp_path: Path):
 def test_flags_are_checked(tmp_path: Path, capsys):
     script = _script()
     with pytest.raises(SystemExit) as e:
-        script.parse_config(["--vision-pretrain-steps", "5"])
+        script.parse_config(["--vision-pretrain", "none", "--vision-pretrain-steps", "5"])
     assert e.value.code == 2 and "--vision-pretrain proxy" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_config(["--vision-pretrain", "proxy", "--vision-pretrain-lr", "0"])
     assert "--vision-pretrain-lr" in capsys.readouterr().err
     cfg = script.parse_config(["--vision-pretrain", "proxy"])
     assert (cfg.vision_pretrain_steps, cfg.vision_pretrain_batch_size, cfg.vision_pretrain_lr) == (
-        1000,
+        800,
         32,
         5e-3,
     )
-    assert script.parse_config([]).vision_pretrain == "none"
+    # auto (the default): stage 0 for the tiny model on synthetic videos, none for a chains file
+    assert script.parse_config([]).vision_pretrain == "proxy"
+    assert script.parse_config(["--vision-pretrain-steps", "5"]).vision_pretrain_steps == 5
+    chains = tmp_path / "chains.jsonl"  # the flags are checked before the file is read
+    chains.write_text("")
+    chains = str(chains)
+    assert script.parse_config(["--data", chains]).vision_pretrain == "none"
+    assert script.parse_config(["--data", chains, "--vision-pretrain", "proxy"]).vision_pretrain == "proxy"
+    with pytest.raises(SystemExit):
+        script.parse_config(["--data", chains, "--vision-pretrain-steps", "5"])
+    assert "add --vision-pretrain proxy" in capsys.readouterr().err
     # another model family's checkpoint: refused by name
     ckpt = tmp_path / "llava"
     ckpt.mkdir()

@@ -15,12 +15,31 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Arm", "ARM_LOSSES", "ARM_PAIRS", "DEFAULT_ARMS", "TrainConfig", "RUNTIME_FIELDS", "parse_arms"]
+__all__ = [
+    "Arm",
+    "ARM_LOSSES",
+    "ARM_PAIRS",
+    "DEFAULT_ARMS",
+    "PRESETS",
+    "TrainConfig",
+    "RUNTIME_FIELDS",
+    "parse_arms",
+]
 
 #: Losses a ranking arm can use (``sft`` is the control that simply continues SFT).
 ARM_LOSSES = ("plackett_luce", "dpo", "lipo", "sft")
-#: The comparison of issue 7: Plackett-Luce, DPO, Plackett-Luce with a frozen vision tower, SFT control.
-DEFAULT_ARMS = ("plackett_luce", "dpo", "plackett_luce:frozen", "sft")
+#: The default comparison (docs/training.md, "The experiment"): Plackett-Luce over the whole chain, binary
+#: DPO with one pair per chain (best vs worst), DPO on every adjacent pair, Plackett-Luce with the vision
+#: tower frozen, and SFT continued for as many steps (the control).
+DEFAULT_ARMS = ("plackett_luce", "dpo:best_worst", "dpo", "plackett_luce:frozen", "sft")
+
+#: ``--preset``: named sets of defaults (a flag typed on the command line still wins). ``default`` is the
+#: README's 10-minute main job; ``long`` is the same experiment with more data, steps and seeds, sized for
+#: about an hour on 2 CPU cores, for when the default's seeds cannot decide a claim (docs/training.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "long": {"num_videos": 4000, "heldout": 400, "rank_steps": 300, "seeds": 6},
+}
 _LOSS_TITLES = {"plackett_luce": "Plackett-Luce", "dpo": "DPO", "lipo": "LiPO", "sft": "SFT continuation"}
 
 #: Fields that only change how a run executes, not what it computes: they may differ on ``--resume``.
@@ -164,14 +183,14 @@ class TrainConfig:
     vocab_size: int = 1000
     share_prefix: bool = True
     # --- stage 0: a pretrained vision tower (rankloss.train.vision_pretrain)
-    vision_pretrain: str = "none"
-    vision_pretrain_steps: int = 1000
+    vision_pretrain: str = "auto"
+    vision_pretrain_steps: int = 800
     vision_pretrain_lr: float = 5e-3
     vision_pretrain_batch_size: int = 32
     # --- optimisation
     batch_size: int = 16
     grad_accum: int = 1
-    sft_steps: int = 800
+    sft_steps: int = 600
     sft_lr: float = 5e-4
     rank_steps: int = 100
     lr: float = 1e-4
@@ -189,6 +208,7 @@ class TrainConfig:
     length_normalize: bool = False
     freeze_vision: bool = False
     # --- experiment
+    preset: str = "default"
     compare: bool = True
     arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: int = 3
@@ -259,10 +279,11 @@ class TrainConfig:
 
     def eval_interval(self, steps: int) -> int:
         """Steps between held-out assessments in a stage of ``steps`` steps: ``--eval-every``, or by default
-        four evaluations per stage (``ceil(steps / 4)``); 0 means only at the stage's start and end."""
+        two evaluations per stage (``ceil(steps / 2)``: half-way and at the end); 0 means only at the stage's
+        start and end."""
         if self.eval_every is not None:
             return self.eval_every
-        return max(1, math.ceil(steps / 4)) if steps else 0
+        return max(1, math.ceil(steps / 2)) if steps else 0
 
     def _was_given(self, name: str) -> bool:
         return name in self.given
@@ -384,6 +405,8 @@ class TrainConfig:
                 "--prompt applies to --model checkpoints with a chat template; the tiny default "
                 "model reads the video only"
             )
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         self._validate_vision_pretrain()
         if self.frame_size % 28:
             raise ValueError(
@@ -443,11 +466,23 @@ class TrainConfig:
         return self
 
     def _validate_vision_pretrain(self) -> None:
-        """``--vision-pretrain`` and its options (stage 0: :mod:`rankloss.train.vision_pretrain`)."""
-        if self.vision_pretrain not in ("none", "proxy"):
+        """``--vision-pretrain`` and its options (stage 0: :mod:`rankloss.train.vision_pretrain`). ``auto``
+        is resolved here: ``proxy`` for the tiny model on synthetic videos (the default experiment), ``none``
+        for a ``--model`` checkpoint (it has its own pretrained tower) or a ``--data`` chains file."""
+        if self.vision_pretrain not in ("auto", "none", "proxy"):
             raise ValueError(
-                f"--vision-pretrain must be one of ('none', 'proxy'), got {self.vision_pretrain!r}"
+                f"--vision-pretrain must be one of ('auto', 'none', 'proxy'), got {self.vision_pretrain!r}"
             )
+        if self.vision_pretrain == "auto":
+            self.vision_pretrain = "proxy" if self.model is None and self.synthetic else "none"
+            if self.vision_pretrain == "none":
+                for name in ("vision_pretrain_steps", "vision_pretrain_lr", "vision_pretrain_batch_size"):
+                    if self._was_given(name):
+                        raise ValueError(
+                            f"--{name.replace('_', '-')} applies to stage 0, which runs by default only for "
+                            "the tiny model on synthetic videos: add --vision-pretrain proxy"
+                        )
+                return
         options = ("vision_pretrain_steps", "vision_pretrain_lr", "vision_pretrain_batch_size")
         if self.vision_pretrain == "none":
             for name in options:

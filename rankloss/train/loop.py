@@ -703,7 +703,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
     )
     if not _checkpoints(directory) and ctx.main and os.path.exists(log.path):
         os.remove(log.path)
-    pretrained = cfg.vision_pretrain != "none"
+    pretrained = cfg.vision_pretrain == "proxy"
     stage0: dict[str, Any] | None = None
     model = ctx.new_model(seed)
     if pretrained:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from .claims import claims_report
 from .config import TrainConfig
 from .loop import read_jsonl, task_dir
 
@@ -164,12 +165,16 @@ def _summary(
 
 def comparison_table(config: TrainConfig, records: Sequence[dict[str, Any]]) -> str:
     """Markdown: per arm, mean ± standard error over seeds of the final held-out metrics; then, for each
-    ranking arm, the per-seed (paired) difference to the SFT-continuation control."""
+    ranking arm, the per-seed (paired) difference to the SFT-continuation control; then the claims
+    (:func:`rankloss.train.claims.claims_report`) when the run has their arms."""
     rows = final_metrics(config, records)
     text = _comparison(config, rows, METRIC_TITLES, _DIFF_KEYS, "Held-out metrics")
     if _columns(rows, TYPE_TITLES):
         text += "\n" + _TYPE_NOTE + "\n\n"
         text += _comparison(config, rows, TYPE_TITLES, tuple(TYPE_TITLES), "Held-out metrics per error type")
+    claims = claims_report(config, rows)
+    if claims:
+        text += "\n" + claims
     return text
 
 

@@ -49,7 +49,7 @@ class Task:
         """Optimizer steps of the task (an SFT task's include stage 0's with ``--vision-pretrain``)."""
         if self.kind != "sft":
             return config.rank_steps
-        return config.sft_steps + (config.vision_pretrain_steps if config.vision_pretrain != "none" else 0)
+        return config.sft_steps + (config.vision_pretrain_steps if config.vision_pretrain == "proxy" else 0)
 
 
 def plan_tasks(config: TrainConfig) -> list[Task]:

@@ -5,9 +5,10 @@ The tiny model of the example trainer has none, so stage 0 makes one on a cheap 
 static appearance but not the dynamic facts the chains also degrade: from a *single* frame shown twice
 (two identical frames are one temporal patch, so the tower sees one frame), predict which colour x shape
 combinations are visible in that frame (multi-label, binary cross-entropy over
-``len(COLOURS) * len(SHAPES)`` classes, a linear head on the mean-pooled tower output; the head is
-discarded afterwards). Frames are drawn at random from the *training* videos; the labels come from the
-true scene (the objects drawn at that frame's clip time: :func:`visible_objects`).
+``len(COLOURS) * len(SHAPES)`` classes, a linear head on each patch of the tower output, max-pooled over
+the frame: :class:`_ProxyModel`; the head is discarded afterwards). Frames are drawn at random from the
+*training* videos; the labels come from the true scene (the objects drawn at that frame's clip time:
+:func:`visible_objects`).
 
 What is trained is the Qwen2.5-VL vision tower without its merger (``model.model.visual``: the patch
 embedding and the blocks); the merger (the projector into the LLM) keeps its initial weights here and is
@@ -173,7 +174,13 @@ def pixel_values(
 
 
 class _ProxyModel(nn.Module):
-    """The tower and a linear head on its mean-pooled output (before the merger)."""
+    """The tower and a linear head on every patch of its output (before the merger), max-pooled over the
+    frame's patches: a class is present when some patch shows it.
+
+    The max makes each patch's features carry the colour x shape of what it shows, which is what the LLM
+    reads through the merger token by token. A head on the mean-pooled output instead (measured, 1000 steps,
+    default sizes) reached a held-out proxy F1 of 0.50 (colour 0.75, shape 0.67) against 0.78 (0.90, 0.84)
+    with the max: averaging 16 patches, mostly background, blurs which colour belongs to which shape."""
 
     def __init__(self, visual: nn.Module, width: int, classes: int) -> None:
         super().__init__()
@@ -183,8 +190,8 @@ class _ProxyModel(nn.Module):
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         hidden = self.visual(pixels, grid_thw=grid).last_hidden_state  # [sum of patches, width]
         per = int(grid[0].prod())  # every frame has the same patches; windows stay within a frame
-        pooled = hidden.reshape(grid.shape[0], per, hidden.shape[-1]).float().mean(1)
-        return self.head(pooled)
+        per_patch = self.head(hidden.reshape(grid.shape[0], per, hidden.shape[-1]).float())  # [B, P, C]
+        return per_patch.amax(1)
 
 
 def proxy_f1(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

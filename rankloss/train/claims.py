@@ -1,0 +1,205 @@
+"""The two claims of the study, tested as docs/training.md ("The claims, stated before the run") states them.
+
+Claim 1: ranking optimisation over caption chains beats binary DPO for caption assessment and generation.
+    Plackett-Luce (``plackett_luce``) against binary DPO with one pair per chain (``dpo:best_worst``).
+Claim 2: the methods work only when the vision encoder is fine-tuned during preference training.
+    Plackett-Luce against Plackett-Luce with the vision tower frozen (``plackett_luce:frozen``).
+
+Each claim has two tests, one per decisive metric, each on the paired per-seed difference ``arm - baseline``
+(same seed: same SFT model, data and batch order):
+
+- assessment: ``probe_acc_matched``, the mean of the static and dynamic probe accuracies by log-prob (the
+  true caption against one single-error caption per held-out video and error kind, length-matched or
+  per-token where lengths differ: :mod:`rankloss.train.evaluate`), so no arm can win it by counting words;
+- generation: ``gen_f1``, fact F1 of greedy captions against the scene (precision and recall together, so
+  no arm can win it by writing more or fewer facts).
+
+A test is *reproduced* when a one-sided paired t-test at the 5% level says the difference is above zero
+(``t = mean / SE >= t_0.95(n - 1)``), *reversed* when it says the difference is below zero, and *undecided*
+otherwise. A claim is reproduced when both of its tests are, not reproduced when either is reversed, and
+undecided otherwise. The per-error-type differences (static, dynamic, reward-based accuracy) are reported
+beside the claims as secondary numbers; they decide nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import TrainConfig, parse_arms
+
+__all__ = ["Test", "CLAIMS", "SECONDARY", "t_critical", "paired_test", "derived_metrics", "claims_report"]
+
+
+@dataclass(frozen=True)
+class Test:
+    """One pre-stated comparison: ``arm - baseline`` on ``metric``, paired by seed."""
+
+    claim: str  #: "1" or "2"
+    name: str  #: "assessment" or "generation"
+    arm: str  #: ``--arms`` spelling of the arm the claim favours
+    baseline: str  #: ``--arms`` spelling of the arm it is compared with
+    metric: str  #: metric key (after :func:`derived_metrics`)
+
+
+CLAIM_TITLES = {
+    "1": "ranking over caption chains beats binary DPO (Plackett-Luce vs one-pair DPO)",
+    "2": "preference training needs the vision encoder fine-tuned (Plackett-Luce vs Plackett-Luce, frozen "
+    "vision)",
+}
+
+#: The decisive tests, fixed before any run (docs/training.md).
+CLAIMS: tuple[Test, ...] = (
+    Test("1", "assessment", "plackett_luce", "dpo:best_worst", "probe_acc_matched"),
+    Test("1", "generation", "plackett_luce", "dpo:best_worst", "gen_f1"),
+    Test("2", "assessment", "plackett_luce", "plackett_luce:frozen", "probe_acc_matched"),
+    Test("2", "generation", "plackett_luce", "plackett_luce:frozen", "gen_f1"),
+)
+
+#: Reported beside each claim, deciding nothing: metric key -> title.
+SECONDARY: dict[str, str] = {
+    "probe_acc_static": "static probes (log-prob)",
+    "probe_acc_dynamic": "dynamic probes (log-prob)",
+    "probe_reward_acc_static": "static probes (reward)",
+    "probe_reward_acc_dynamic": "dynamic probes (reward)",
+    "gen_f1_static": "gen F1 static",
+    "gen_f1_dynamic": "gen F1 dynamic",
+    "pair_acc": "chain pair acc (log-prob)",
+}
+
+_METRIC_TITLES = {
+    "probe_acc_matched": "length-matched probe accuracy (log-prob; mean of static and dynamic)",
+    "gen_f1": "gen F1 (facts)",
+}
+
+# One-sided 95% quantiles of Student's t with 1..30 degrees of freedom (beyond: the normal's 1.645).
+_T95 = (
+    6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
+    1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
+    1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
+)  # fmt: skip
+
+
+def t_critical(df: int) -> float:
+    """One-sided 95% quantile of Student's t with ``df`` degrees of freedom (``df >= 1``)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    return _T95[df - 1] if df <= len(_T95) else 1.645
+
+
+def paired_test(diffs: Sequence[float]) -> dict[str, float | str]:
+    """``{"n", "mean", "se", "t", "t_crit", "verdict"}`` of the paired differences ``diffs``.
+
+    ``verdict``: ``"reproduced"`` (``t >= t_crit``), ``"reversed"`` (``t <= -t_crit``), else
+    ``"undecided"``; one difference cannot decide (``"undecided"``, ``se`` and ``t`` NaN)."""
+    n = len(diffs)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "se": math.nan, "t": math.nan, "t_crit": math.nan,
+                "verdict": "undecided"}  # fmt: skip
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "se": math.nan, "t": math.nan, "t_crit": math.nan,
+                "verdict": "undecided"}  # fmt: skip
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    if se > 0:
+        t = mean / se
+    else:
+        t = math.copysign(math.inf, mean) if mean else 0.0
+    crit = t_critical(n - 1)
+    verdict = "reproduced" if t >= crit else "reversed" if t <= -crit else "undecided"
+    return {"n": n, "mean": mean, "se": se, "t": t, "t_crit": crit, "verdict": verdict}
+
+
+def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` plus ``probe_acc_matched`` (mean of the static and dynamic probe accuracies by log-prob)
+    where both are present."""
+    out = dict(metrics)
+    if "probe_acc_static" in metrics and "probe_acc_dynamic" in metrics:
+        out["probe_acc_matched"] = 0.5 * (metrics["probe_acc_static"] + metrics["probe_acc_dynamic"])
+    return out
+
+
+def _diffs(
+    rows: dict[str, dict[int, dict[str, float]]], arm: str, baseline: str, metric: str, seeds: Sequence[int]
+) -> list[float]:
+    a, b = rows.get(arm, {}), rows.get(baseline, {})
+    out = []
+    for s in seeds:
+        if s in a and s in b:
+            ma, mb = derived_metrics(a[s]), derived_metrics(b[s])
+            if metric in ma and metric in mb:
+                out.append(ma[metric] - mb[metric])
+    return out
+
+
+def _num(x: float, digits: int = 3, signed: bool = True) -> str:
+    if math.isnan(x):
+        return "–"
+    if math.isinf(x):
+        return "+inf" if x > 0 else "-inf"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float]]]) -> str:
+    """Markdown: the decisive tests with per-seed differences, mean ± SE, t and verdict; each claim's verdict;
+    the secondary per-error-type differences. ``rows`` is :func:`rankloss.train.report.final_metrics`'s
+    ``{arm name: {seed: metrics}}``. Empty when the run lacks a claim's arms."""
+    names = {a.spec: a.name for a in config.arm_list}
+    seeds = config.seed_list
+    lines: list[str] = []
+    for claim in ("1", "2"):
+        tests = [t for t in CLAIMS if t.claim == claim]
+        if any(t.arm not in names or t.baseline not in names for t in tests):
+            continue
+        arm, base = (parse_arms([tests[0].arm])[0], parse_arms([tests[0].baseline])[0])
+        lines += [
+            f"**Claim {claim}: {CLAIM_TITLES[claim]}.** Paired by seed: {arm.title(config.pairs)} minus "
+            f"{base.title(config.pairs)}.",
+            "",
+            "| test | metric | difference per seed | mean ± SE | t (needed) | verdict |",
+            "|---|---|---|---:|---:|---|",
+        ]
+        verdicts = []
+        for t in tests:
+            d = _diffs(rows, names[t.arm], names[t.baseline], t.metric, seeds)
+            r = paired_test(d)
+            verdicts.append(r["verdict"])
+            per_seed = ", ".join(_num(x) for x in d) or "–"
+            crit = "" if math.isnan(r["t_crit"]) else f" ({r['t_crit']:.2f})"
+            lines.append(
+                f"| {t.name} | {_METRIC_TITLES.get(t.metric, t.metric)} | {per_seed} | "
+                f"{_num(r['mean'])} ± {_num(r['se'], signed=False)} | {_num(r['t'], 2)}{crit} | "
+                f"**{r['verdict']}** |"
+            )
+        if all(v == "reproduced" for v in verdicts):
+            outcome = "reproduced"
+        elif any(v == "reversed" for v in verdicts):
+            outcome = "not reproduced"
+        else:
+            outcome = "undecided at this size"
+        n = len(seeds)
+        lines += ["", f"Claim {claim}: **{outcome}** ({n} seed{'s' if n != 1 else ''}).", ""]
+        sec = [
+            (k, title, paired_test(_diffs(rows, names[tests[0].arm], names[tests[0].baseline], k, seeds)))
+            for k, title in SECONDARY.items()
+        ]
+        sec = [(k, title, r) for k, title, r in sec if r["n"]]
+        if sec:
+            lines.append(
+                "Secondary (decides nothing): "
+                + "; ".join(
+                    f"{title} {_num(r['mean'])} ± {_num(r['se'], signed=False)}" for _, title, r in sec
+                )
+                + "."
+            )
+            lines.append("")
+    if not lines:
+        return ""
+    head = [
+        "The claims, as docs/training.md states them before the run: each test is a one-sided paired t-test "
+        "at 5% on the per-seed difference; reproduced = above zero, reversed = below zero, undecided "
+        "otherwise; a claim is reproduced when both its tests are, not reproduced when either is reversed.",
+        "",
+    ]
+    return "\n".join(head + lines)
