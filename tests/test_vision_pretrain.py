@@ -312,7 +312,7 @@ def test_flags_are_checked(tmp_path: Path, capsys):
     assert "--vision-pretrain-lr" in capsys.readouterr().err
     cfg = script.parse_config(["--vision-pretrain", "proxy"])
     assert (cfg.vision_pretrain_steps, cfg.vision_pretrain_batch_size, cfg.vision_pretrain_lr) == (
-        800,
+        1000,
         32,
         5e-3,
     )

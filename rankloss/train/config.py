@@ -184,13 +184,13 @@ class TrainConfig:
     share_prefix: bool = True
     # --- stage 0: a pretrained vision tower (rankloss.train.vision_pretrain)
     vision_pretrain: str = "auto"
-    vision_pretrain_steps: int = 800
+    vision_pretrain_steps: int = 1000
     vision_pretrain_lr: float = 5e-3
     vision_pretrain_batch_size: int = 32
     # --- optimisation
     batch_size: int = 16
     grad_accum: int = 1
-    sft_steps: int = 600
+    sft_steps: int = 800
     sft_lr: float = 5e-4
     rank_steps: int = 100
     lr: float = 1e-4
