@@ -338,3 +338,4 @@ def test_tiny_run_counts_tokens_per_arm_and_reports_probes(tmp_path: Path):
     # stage 0 ran by default (auto: the tiny model on synthetic videos), and SFT froze the tower
     assert cfg.vision_pretrain == "proxy"
     assert (out / "seed0" / "vision_pretrain" / "done.json").exists()
+    assert (out / "claims.png").stat().st_size > 0  # the claims' plot: claim 1's two tests

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 from .config import TrainConfig, parse_arms
 
-__all__ = ["Test", "CLAIMS", "SECONDARY", "t_critical", "paired_test", "derived_metrics", "claims_report"]
+__all__ = [
+    "Test",
+    "CLAIMS",
+    "SECONDARY",
+    "t_critical",
+    "paired_test",
+    "derived_metrics",
+    "claim_results",
+    "claims_report",
+]
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,20 @@ def _diffs(
     return out
 
 
+def claim_results(
+    config: TrainConfig, rows: dict[str, dict[int, dict[str, float]]]
+) -> list[tuple[Test, list[float], dict[str, float | str]]]:
+    """``(test, per-seed differences, paired_test result)`` for every decisive test whose two arms the
+    run has, in :data:`CLAIMS` order."""
+    names = {a.spec: a.name for a in config.arm_list}
+    out = []
+    for t in CLAIMS:
+        if t.arm in names and t.baseline in names:
+            d = _diffs(rows, names[t.arm], names[t.baseline], t.metric, config.seed_list)
+            out.append((t, d, paired_test(d)))
+    return out
+
+
 def _num(x: float, digits: int = 3, signed: bool = True) -> str:
     if math.isnan(x):
         return "–"
@@ -147,12 +170,14 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
     ``{arm name: {seed: metrics}}``. Empty when the run lacks a claim's arms."""
     names = {a.spec: a.name for a in config.arm_list}
     seeds = config.seed_list
+    results = claim_results(config, rows)
     lines: list[str] = []
     for claim in ("1", "2"):
-        tests = [t for t in CLAIMS if t.claim == claim]
-        if any(t.arm not in names or t.baseline not in names for t in tests):
+        tests = [(t, d, r) for t, d, r in results if t.claim == claim]
+        if len(tests) != sum(t.claim == claim for t in CLAIMS):
             continue
-        arm, base = (parse_arms([tests[0].arm])[0], parse_arms([tests[0].baseline])[0])
+        first = tests[0][0]
+        arm, base = parse_arms([first.arm, first.baseline])
         lines += [
             f"**Claim {claim}: {CLAIM_TITLES[claim]}.** Paired by seed: {arm.title(config.pairs)} minus "
             f"{base.title(config.pairs)}.",
@@ -160,11 +185,7 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
             "| test | metric | difference per seed | mean ± SE | t (needed) | verdict |",
             "|---|---|---|---:|---:|---|",
         ]
-        verdicts = []
-        for t in tests:
-            d = _diffs(rows, names[t.arm], names[t.baseline], t.metric, seeds)
-            r = paired_test(d)
-            verdicts.append(r["verdict"])
+        for t, d, r in tests:
             per_seed = ", ".join(_num(x) for x in d) or "–"
             crit = "" if math.isnan(r["t_crit"]) else f" ({r['t_crit']:.2f})"
             lines.append(
@@ -172,6 +193,7 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
                 f"{_num(r['mean'])} ± {_num(r['se'], signed=False)} | {_num(r['t'], 2)}{crit} | "
                 f"**{r['verdict']}** |"
             )
+        verdicts = [r["verdict"] for _, _, r in tests]
         if all(v == "reproduced" for v in verdicts):
             outcome = "reproduced"
         elif any(v == "reversed" for v in verdicts):
@@ -181,16 +203,14 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
         n = len(seeds)
         lines += ["", f"Claim {claim}: **{outcome}** ({n} seed{'s' if n != 1 else ''}).", ""]
         sec = [
-            (k, title, paired_test(_diffs(rows, names[tests[0].arm], names[tests[0].baseline], k, seeds)))
+            (title, paired_test(_diffs(rows, names[first.arm], names[first.baseline], k, seeds)))
             for k, title in SECONDARY.items()
         ]
-        sec = [(k, title, r) for k, title, r in sec if r["n"]]
+        sec = [(title, r) for title, r in sec if r["n"]]
         if sec:
             lines.append(
                 "Secondary (decides nothing): "
-                + "; ".join(
-                    f"{title} {_num(r['mean'])} ± {_num(r['se'], signed=False)}" for _, title, r in sec
-                )
+                + "; ".join(f"{title} {_num(r['mean'])} ± {_num(r['se'], signed=False)}" for title, r in sec)
                 + "."
             )
             lines.append("")

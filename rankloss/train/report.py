@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from .claims import claims_report
+from .claims import CLAIM_TITLES, claim_results, claims_report
 from .config import TrainConfig
 from .loop import read_jsonl, task_dir
 
@@ -28,6 +28,7 @@ __all__ = [
     "TYPE_TITLES",
     "plot_curves",
     "plot_comparison",
+    "plot_claims",
     "write_reports",
 ]
 
@@ -367,6 +368,40 @@ def plot_comparison(config: TrainConfig, records: Sequence[dict[str, Any]], path
     return path
 
 
+def plot_claims(config: TrainConfig, records: Sequence[dict[str, Any]], path: str) -> str | None:
+    """``claims.png``: one panel per decisive test of the claims (:mod:`rankloss.train.claims`), the
+    per-seed differences as dots, their mean ± standard error as a bar, zero as a line, the verdict in the
+    title. ``None`` (nothing written) when the run has no claim's arms."""
+    results = claim_results(config, final_metrics(config, records))
+    if not results:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results), 3.4), squeeze=False)
+    for ax, (test, diffs, r) in zip(axes[0], results):
+        mean = float(r["mean"])
+        se = 0.0 if math.isnan(float(r["se"])) else float(r["se"])
+        colour = {"reproduced": "C2", "reversed": "C3"}.get(str(r["verdict"]), "C7")
+        if diffs:
+            ax.bar([0], [mean], yerr=[se], capsize=4, color=colour, alpha=0.6, width=0.5)
+            ax.scatter([0.0] * len(diffs), diffs, color="black", s=12, zorder=3, label="seeds")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks([])
+        ax.set_xlim(-0.8, 0.8)
+        metric = "probe accuracy" if test.metric == "probe_acc_matched" else "gen F1"
+        ax.set_title(f"claim {test.claim}, {test.name}: {r['verdict']}", fontsize=9)
+        ax.set_ylabel(f"Δ {metric} ({test.arm} − {test.baseline})", fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(
+        "; ".join(f"claim {k}: {v.split(' (')[0]}" for k, v in CLAIM_TITLES.items())
+        + f" — paired differences over {len(config.seed_list)} seeds",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_reports(config: TrainConfig, run_dir: str) -> dict[str, str]:
     """Merge the metrics into ``<run>/metrics.jsonl`` and write ``summary.md``, the plots and, with
     ``--compare``, ``comparison.md`` and ``comparison.png``. Returns ``{name: path}``."""
@@ -388,4 +423,7 @@ def write_reports(config: TrainConfig, run_dir: str) -> dict[str, str]:
         with open(out["comparison"], "w", encoding="utf-8") as f:
             f.write(comparison_table(config, records))
         out["comparison_plot"] = plot_comparison(config, records, os.path.join(run_dir, "comparison.png"))
+        claims_plot = plot_claims(config, records, os.path.join(run_dir, "claims.png"))
+        if claims_plot is not None:
+            out["claims_plot"] = claims_plot
     return out
