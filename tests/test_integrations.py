@@ -46,6 +46,11 @@ TEXT_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**_common()),
     "mistral": lambda: transformers.MistralConfig(**_common(sliding_window=None)),
     "qwen2": lambda: transformers.Qwen2Config(**_common()),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_common(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24
+        )
+    ),
     "qwen3": lambda: transformers.Qwen3Config(**_common(head_dim=8)),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
         **_common(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
