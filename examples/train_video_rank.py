@@ -11,7 +11,7 @@ on adjacent pairs, Plackett-Luce with the vision tower frozen, and SFT continued
 control); held-out assessment and generation metrics before and after every stage, per error type
 (static, dynamic); a comparison table (mean ± standard error over seeds), the two claims tested as
 docs/training.md states them, plots, the metrics and the trained model under ``runs/<timestamp>/``.
-``--preset long`` runs the same experiment bigger (about an hour on 2 CPU cores).
+``--preset long`` runs the same experiment bigger (about 25 minutes on 2 CPU cores).
 
 With arguments, the same program trains a real local checkpoint of any video-language model family
 rankloss supports (``--model``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video) on real
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(PRESETS),
         help="default: the 10-minute main job; long: the same experiment with "
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["long"].items())
-        + " (about an hour on 2 CPU cores); flags typed here still win"
+        + " (about 25 minutes on 2 CPU cores); flags typed here still win"
         + _d("preset"),
     )
     g.add_argument(

@@ -35,7 +35,7 @@ DEFAULT_ARMS = ("plackett_luce", "dpo:best_worst", "dpo", "plackett_luce:frozen"
 
 #: ``--preset``: named sets of defaults (a flag typed on the command line still wins). ``default`` is the
 #: README's 10-minute main job; ``long`` is the same experiment with more data, steps and seeds, sized for
-#: about an hour on 2 CPU cores, for when the default's seeds cannot decide a claim (docs/training.md).
+#: about 25 minutes on 2 CPU cores, for when the default's seeds cannot decide a claim (docs/training.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "long": {"num_videos": 4000, "heldout": 400, "rank_steps": 300, "seeds": 6},
