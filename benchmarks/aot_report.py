@@ -704,7 +704,8 @@ def launch_traffic(ev, res: dict | None, hw: Hopper) -> dict:
     out, so the estimate is an upper bound on the speed):
 
     * all ``N`` rows are scored (ignored rows would cost nothing);
-    * programs run in waves of ``R = CTAs/SM x 132`` in launch order (grid axis 0 fastest);
+    * programs run in waves of ``R = CTAs/SM x 132`` in launch order (grid axis 0 fastest; the atomic
+      backward's 1-D grid walks groups of ``GROUP_N`` row blocks);
     * data that the programs of one wave read at the same time (a weight tile all row blocks share) comes
       from DRAM once per wave; a program's re-read of its own data comes from L2 when the wave's
       per-program data fits in half the L2 (25 MiB), else from DRAM; data that later waves read again
@@ -782,25 +783,29 @@ def _fwd_model(ev, R, hw):
 
 def _bwd_atomic_model(ev, R, hw):
     N, V, D, BN, BV, BD, e = _linear_dims(ev)
-    row_blocks, tiles = ev.grid
-    programs = row_blocks * tiles
+    row_blocks = math.ceil(N / BN)
+    programs = ev.grid[0]  # one per (row block, vocabulary tile), in groups of GROUP_N row blocks
     dh, dw, db = (ev.kwargs.get(k) for k in ("COMPUTE_DH", "COMPUTE_DW", "COMPUTE_DB"))
     flops = 2.0 * programs * BN * BV * D * (1 + bool(dh) + bool(dw))
-    waves_per_tile = math.ceil(row_blocks / R)
-    w_dram = waves_per_tile * V * D * e  # shared by a wave; its re-read in the D loop hits L2 (one tile)
-    # The rows: read for the logits, again for d weight: across tiles (later waves) from L2 only if all
-    # N rows fit; the program's second read from L2 if the wave's row blocks fit.
+    # Grouped order: a group's G row blocks walk every vocabulary tile together (the G programs of one
+    # tile run side by side). A weight tile comes from DRAM once per group (its re-read in the D loop
+    # hits L2); the group's rows are read by all its programs: from DRAM once when the G blocks fit in
+    # half the L2, and so is the program's second read (for d weight).
+    G = min(int(ev.kwargs["GROUP_N"]), row_blocks)
+    groups = math.ceil(row_blocks / G)
+    w_dram = groups * V * D * e
     per_program = BN * D * e
-    first = _reread(programs * per_program, N * D * e, N * D * e, hw)
-    second = _reread(programs * per_program, 0.0, min(R, row_blocks) * per_program, hw) if dw else 0.0
+    first = _reread(programs * per_program, N * D * e, G * per_program, hw)
+    second = _reread(programs * per_program, 0.0, G * per_program, hw) if dw else 0.0
     atomic = programs * ((BN * D if dh else 0) + (BV * D if dw else 0) + (BV if db else 0)) * 4.0
-    # fp32 accumulators in L2: a d-weight tile is shared by the wave (written back once per wave); a
-    # program's d-hidden block is revisited one wave later: it stays in L2 only if the wave's blocks fit.
+    # fp32 accumulators in L2: every group adds into every d-weight tile (its G programs while the tile is
+    # in L2: read and written back once per group); a group's d-hidden blocks stay in L2 while it walks
+    # the vocabulary if they fit in half of it.
     acc = 0.0
     if dw:
-        acc += 2.0 * waves_per_tile * V * D * 4
+        acc += 2.0 * groups * V * D * 4
     if dh:
-        acc += _reread(2.0 * programs * BN * D * 4, 2.0 * N * D * 4, min(R, row_blocks) * BN * D * 4, hw)
+        acc += _reread(2.0 * programs * BN * D * 4, 2.0 * N * D * 4, G * BN * D * 4, hw)
     return flops, w_dram + first + second + acc, atomic
 
 

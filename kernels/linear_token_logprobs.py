@@ -30,12 +30,20 @@ Kernels:
   and takes ``l = -log(1 + exp(lso - u_y))``: computed as ``u_y - lse`` it would round to 0 once
   ``p_y > 1 - 2^-24``, and the backward's ``1 - p_y`` with it. Splitting the vocabulary keeps the GPU
   busy when there are few row blocks.
-* ``_bwd_atomic_kernel`` (default backward): grid ``(row blocks, vocabulary tiles)``. Each program
-  recomputes its logit tile once and adds its contributions to ``d hidden``, ``d weight`` and
-  ``d bias`` with fp32 atomics: 8 N V D FLOPs for forward + backward, but the order of the additions
-  (and so the last bits of the result) depends on scheduling. The atomics are relaxed: nothing in the
-  kernel reads what they write (the results are read after the kernel), so they need no ordering, and
-  the default acq_rel semantics would put a ``MEMBAR.GPU`` before every one of them.
+* ``_bwd_atomic_kernel`` (default backward): one program per (row block, vocabulary tile), in groups
+  of ``GROUP_N`` row blocks so that the programs resident at once spread their atomics over several
+  ``d weight`` tiles and ``d hidden`` row blocks. Each program recomputes its logit tile once and adds
+  its contributions to ``d hidden``, ``d weight`` and ``d bias`` with fp32 atomics: 8 N V D FLOPs for
+  forward + backward, but the order of the additions (and so the last bits of the result) depends on
+  scheduling. The atomics are relaxed: nothing in the kernel reads what they write (the results are
+  read after the kernel), so they need no ordering, and the default acq_rel semantics would put a
+  ``MEMBAR.GPU`` before every one of them. **Gradient filtering** (as in apple/ml-cross-entropy): a
+  tile whose every ``|[j == y] - p_j|`` is below ``filter_eps`` skips its two products with ``W`` and
+  ``h``: with ``filter_eps = eps(dtype) / 32`` what it would add is below what the gradient's dtype
+  resolves; where a model is sure of most tokens most tiles qualify (apple/ml-cross-entropy's
+  observation), and a skipped tile costs 2 instead of 6 BLOCK_N BLOCK_V D FLOPs in the backward. The test is on ``[j == y] - p_j`` and not on the gradient
+  ``g ([j == y] - p_j)`` itself: ``g`` carries the loss's scale (a mean over 16,384 tokens makes it
+  ~6e-5), so a threshold on it would depend on the reduction, not on the dtype.
 * ``_bwd_dhidden_kernel`` + ``_bwd_dweight_kernel`` (``deterministic=True``): each program owns its
   output rows (a row block of ``d hidden``, or a vocabulary tile of ``d weight`` and ``d bias``) and
   loops over the other dimension in a fixed order, so no atomics are needed and the result is bitwise
@@ -108,9 +116,9 @@ def _grad_logit_tile(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    # dLoss/da for a [BLOCK_N, BLOCK_V] tile, recomputing the logits (see the module docstring); 0 outside
-    # the valid rows and columns. The target entry takes 1 - p_y from omp_ptr (-expm1(log p(y)), exact
-    # where 1 - exp(u_y - lse) cancels).
+    # (dLoss/da for a [BLOCK_N, BLOCK_V] tile, max |[j == y] - p_j| over it), recomputing the logits (see
+    # the module docstring); dLoss/da is 0 outside the valid rows and columns. The target entry takes
+    # 1 - p_y from omp_ptr (-expm1(log p(y)), exact where 1 - exp(u_y - lse) cancels).
     a = _raw_logit_tile(
         h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
         BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
@@ -128,11 +136,15 @@ def _grad_logit_tile(
     g = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     p = tl.exp(u - lse[:, None])
     onehot = cols[None, :] == label[:, None]
+    valid = row_mask[:, None] & col_mask[None, :]
+    # |[j == y] - p_j| over the tile: the size of its softmax gradient before the upstream factor g
+    # (what gradient filtering compares with filter_eps; 0 on a tile without a valid entry)
+    size = tl.max(tl.max(tl.where(valid, tl.where(onehot, omp[:, None], p), 0.0), axis=1), axis=0)
     du = g[:, None] * tl.where(onehot, omp[:, None], -p)
     da = du * inv_temp
     if HAS_SOFTCAP:
         da = da * (1.0 - t * t)
-    return tl.where(row_mask[:, None] & col_mask[None, :], da, 0.0)
+    return tl.where(valid, da, 0.0), size
 
 
 @triton.jit
@@ -217,16 +229,28 @@ def _bwd_atomic_kernel(
     dh_ptr,  # [N, D] fp32 accumulator for d hidden (contiguous), zero-initialised
     dw_ptr,  # [V, D] fp32 accumulator for d weight (contiguous), zero-initialised
     db_ptr,  # [V] fp32 accumulator for d bias, zero-initialised
-    V, D,  # vocabulary and hidden sizes
+    N, V, D,  # rows, vocabulary and hidden sizes
     stride_hn, stride_hd, stride_wv, stride_wd,  # input strides, in elements
     inv_temp, softcap,  # 1 / temperature; soft-cap c
+    filter_eps,  # skip the tile's two products when max |[j == y] - p_j| over it is below this (0: never)
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    GROUP_N: tl.constexpr,  # row blocks per group of the program order (see below)
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Program order: a 1-D grid walked in groups of GROUP_N row blocks, the row block fastest within a
+    # group, then the vocabulary tile. The programs resident at one time (one per SM) then cover about
+    # GROUP_N row blocks x (#SMs / GROUP_N) vocabulary tiles, so at most GROUP_N of them add into one
+    # d weight tile and about #SMs / GROUP_N into one d hidden row block (row blocks fastest over the
+    # whole grid put every resident program on the same d weight tile).
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(V, BLOCK_V)
+    first = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(n_row_blocks - first, GROUP_N)
+    pid_n = first + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
     n_valid = tl.load(n_valid_ptr)
     start = pid_n * BLOCK_N
     if start >= n_valid:
@@ -236,13 +260,18 @@ def _bwd_atomic_kernel(
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    da = _grad_logit_tile(
+    da, size = _grad_logit_tile(
         h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
         D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
     )
-    if COMPUTE_DB:
+    if COMPUTE_DB:  # d bias is one row sum: kept exact, filtered or not
         tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
+    if size < filter_eps:
+        # Gradient filtering: every |[j == y] - p_j| of the tile is below filter_eps, so its share of
+        # d hidden and d weight is below what the inputs' dtype resolves (filter_eps="auto"): skip the
+        # two products, 4 BLOCK_N BLOCK_V D of the 6 BLOCK_N BLOCK_V D FLOPs this program would do.
+        return
     da_lp = da.to(h_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -292,11 +321,12 @@ def _bwd_dhidden_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        da = _grad_logit_tile(
+        da, _ = _grad_logit_tile(
             h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
-        ).to(h_ptr.dtype.element_ty)
+        )
+        da = da.to(h_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
@@ -333,7 +363,7 @@ def _bwd_dweight_kernel(
         offs = start + tl.arange(0, BLOCK_N)
         row_mask = offs < n_valid
         rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
-        da = _grad_logit_tile(
+        da, _ = _grad_logit_tile(
             h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
@@ -381,6 +411,15 @@ GPU_BLOCKS = {
 GPU_FWD_MAXNREG = 128
 # The CPU interpreter: small tiles, so that small odd test shapes still cross every block boundary.
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32)
+# Row blocks per group of the atomic backward's program order. The 132 programs resident on an H100/H200
+# (one per SM) then cover 16 row blocks x ~8 vocabulary tiles: at most 16 add into one d weight tile and
+# ~8 into one d hidden row block at a time (row blocks fastest over the whole grid put all 132 on one
+# d weight tile). A group's fp32 d hidden blocks (16 x 64 x D x 4 B: 16 MiB at D = 4096) stay in L2
+# while it walks the vocabulary, and every group passes once over d weight: the traffic model of
+# benchmarks/aot_report.py puts the DRAM traffic at N = 16384 at about a tenth of the old order's.
+# The interpreter uses 2, so that test shapes have several groups and a partial one.
+GROUP_N = 16
+INTERPRETER_GROUP_N = 2
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -494,13 +533,16 @@ def linear_token_logprobs_backward(
     needs_weight: bool = True,
     needs_bias: bool = True,
     deterministic: bool = False,
+    filter_eps: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(d hidden [N, D], d weight [V, D], d bias [V])`` in the inputs' dtypes (None where not needed).
 
     ``grad_out [N]`` is the per-token upstream gradient; ``logp`` and ``lse`` are the forward's outputs
     (the target entry uses ``1 - p_y = -expm1(logp)``). ``deterministic=False`` (default) uses one kernel
     with fp32 atomics; ``True`` uses two kernels that own their outputs (no atomics, bitwise
-    reproducible, one more recomputation of the logits).
+    reproducible, one more recomputation of the logits). ``filter_eps > 0`` (atomic kernel only) skips
+    the ``d hidden`` and ``d weight`` products of every ``[BLOCK_N, BLOCK_V]`` tile whose
+    ``|[j == y] - p_j|`` are all below it (gradient filtering; ``d bias`` stays exact).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -536,11 +578,12 @@ def linear_token_logprobs_backward(
                     COMPUTE_DW=needs_weight, COMPUTE_DB=needs_bias, **meta,
                 )
         else:
-            _bwd_atomic_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))](
+            _bwd_atomic_kernel[(triton.cdiv(N, BLOCK_N) * triton.cdiv(V, BLOCK_V),)](
                 *inputs,
                 dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-                *common,
-                COMPUTE_DH=needs_hidden, COMPUTE_DW=needs_weight, COMPUTE_DB=needs_bias, **meta,
+                N, *common, float(filter_eps),
+                COMPUTE_DH=needs_hidden, COMPUTE_DW=needs_weight, COMPUTE_DB=needs_bias,
+                GROUP_N=GROUP_N if device.type == "cuda" else INTERPRETER_GROUP_N, **meta,
             )
     return (
         dh.to(hidden.dtype) if dh is not None else None,

@@ -135,6 +135,17 @@ def check_positive_float(x: object, name: str, *, allow_none: bool = False) -> f
     return float(x)
 
 
+def check_filter_eps(x: object, name: str = "filter_eps") -> float | str | None:
+    """``"auto"``, ``None`` or a number in ``[0, 1)`` (a threshold on ``|[j == y] - p_j|``)."""
+    if x is None or x == "auto":
+        return x  # type: ignore[return-value]
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f'{name} must be "auto", None or a number in [0, 1), got {x!r}')
+    if not (0.0 <= float(x) < 1.0):
+        raise ValueError(f'{name} must be "auto", None or a number in [0, 1), got {x!r}')
+    return float(x)
+
+
 def check_finite_float(x: object, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a finite number, got {x!r}")

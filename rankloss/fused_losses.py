@@ -126,6 +126,7 @@ def fused_linear_chain_loss(
     impl: str | None = None,
     chunk_size: int | None = None,
     deterministic: bool = False,
+    filter_eps: float | str | None = "auto",
     cache_bytes: int | None = None,
 ) -> ChainLossOutput:
     """A chain loss straight from the policy's final hidden states and its LM head.
@@ -152,7 +153,7 @@ def fused_linear_chain_loss(
             ``length_normalize``), e.g. with :func:`sequence_scores`; None for reference-free rewards.
         loss, beta, top_k, pairs, dpo_loss_type, sft_weight, reduction: as in :func:`rankloss.chain_loss`
             (the SFT term is ``-s_1 / n_1``, the best caption's mean token log-prob).
-        bias, ignore_index, temperature, softcap, chunk_size, deterministic: as in
+        bias, ignore_index, temperature, softcap, chunk_size, deterministic, filter_eps: as in
             :func:`rankloss.linear_token_logprobs`.
         cu_seqlens: ``[S + 1]`` offsets for the packed layout.
         impl: ``None`` (on CUDA the vocabulary-chunked cuBLAS log-probs and the Triton chain kernel; chunked
@@ -176,6 +177,7 @@ def fused_linear_chain_loss(
         isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0
     ):
         raise ValueError(f"cache_bytes must be None or an int >= 0, got {cache_bytes!r}")
+    filter_eps = V.check_filter_eps(filter_eps)
     chain_options = dict(
         loss=loss,
         beta=beta,
@@ -216,6 +218,7 @@ def fused_linear_chain_loss(
         impl=impl,
         chunk_size=chunk_size,
         deterministic=deterministic,
+        filter_eps=filter_eps,
     )
     return _chain_loss_of_tokens(
         token_logps,

@@ -98,6 +98,7 @@ def linear_token_logprobs(
     impl: str | None = None,
     chunk_size: int | None = None,
     deterministic: bool = False,
+    filter_eps: float | str | None = "auto",
 ) -> Tensor:
     """Per-token log-probabilities from hidden states and the LM head, never building ``[N, V]`` logits.
 
@@ -122,6 +123,15 @@ def linear_token_logprobs(
             (default: a 256 MiB fp32 ``[N, v]`` chunk, see :func:`rankloss.ops.default_vocab_chunk`).
         deterministic: Triton backward without atomics (bitwise reproducible, one more recomputation of
             the logits). The ``"cublas"`` and ``"torch"`` paths are always deterministic (no atomics).
+        filter_eps: gradient filtering in the Triton backward (as apple/ml-cross-entropy's): a
+            ``[BLOCK_N, BLOCK_V]`` tile of the logits whose every ``|[j == y] - p_j|`` is below it adds
+            nothing to ``d hidden`` and ``d weight`` (its two matrix products are skipped; ``d bias``
+            stays exact). ``"auto"`` (default): ``torch.finfo(dtype).eps / 32`` of the inputs' dtype, so
+            what is dropped lies below what that dtype resolves (2^-12 in bfloat16, 2^-28 in float32);
+            ``None`` or ``0``: every tile. The threshold is absolute: a batch in which every token is
+            that sure loses its (tiny) gradient whole. Used by ``impl="triton"`` with
+            ``deterministic=False`` only: the deterministic kernels and the other paths compute every
+            tile.
 
     Under autocast, ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype first (as
     ``F.linear`` would be); the log-probs still come back in float32.
@@ -132,6 +142,7 @@ def linear_token_logprobs(
     ignore_index, temperature, softcap, chunk_size = check_linear_inputs(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size, deterministic
     )
+    filter_eps = V.check_filter_eps(filter_eps)
     hidden, weight, bias = _common_dtype(hidden, weight, bias)
     # On CUDA the vocabulary-chunked cuBLAS path is the default: on an H200 (bf16, D=4096, V=152064) its
     # forward + backward took 134 ms at N=16384 where the fused Triton kernels took 1.77 s and the naive
@@ -150,8 +161,28 @@ def linear_token_logprobs(
             softcap=softcap,
         )
     return linear_token_logprobs_op(
-        hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        temperature,
+        softcap,
+        impl,
+        chunk_size,
+        deterministic,
+        resolve_filter_eps(filter_eps, hidden.dtype) if impl == "triton" and not deterministic else 0.0,
     )
+
+
+def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float:
+    """The gradient-filtering threshold for inputs of ``dtype``: ``"auto"`` -> ``eps(dtype) / 32``,
+    ``None`` -> 0 (off), a number as it is."""
+    if filter_eps is None:
+        return 0.0
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32
+    return float(filter_eps)
 
 
 def check_linear_inputs(

@@ -313,6 +313,7 @@ def _linear_token_logprobs_fwd(
     impl: str,
     chunk_size: int,
     deterministic: bool,
+    filter_eps: float,
 ) -> tuple[Tensor, Tensor]:
     with _no_autocast(hidden.device):
         if impl == "triton":
@@ -329,7 +330,19 @@ def _linear_token_logprobs_fwd(
 
 
 @_linear_token_logprobs_fwd.register_fake
-def _(hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic):
+def _(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    temperature,
+    softcap,
+    impl,
+    chunk_size,
+    deterministic,
+    filter_eps,
+):
     acc = accumulation_dtype(hidden, weight, bias)
     return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
 
@@ -349,6 +362,7 @@ def _linear_token_logprobs_bwd(
     impl: str,
     chunk_size: int,
     deterministic: bool,
+    filter_eps: float,
     needs_hidden: bool,
     needs_weight: bool,
     needs_bias: bool,
@@ -370,6 +384,7 @@ def _linear_token_logprobs_bwd(
                 needs_weight=needs_weight,
                 needs_bias=needs_bias,
                 deterministic=deterministic,
+                filter_eps=filter_eps,
             )
         elif impl == "cublas":
             dh, dw, db = linear_token_logprobs_cublas_backward(
@@ -428,6 +443,7 @@ def _(
     impl,
     chunk_size,
     deterministic,
+    filter_eps,
     needs_hidden,
     needs_weight,
     needs_bias,
@@ -440,14 +456,26 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, labels, bias, ignore_index, temperature, softcap, impl, chunk_size, deterministic = inputs
+    (
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        temperature,
+        softcap,
+        impl,
+        chunk_size,
+        deterministic,
+        filter_eps,
+    ) = inputs
     ctx.save_for_backward(hidden, weight, labels, bias, output[0], output[1])
-    ctx.options = (ignore_index, temperature, softcap, impl, chunk_size, deterministic)
+    ctx.options = (ignore_index, temperature, softcap, impl, chunk_size, deterministic, filter_eps)
 
 
 def _backward(ctx, grad_logp, grad_lse):
     hidden, weight, labels, bias, logp, lse = ctx.saved_tensors
-    ignore_index, temperature, softcap, impl, chunk_size, deterministic = ctx.options
+    ignore_index, temperature, softcap, impl, chunk_size, deterministic, filter_eps = ctx.options
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     dh, dw, db = _linear_token_logprobs_bwd(
         grad_logp.contiguous(),
@@ -463,6 +491,7 @@ def _backward(ctx, grad_logp, grad_lse):
         impl,
         chunk_size,
         deterministic,
+        filter_eps,
         needs_hidden,
         needs_weight,
         needs_bias and bias is not None,
@@ -472,6 +501,7 @@ def _backward(ctx, grad_logp, grad_lse):
         dw if needs_weight else None,
         None,
         db if needs_bias and bias is not None else None,
+        None,
         None,
         None,
         None,
@@ -495,10 +525,12 @@ def linear_token_logprobs_op(
     impl: str,
     chunk_size: int | None = None,
     deterministic: bool = False,
+    filter_eps: float = 0.0,
 ) -> Tensor:
     """Run the op on validated inputs: ``hidden [..., D]``, ``labels [...]`` -> log-probs ``[...]``.
 
-    ``impl`` is ``"triton"``, ``"cublas"`` or ``"torch"`` (already resolved). The gradient of the
+    ``impl`` is ``"triton"``, ``"cublas"`` or ``"torch"`` (already resolved); ``filter_eps`` is the
+    resolved threshold of the Triton atomic backward's gradient filtering (0: off). The gradient of the
     returned log-probs flows to ``hidden``, ``weight`` and ``bias``.
     """
     lead = labels.shape
@@ -518,5 +550,6 @@ def linear_token_logprobs_op(
         impl,
         chunk,
         deterministic,
+        float(filter_eps),
     )
     return logp.reshape(lead)
