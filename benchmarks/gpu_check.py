@@ -205,10 +205,8 @@ def check_correctness(
     }
     reproducible = set()
     for name, path_impl, det, repro in _rankloss_paths(args):
-        # filter_eps=None: the exact kernels (random inputs make gradient filtering skip nearly every
-        # tile without a target; see benchmarks/cases.py)
         paths[name] = lambda h, w, i=path_impl, d=det: rankloss.linear_token_logprobs(
-            h, w, labels, impl=i, deterministic=d, filter_eps=None
+            h, w, labels, impl=i, deterministic=d
         )
         if repro:
             reproducible.add(name)

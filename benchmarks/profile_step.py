@@ -46,14 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     w = weight.requires_grad_(backward)
 
     def step() -> None:
-        out = rankloss.linear_token_logprobs(  # filter_eps=None: every tile (random inputs, see cases.py)
-            h,
-            w,
-            labels,
-            impl=args.impl,
-            chunk_size=args.chunk_size,
-            deterministic=args.deterministic,
-            filter_eps=None,
+        out = rankloss.linear_token_logprobs(
+            h, w, labels, impl=args.impl, chunk_size=args.chunk_size, deterministic=args.deterministic
         )
         if backward:
             torch.autograd.grad(out, (h, w), g)

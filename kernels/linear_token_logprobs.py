@@ -37,13 +37,18 @@ Kernels:
   forward + backward, but the order of the additions (and so the last bits of the result) depends on
   scheduling. The atomics are relaxed: nothing in the kernel reads what they write (the results are
   read after the kernel), so they need no ordering, and the default acq_rel semantics would put a
-  ``MEMBAR.GPU`` before every one of them. **Gradient filtering** (as in apple/ml-cross-entropy): a
-  tile whose every ``|[j == y] - p_j|`` is below ``filter_eps`` skips its two products with ``W`` and
-  ``h``: with ``filter_eps = eps(dtype) / 32`` what it would add is below what the gradient's dtype
-  resolves; where a model is sure of most tokens most tiles qualify (apple/ml-cross-entropy's
-  observation), and a skipped tile costs 2 instead of 6 BLOCK_N BLOCK_V D FLOPs in the backward. The test is on ``[j == y] - p_j`` and not on the gradient
-  ``g ([j == y] - p_j)`` itself: ``g`` carries the loss's scale (a mean over 16,384 tokens makes it
-  ~6e-5), so a threshold on it would depend on the reduction, not on the dtype.
+  ``MEMBAR.GPU`` before every one of them. **Gradient filtering** (after apple/ml-cross-entropy's,
+  with a threshold relative to each row): a tile skips its two products with ``W`` and ``h`` when, in
+  each of its rows, every ``p_j`` is below ``filter_eps (1 - p_y) / V`` (a tile holding a row's target
+  never skips). Row ``n``'s gradient mass is ``sum_j |[j == y] - p_j| = 2 (1 - p_y)``; what the skipped
+  tiles would add to its ``d hidden`` is ``g sum_skipped p_j W_j``, at most ``V`` columns each below
+  ``filter_eps (1 - p_y) / V``: under ``filter_eps / 2`` of the row's gradient mass times ``max |W|``,
+  the size of the rounding error the dtype's own sum makes when ``filter_eps = eps(dtype)``
+  ("auto"); ``d weight`` loses as little per column relative to the average column. A flat tail (a
+  near-uniform softmax, as at initialisation) never qualifies, so nothing is lost there; a peaked one
+  (a trained model's junk tokens) does, and a skipped tile costs 2 instead of 6 BLOCK_N BLOCK_V D
+  FLOPs. apple/ml-cross-entropy's absolute threshold (``|[j == y] - p_j| < eps / 32``) drops a flat tail
+  whole: at V = 32000 that was 3-30% of ``d hidden`` in a float64 emulation.
 * ``_bwd_dhidden_kernel`` + ``_bwd_dweight_kernel`` (``deterministic=True``): each program owns its
   output rows (a row block of ``d hidden``, or a vocabulary tile of ``d weight`` and ``d bias``) and
   loops over the other dimension in a fixed order, so no atomics are needed and the result is bitwise
@@ -111,14 +116,16 @@ def _raw_logit_tile(
 @triton.jit
 def _grad_logit_tile(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
-    D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
+    D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, filter_thresh,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FILTER: tl.constexpr,
 ):
-    # (dLoss/da for a [BLOCK_N, BLOCK_V] tile, max |[j == y] - p_j| over it), recomputing the logits (see
-    # the module docstring); dLoss/da is 0 outside the valid rows and columns. The target entry takes
-    # 1 - p_y from omp_ptr (-expm1(log p(y)), exact where 1 - exp(u_y - lse) cancels).
+    # (dLoss/da for a [BLOCK_N, BLOCK_V] tile, whether the tile matters), recomputing the logits (see the
+    # module docstring); dLoss/da is 0 outside the valid rows and columns. The target entry takes 1 - p_y
+    # from omp_ptr (-expm1(log p(y)), exact where 1 - exp(u_y - lse) cancels). With FILTER, the tile
+    # matters (1) unless every valid entry is a non-target p_j < filter_thresh * (1 - p_y) of its row
+    # (filter_thresh = filter_eps / V; 0 keeps every tile); without FILTER it always matters.
     a = _raw_logit_tile(
         h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
         BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
@@ -137,14 +144,16 @@ def _grad_logit_tile(
     p = tl.exp(u - lse[:, None])
     onehot = cols[None, :] == label[:, None]
     valid = row_mask[:, None] & col_mask[None, :]
-    # |[j == y] - p_j| over the tile: the size of its softmax gradient before the upstream factor g
-    # (what gradient filtering compares with filter_eps; 0 on a tile without a valid entry)
-    size = tl.max(tl.max(tl.where(valid, tl.where(onehot, omp[:, None], p), 0.0), axis=1), axis=0)
+    if FILTER:
+        large = valid & (onehot | (p >= filter_thresh * omp[:, None]))
+        matters = tl.max(tl.max(large.to(tl.int32), axis=1), axis=0)
+    else:
+        matters = 1
     du = g[:, None] * tl.where(onehot, omp[:, None], -p)
     da = du * inv_temp
     if HAS_SOFTCAP:
         da = da * (1.0 - t * t)
-    return tl.where(valid, da, 0.0), size
+    return tl.where(valid, da, 0.0), matters
 
 
 @triton.jit
@@ -232,7 +241,7 @@ def _bwd_atomic_kernel(
     N, V, D,  # rows, vocabulary and hidden sizes
     stride_hn, stride_hd, stride_wv, stride_wd,  # input strides, in elements
     inv_temp, softcap,  # 1 / temperature; soft-cap c
-    filter_eps,  # skip the tile's two products when max |[j == y] - p_j| over it is below this (0: never)
+    filter_thresh,  # filter_eps / V: a tile whose non-target p_j are all < filter_thresh (1 - p_y) skips (0: never)
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -260,17 +269,17 @@ def _bwd_atomic_kernel(
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    da, size = _grad_logit_tile(
+    da, matters = _grad_logit_tile(
         h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
-        D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+        D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, filter_thresh,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, True,
     )
     if COMPUTE_DB:  # d bias is one row sum: kept exact, filtered or not
         tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
-    if size < filter_eps:
-        # Gradient filtering: every |[j == y] - p_j| of the tile is below filter_eps, so its share of
-        # d hidden and d weight is below what the inputs' dtype resolves (filter_eps="auto"): skip the
-        # two products, 4 BLOCK_N BLOCK_V D of the 6 BLOCK_N BLOCK_V D FLOPs this program would do.
+    if matters == 0:
+        # Gradient filtering: in every row of the tile, every p_j is below filter_eps (1 - p_y) / V, so
+        # what the tile adds to that row's d hidden is under filter_eps / 2 of the row's gradient mass
+        # (see the module docstring): skip the two products, 4 of the 6 BLOCK_N BLOCK_V D FLOPs.
         return
     da_lp = da.to(h_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
@@ -323,8 +332,8 @@ def _bwd_dhidden_kernel(
         col_mask = cols < V
         da, _ = _grad_logit_tile(
             h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
-            D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+            D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, 0.0,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, False,
         )
         da = da.to(h_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
@@ -365,8 +374,8 @@ def _bwd_dweight_kernel(
         rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
         da, _ = _grad_logit_tile(
             h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
-            D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+            D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, 0.0,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, False,
         )
         db += tl.sum(da, axis=0)
         if COMPUTE_DW:
@@ -541,8 +550,8 @@ def linear_token_logprobs_backward(
     (the target entry uses ``1 - p_y = -expm1(logp)``). ``deterministic=False`` (default) uses one kernel
     with fp32 atomics; ``True`` uses two kernels that own their outputs (no atomics, bitwise
     reproducible, one more recomputation of the logits). ``filter_eps > 0`` (atomic kernel only) skips
-    the ``d hidden`` and ``d weight`` products of every ``[BLOCK_N, BLOCK_V]`` tile whose
-    ``|[j == y] - p_j|`` are all below it (gradient filtering; ``d bias`` stays exact).
+    the ``d hidden`` and ``d weight`` products of every ``[BLOCK_N, BLOCK_V]`` tile in whose rows every
+    ``p_j`` is below ``filter_eps (1 - p_y) / V`` (gradient filtering; ``d bias`` stays exact).
     """
     N, D = hidden.shape
     V = weight.shape[0]
@@ -581,7 +590,7 @@ def linear_token_logprobs_backward(
             _bwd_atomic_kernel[(triton.cdiv(N, BLOCK_N) * triton.cdiv(V, BLOCK_V),)](
                 *inputs,
                 dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-                N, *common, float(filter_eps),
+                N, *common, float(filter_eps) / V,
                 COMPUTE_DH=needs_hidden, COMPUTE_DW=needs_weight, COMPUTE_DB=needs_bias,
                 GROUP_N=GROUP_N if device.type == "cuda" else INTERPRETER_GROUP_N, **meta,
             )

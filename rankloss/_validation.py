@@ -136,7 +136,7 @@ def check_positive_float(x: object, name: str, *, allow_none: bool = False) -> f
 
 
 def check_filter_eps(x: object, name: str = "filter_eps") -> float | str | None:
-    """``"auto"``, ``None`` or a number in ``[0, 1)`` (a threshold on ``|[j == y] - p_j|``)."""
+    """``"auto"``, ``None`` or a number in ``[0, 1)`` (the relative threshold of gradient filtering)."""
     if x is None or x == "auto":
         return x  # type: ignore[return-value]
     if isinstance(x, bool) or not isinstance(x, numbers.Real):

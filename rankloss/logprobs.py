@@ -123,13 +123,15 @@ def linear_token_logprobs(
             (default: a 256 MiB fp32 ``[N, v]`` chunk, see :func:`rankloss.ops.default_vocab_chunk`).
         deterministic: Triton backward without atomics (bitwise reproducible, one more recomputation of
             the logits). The ``"cublas"`` and ``"torch"`` paths are always deterministic (no atomics).
-        filter_eps: gradient filtering in the Triton backward (as apple/ml-cross-entropy's): a
-            ``[BLOCK_N, BLOCK_V]`` tile of the logits whose every ``|[j == y] - p_j|`` is below it adds
-            nothing to ``d hidden`` and ``d weight`` (its two matrix products are skipped; ``d bias``
-            stays exact). ``"auto"`` (default): ``torch.finfo(dtype).eps / 32`` of the inputs' dtype, so
-            what is dropped lies below what that dtype resolves (2^-12 in bfloat16, 2^-28 in float32);
-            ``None`` or ``0``: every tile. The threshold is absolute: a batch in which every token is
-            that sure loses its (tiny) gradient whole. Used by ``impl="triton"`` with
+        filter_eps: gradient filtering in the Triton backward (after apple/ml-cross-entropy's, with a
+            threshold relative to each row): a ``[BLOCK_N, BLOCK_V]`` tile of the logits in whose rows
+            every ``p_j`` is below ``filter_eps * (1 - p_y) / V`` adds nothing to ``d hidden`` and
+            ``d weight`` (its two matrix products are skipped; ``d bias`` stays exact). A row loses at
+            most ``filter_eps / 2`` of its gradient mass ``sum_j |[j == y] - p_j|`` (times ``max |W|``
+            in ``d hidden``). ``"auto"`` (default): ``torch.finfo(dtype).eps`` of the inputs' dtype, so
+            the loss is below one rounding in that dtype (2^-8 relative in bfloat16); ``None`` or ``0``:
+            every tile. A near-uniform softmax (as at initialisation) never qualifies; a peaked one
+            skips the tiles of tokens the model rules out. Used by ``impl="triton"`` with
             ``deterministic=False`` only: the deterministic kernels and the other paths compute every
             tile.
 
@@ -176,12 +178,12 @@ def linear_token_logprobs(
 
 
 def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float:
-    """The gradient-filtering threshold for inputs of ``dtype``: ``"auto"`` -> ``eps(dtype) / 32``,
-    ``None`` -> 0 (off), a number as it is."""
+    """The gradient-filtering threshold for inputs of ``dtype``: ``"auto"`` -> ``eps(dtype)``, ``None`` ->
+    0 (off), a number as it is."""
     if filter_eps is None:
         return 0.0
     if filter_eps == "auto":
-        return torch.finfo(dtype).eps / 32
+        return torch.finfo(dtype).eps
     return float(filter_eps)
 
 

@@ -176,21 +176,13 @@ def test_cublas_linear_hypothesis_shapes_and_chunks(N, D, V, chunk, seed, softca
 @pytest.mark.triton
 @pytest.mark.parametrize(
     "impl, kw",
-    [
-        ("cublas", {}),
-        ("cublas", {"chunk_size": 7}),
-        ("triton", {"filter_eps": None}),
-        ("triton", {"deterministic": True}),
-    ],
+    [("cublas", {}), ("cublas", {"chunk_size": 7}), ("triton", {}), ("triton", {"deterministic": True})],
     ids=["cublas", "cublas-chunk7", "triton", "triton-deterministic"],
 )
 def test_linear_confident_target_keeps_its_bits(impl, kw):
     # p_y -> 1: log p(y) ~ -(V - 1) e^-30 and its gradient g (1 - p_y) must not round to 0. Both paths take
     # log p(y) = -log(1 + exp(lse_others - u_y)) in the forward and 1 - p_y = -expm1(log p(y)) for the
-    # target entry of the backward; plain fp32 (u_y - lse, onehot - p) gives exactly 0 for both. (The
-    # Triton atomic backward runs unfiltered here: every |[j == y] - p_j| of this batch, 6e-12, is below
-    # the default filter_eps, so gradient filtering would drop the whole gradient, as it is meant to; see
-    # tests/test_gradient_filtering.py.)
+    # target entry of the backward; plain fp32 (u_y - lse, onehot - p) gives exactly 0 for both.
     V, D = 61, 3
     weight = torch.zeros(V, D)
     weight[5, 0] = 30.0

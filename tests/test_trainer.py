@@ -155,7 +155,14 @@ def test_comparison_writes_every_output(tmp_path: Path):
         assert (run / name).is_file(), f"{name} missing; output:\n{result.stdout}\n{result.stderr[-3000:]}"
     assert (run / "model" / "config.json").is_file()
     records = _records(run / "metrics.jsonl")
-    arms = {"sft", "plackett_luce", "dpo", "plackett_luce_frozen", "sft_control"}
+    arms = {
+        "sft",
+        "plackett_luce",
+        "dpo_best_worst",
+        "dpo",
+        "plackett_luce_frozen",
+        "sft_control",
+    }  # DEFAULT_ARMS
     for seed in (0, 1):
         tasks = {r["task"] for r in records if r["seed"] == seed}
         assert tasks == arms, tasks
@@ -171,7 +178,7 @@ def test_comparison_writes_every_output(tmp_path: Path):
         assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
     table = (run / "comparison.md").read_text()
     assert "mean ± standard error over 2 seeds" in table
-    for title in ("Plackett-Luce", "DPO", "frozen"):
+    for title in ("Plackett-Luce", "DPO (one pair: best vs worst)", "DPO (adjacent)", "frozen"):
         assert title in table, table
     assert "Difference to" in table
     assert "comparison" in result.stdout  # the table is printed at the end
