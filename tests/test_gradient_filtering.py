@@ -178,3 +178,35 @@ def test_filter_eps_is_validated(bad, error):
         rankloss.fused_linear_chain_loss(
             hidden[:4, None], weight, labels[:4, None].clamp(min=0), [2, 2], filter_eps=bad
         )
+
+
+@pytest.mark.parametrize("shared_mean, lost", [(0.0, 0.029), (0.5, 0.128)], ids=["isotropic", "shared-mean"])
+def test_an_absolute_threshold_would_drop_a_flat_tail(shared_mean, lost):
+    # Why the threshold is relative (float64 emulation, no kernel; the docs quote these numbers): at
+    # V = 32000 with a near-uniform softmax, apple/ml-cross-entropy's absolute rule (skip a 64 x 128 tile
+    # when every |[j == y] - p_j| < 2^-12, its bf16 "auto") drops every tile without a target and loses
+    # 3% of d hidden (13% when the head's rows share a mean direction); the relative rule keeps them all.
+    N, V, D, tile = 64, 32000, 64, 128
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) / D**0.5 + shared_mean / D**0.5
+    h = torch.randn(N, D, generator=g, dtype=torch.float64) * 0.3
+    y = torch.randint(0, V, (N,), generator=g)
+    p = torch.softmax(h @ w.T, dim=1)
+    onehot = torch.zeros_like(p, dtype=torch.bool)
+    onehot[torch.arange(N), y] = True
+    da = onehot.double() - p
+    one_minus_p = 1 - p[torch.arange(N), y]
+    rules = {
+        "absolute": da.abs() < 2.0**-12,
+        "relative": ~onehot & (p < torch.finfo(torch.bfloat16).eps * one_minus_p[:, None] / V),
+    }
+    dh = da @ w
+    share = {}
+    for name, small in rules.items():
+        keep = torch.ones_like(da)
+        for v0 in range(0, V, tile):
+            if small[:, v0 : v0 + tile].all():
+                keep[:, v0 : v0 + tile] = 0.0
+        share[name] = ((dh - (da * keep) @ w).abs().max() / dh.abs().max()).item()
+    assert share["absolute"] == pytest.approx(lost, abs=5e-4)
+    assert share["relative"] == 0.0
