@@ -305,7 +305,12 @@ def simulated_gpu(hw: Hopper, allow_tf32: bool):
         fn.run = capture  # every launch of fn[grid](...) goes through JITFunction.run
         patched.append(fn)
     props = SimpleNamespace(
-        name=hw.name, multi_processor_count=hw.sms, major=9, minor=0, total_memory=hw.total_memory
+        name=hw.name,
+        multi_processor_count=hw.sms,
+        major=9,
+        minor=0,
+        total_memory=hw.total_memory,
+        L2_cache_size=hw.l2_bytes,
     )
     saved = (torch.cuda.get_device_properties, torch.backends.cuda.matmul.allow_tf32)
     torch.cuda.get_device_properties = lambda device=None: props
@@ -771,13 +776,18 @@ def _reread(total: float, once: float, footprint: float, hw: Hopper) -> float:
 
 def _fwd_model(ev, R, hw):
     N, V, D, BN, BV, BD, e = _linear_dims(ev)
-    row_blocks, splits = ev.grid[0], ev.grid[1]
+    row_blocks = math.ceil(N / BN)
+    splits = int(_arg(ev, "SPLIT_V"))  # the 1-D grid runs the splits of a row block fastest
     tiles = math.ceil(V / BV)
     flops = 2.0 * row_blocks * BN * tiles * BV * D
-    waves_per_split = math.ceil(row_blocks / R)
-    w_dram = waves_per_split * V * D * e  # a wave's programs walk the same weight tiles
+    # A wave covers R / splits row blocks against the whole vocabulary (or, when R < splits, part of one
+    # row block's): the programs of one split walk the same weight tiles together, so the weight comes
+    # from DRAM once per such group of row blocks.
+    groups = math.ceil(row_blocks / (R // splits)) if R >= splits else row_blocks
+    w_dram = groups * V * D * e
     h_all = row_blocks * tiles * BN * D * e  # every program re-reads its rows for each tile
-    h_dram = _reread(h_all, splits * N * D * e, min(R, row_blocks) * BN * D * e, hw)
+    resident_rows = min(row_blocks, max(1, R // splits))
+    h_dram = _reread(h_all, N * D * e, resident_rows * BN * D * e, hw)
     return flops, w_dram + h_dram + 3 * splits * N * 4, 0.0
 
 

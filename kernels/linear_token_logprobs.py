@@ -24,12 +24,14 @@ program whose row block starts past that count exits at once, and the loops over
 
 Kernels:
 
-* ``_fwd_kernel``: grid ``(row blocks, vocabulary splits)``. Each program computes, for its rows and its
-  share of the vocabulary, the running max and the running sum of exponentials of the non-target
+* ``_fwd_kernel``: one program per (row block, vocabulary split), the split fastest, so that the
+  programs resident at once share few row blocks and re-read them from L2. Each program computes, for
+  its rows and its share of the vocabulary, the running max and the running sum of exponentials of the non-target
   logits, and the target logit; the launcher merges the splits (a logsumexp over ``SPLIT_V`` partials)
   and takes ``l = -log(1 + exp(lso - u_y))``: computed as ``u_y - lse`` it would round to 0 once
   ``p_y > 1 - 2^-24``, and the backward's ``1 - p_y`` with it. Splitting the vocabulary keeps the GPU
-  busy when there are few row blocks.
+  busy when there are few row blocks, and keeps the resident programs' rows within the L2 when there
+  are many.
 * ``_bwd_atomic_kernel`` (default backward): one program per (row block, vocabulary tile), in groups
   of ``GROUP_N`` row blocks so that the programs resident at once spread their atomics over several
   ``d weight`` tiles and ``d hidden`` row blocks. Each program recomputes its logit tile once and adds
@@ -175,6 +177,7 @@ def _fwd_kernel(
     inv_temp,  # 1 / temperature
     softcap,  # soft-cap c (unused unless HAS_SOFTCAP)
     V_PER_SPLIT,  # vocabulary columns per split (a multiple of BLOCK_V)
+    SPLIT_V,  # number of vocabulary splits (programs per row block)
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,  # rows per program
@@ -183,8 +186,12 @@ def _fwd_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32, "tf32" when the user allows it
     UPCAST_DOT: tl.constexpr,  # widen tl.dot operands to fp32 (the CPU interpreter's bfloat16 dot is wrong)
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # A 1-D grid with the vocabulary split fastest: the programs resident at one time share few row blocks
+    # (their re-reads of the rows, one per vocabulary tile, then come from L2) and walk the same weight
+    # tiles in step, split by split.
+    pid = tl.program_id(0)
+    pid_s = pid % SPLIT_V
+    pid_n = pid // SPLIT_V
     n_valid = tl.load(n_valid_ptr)
     start = pid_n * BLOCK_N
     if start >= n_valid:
@@ -460,6 +467,12 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _l2_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
+    return 4 * 2**20
+
+
 def linear_token_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -481,19 +494,28 @@ def linear_token_logprobs_forward(
     rows, n_valid = scored_rows_first(labels, ignore_index)
     row_blocks = triton.cdiv(N, BLOCK_N)
     v_tiles = triton.cdiv(V, BLOCK_V)
-    # Enough programs to fill the machine about four times over, without splitting below one tile.
-    split_v = max(1, min(v_tiles, triton.cdiv(4 * _num_sms(device), row_blocks)))
+    # Enough programs to fill the machine about four times over, without splitting below one tile; and,
+    # since the splits run fastest, enough splits that the programs resident at once (two per SM: the
+    # forward is capped at 128 registers) share so few row blocks that their rows fit in half the L2 and
+    # each program's re-reads of them (one per vocabulary tile) hit it. At N = 16384, D = 4096 in bf16
+    # on an H200 that is 6 splits (44 row blocks, 22 MiB, resident); with the row block fastest, up to
+    # 256 row blocks (128 MiB) were, and the forward re-read its rows from DRAM (159 GB in the traffic
+    # model of benchmarks/aot_report.py; 8 GB now).
+    sms = _num_sms(device)
+    split_v = max(1, min(v_tiles, triton.cdiv(4 * sms, row_blocks)))
+    rows_bytes = 2 * sms * BLOCK_N * D * hidden.element_size()
+    split_v = max(split_v, min(v_tiles, triton.cdiv(rows_bytes, _l2_bytes(device) // 2)))
     v_per_split = triton.cdiv(v_tiles, split_v) * BLOCK_V
     split_v = triton.cdiv(V, v_per_split)
     part_max = torch.full((split_v, N), -float("inf"), dtype=torch.float32, device=device)
     part_sum = torch.zeros((split_v, N), dtype=torch.float32, device=device)
     part_target = torch.zeros((split_v, N), dtype=torch.float32, device=device)
-    _fwd_kernel[(row_blocks, split_v)](
+    _fwd_kernel[(split_v * row_blocks,)](
         hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid,
         part_max, part_sum, part_target,
         N, V, D,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        1.0 / temperature, float(softcap or 1.0), v_per_split,
+        1.0 / temperature, float(softcap or 1.0), v_per_split, split_v,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
         **({"maxnreg": GPU_FWD_MAXNREG} if device.type == "cuda" else {}),
