@@ -41,10 +41,14 @@ class LinearTokenLogProbs(nn.Module):
         temperature: float = 1.0,
         softcap: float | None = None,
         impl: str | None = None,
+        chunk_size: int | None = None,
+        deterministic: bool = False,
+        filter_eps: float | str | None = "auto",
     ):
         super().__init__()
         self.ignore_index, self.temperature = ignore_index, temperature
         self.softcap, self.impl = softcap, impl
+        self.chunk_size, self.deterministic, self.filter_eps = chunk_size, deterministic, filter_eps
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
         return _lp.linear_token_logprobs(
@@ -56,12 +60,16 @@ class LinearTokenLogProbs(nn.Module):
             temperature=self.temperature,
             softcap=self.softcap,
             impl=self.impl,
+            chunk_size=self.chunk_size,
+            deterministic=self.deterministic,
+            filter_eps=self.filter_eps,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, temperature={self.temperature}, softcap={self.softcap}, "
-            f"impl={self.impl!r}"
+            f"impl={self.impl!r}, chunk_size={self.chunk_size}, deterministic={self.deterministic}, "
+            f"filter_eps={self.filter_eps!r}"
         )
 
 

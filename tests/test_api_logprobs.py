@@ -342,5 +342,18 @@ def test_linear_token_logprobs_module_routes(monkeypatch):
         "temperature": 1.2,
         "softcap": 3.0,
         "impl": "reference",
+        "chunk_size": None,
+        "deterministic": False,
+        "filter_eps": "auto",
     }
     assert calls == [((hidden, weight, labels), expected_kwargs)]
+    # every keyword of the function is a constructor argument of the module
+    calls.clear()
+    exact = rankloss.LinearTokenLogProbs(impl="torch", chunk_size=3, deterministic=True, filter_eps=None)
+    exact(hidden, weight, labels)
+    assert {k: calls[0][1][k] for k in ("chunk_size", "deterministic", "filter_eps")} == {
+        "chunk_size": 3,
+        "deterministic": True,
+        "filter_eps": None,
+    }
+    assert "filter_eps=None" in repr(exact)
