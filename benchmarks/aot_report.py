@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -277,18 +278,65 @@ _NO_TRAFFIC_OPS = {
 }
 
 
+class LiveMemory:
+    """Bytes of the fake CUDA storages alive, counted as the caching allocator counts them (each storage
+    once, views free), and the peak since ``mark``. Every tensor an op returns is followed: a storage is
+    freed when the last of its tensors is (``weakref.finalize``, which CPython runs at once)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+        self.refs: Counter = Counter()
+        self.current = 0
+        self.peak = 0
+
+    def track(self, t) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.sizes:
+            self.sizes[key] = storage.nbytes()
+            self.current += self.sizes[key]
+            self.peak = max(self.peak, self.current)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.current -= self.sizes.pop(key)
+
+    def mark(self) -> int:
+        """Start a new peak; returns the bytes alive now."""
+        self.peak = self.current
+        return self.current
+
+
+class Events(list):
+    """The Launch and TorchOp records of a simulated run, in order, and its ``memory``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = LiveMemory()
+        self.extra_bytes: int | None = None  # peak beyond the inputs and the returned gradients
+
+
 @contextlib.contextmanager
 def simulated_gpu(hw: Hopper, allow_tf32: bool):
-    """Run launchers on fake CUDA tensors; yields the list that receives every Launch and TorchOp."""
+    """Run launchers on fake CUDA tensors; yields the ``Events`` list that receives every Launch and
+    TorchOp and follows the fake tensors' memory."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
-    events: list = []
+    events = Events()
 
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    events.memory.track(t)
             record = _torch_op_record(func, args, kwargs or {}, out)
             if record is not None:
                 events.append(record)
@@ -362,23 +410,28 @@ def run_case(case: Case, hw: Hopper) -> list:
             labels = torch.empty(N, dtype=torch.int64, device=dev)  # the op passes int64 labels
             grad = torch.empty(N, dtype=torch.float32, device=dev)
             softcap = SOFTCAP if case.softcap else None
+            inputs = events.memory.mark()
             if case.path == "cublas":
                 from rankloss.ops import linear_token_logprobs as ops
 
                 logp, lse = ops.linear_token_logprobs_cublas_forward(
                     h, w, labels, b, IGNORE_INDEX, 1.0, softcap, 0
                 )
-                ops.linear_token_logprobs_cublas_backward(
+                grads = ops.linear_token_logprobs_cublas_backward(
                     grad, h, w, labels, b, logp, lse, IGNORE_INDEX, 1.0, softcap, 0, True, True, b is not None
                 )
             else:
                 from rankloss.kernels import linear_token_logprobs as L
 
                 logp, lse = L.linear_token_logprobs_forward(h, w, labels, b, IGNORE_INDEX, 1.0, softcap)
-                L.linear_token_logprobs_backward(
+                grads = L.linear_token_logprobs_backward(
                     grad, h, w, labels, b, logp, lse, IGNORE_INDEX, 1.0, softcap,
                     deterministic=case.path == "triton-det",
                 )  # fmt: skip
+            # What the allocator held at its peak beyond the inputs and the returned gradients (the
+            # measure gpu_check.py takes with torch.cuda.max_memory_allocated).
+            returned = sum(t.numel() * t.element_size() for t in grads if t is not None)
+            events.extra_bytes = events.memory.peak - inputs - returned
         elif case.path == "token_logprobs":
             from rankloss.kernels import token_logprobs as T
 
@@ -909,6 +962,7 @@ def path_estimate(case: Case, events: list, binaries: dict, hw: Hopper) -> dict:
         executed_flops=sum(p["flops"] for p in parts),
         dram_bytes=sum(p["dram_bytes"] for p in parts),
         atomic_bytes=sum(p["atomic_bytes"] for p in parts),
+        extra_bytes=getattr(events, "extra_bytes", None),
         kernels=kernels,
     )
 
@@ -1108,10 +1162,13 @@ def estimate_markdown(report: dict, N: int | None = None, V: int | None = None) 
         f"atomic bytes / {hw['atomic_bytes_per_s'] / 1e12:.1f} TB/s, an assumed L2 reduction rate); "
         "latencies, occupancy "
         "and pipelining are left out, so every figure is an upper bound (the rules: "
-        "`launch_traffic` in benchmarks/aot_report.py).",
+        "`launch_traffic` in benchmarks/aot_report.py). Extra MiB: the peak of the simulated run's fake "
+        "CUDA storages beyond the inputs and the returned gradients (what `torch.cuda.max_memory_allocated` "
+        "counts; allocator rounding aside).",
         "",
     ]
     heads = ["path", "dtype", "N", "V", "est. ms", "est. fraction", "executed TFLOP", "DRAM GB", "atomic GB"]
+    heads += ["extra MiB"]
     rows = []
     for e in report["estimates"].values():
         c = e["case"]
@@ -1124,10 +1181,11 @@ def estimate_markdown(report: dict, N: int | None = None, V: int | None = None) 
                 f"{e['executed_flops'] / 1e12:.0f}",
                 f"{e['dram_bytes'] / 1e9:,.0f}",
                 f"{e['atomic_bytes'] / 1e9:,.0f}",
+                f"{e['extra_bytes'] / 2**20:,.0f}" if e.get("extra_bytes") is not None else "-",
             ]
             + [f"{worst_name}: {worst['time_s'] * 1e3:,.0f} ms, {worst['bound']}-bound"]
         )
-    return lines + _table(heads + ["slowest kernel"], rows, right={2, 3, 4, 5, 6, 7, 8})
+    return lines + _table(heads + ["slowest kernel"], rows, right={2, 3, 4, 5, 6, 7, 8, 9})
 
 
 def main(argv: list[str] | None = None) -> int:

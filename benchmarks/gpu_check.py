@@ -38,6 +38,7 @@ It goes to ``benchmarks/results/gpu_check-<gpu name>[-quick].{json,md}`` (``--ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -322,36 +323,62 @@ def check_last_tile_targets(args: argparse.Namespace, V: int, repeats: int = 20)
 # --------------------------------------------------------------------------------------------------
 # Timings
 # --------------------------------------------------------------------------------------------------
-def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str | None]]:
-    """The timing plan, most important first: ``(N, mode, key, cases.py impl, label, rankloss impl=)``.
+# The cuBLAS path's memory budget for its second timing (MiB): at N=16384, D=4096 in bf16 one group of
+# 4096-column chunks, as before the 240 MiB default (two groups of 2304 columns): what the budget costs.
+WIDE_BUDGET_MIB = 640
+
+
+def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str | None, int | None]]:
+    """The timing plan, most important first: ``(N, mode, key, cases.py impl, label, rankloss impl=,
+    cuBLAS-path budget in MiB or None)``.
 
     First the GEMMs alone, the naive path and the rankloss default at the largest ``N``, forward +
-    backward then forward only; then the same at the other ``N``; then the other rankloss paths (the
-    fused Triton kernels are slow), ``torch.compile`` of the naive path at the smallest ``N`` and Liger.
-    A budget that runs out skips the tail of this list, not its head.
+    backward then forward only; then the same at the other ``N``; then, when the default is the cuBLAS
+    path, the same with a ``WIDE_BUDGET_MIB`` memory budget at the largest ``N``; then the other rankloss
+    paths (the fused Triton kernels are slow), ``torch.compile`` of the naive path at the smallest ``N``
+    and Liger. A budget that runs out skips the tail of this list, not its head.
     """
     Ns = sorted(args.timing_Ns, reverse=True)
     paths = _rankloss_paths(args)
     default, others = paths[0], paths[1:]
 
-    def rankloss_entry(N, mode, path):
+    def rankloss_entry(N, mode, path, budget=None):
         name, impl, det, _ = path
         key = "rankloss" if name == "rankloss" else name.replace(" ", "_").replace("=", "_")
-        return (N, mode, key, "rankloss_det" if det else "rankloss", name, impl)
+        if budget:
+            name, key = f"{name} (cuBLAS budget {budget} MiB)", f"{key}_budget{budget}"
+        return (N, mode, key, "rankloss_det" if det else "rankloss", name, impl, budget)
 
     plan = []
     for N in Ns:
         for mode in ("fwdbwd", "fwd"):
-            plan.append((N, mode, "matmul", "matmul", "matmul only (GEMMs)", None))
-            plan.append((N, mode, "naive", "naive", "naive PyTorch", None))
+            plan.append((N, mode, "matmul", "matmul", "matmul only (GEMMs)", None, None))
+            plan.append((N, mode, "naive", "naive", "naive PyTorch", None, None))
             plan.append(rankloss_entry(N, mode, default))
+    cublas_default = default[1] == "cublas" or (default[1] is None and args.device == "cuda")
+    if cublas_default:
+        plan.append(rankloss_entry(Ns[0], "fwdbwd", default, WIDE_BUDGET_MIB))
     for N in Ns:
         for path in others:
             plan.append(rankloss_entry(N, "fwdbwd", path))
-        plan.append((N, "fwdbwd", "liger", "liger", "Liger fused linear CE", None))
+        plan.append((N, "fwdbwd", "liger", "liger", "Liger fused linear CE", None, None))
     if not args.tiny:  # compiling takes longer than the whole tiny dry run
-        plan.append((Ns[-1], "fwdbwd", "compile", "compile", "torch.compile(naive)", None))
+        plan.append((Ns[-1], "fwdbwd", "compile", "compile", "torch.compile(naive)", None, None))
     return plan
+
+
+@contextlib.contextmanager
+def _cublas_budget(mib: int | None):
+    """Run with the cuBLAS path's memory budget at ``mib`` MiB (None: the default)."""
+    from rankloss.ops import _common
+
+    saved = _common.VOCAB_CHUNK_BUDGET_BYTES
+    if mib:
+        _common.VOCAB_CHUNK_BUDGET_BYTES = mib * 2**20
+    try:
+        yield
+    finally:
+        _common.VOCAB_CHUNK_BUDGET_BYTES = saved
 
 
 @dataclass
@@ -411,7 +438,7 @@ def run_timings(
     it exists (the caller saves the report then, so a killed run keeps what it measured).
     """
     rows = []
-    for N, mode, impl, case_impl, label, backend in _timed(args):
+    for N, mode, impl, case_impl, label, backend, budget in _timed(args):
         left = deadline - time.perf_counter()
         if left < 2.0:
             rows.append(Timing(impl, label, N, "skipped: budget spent", mode=mode))
@@ -429,55 +456,55 @@ def run_timings(
             backend=backend if impl.startswith("rankloss") else None,
         )
         try:
-            prepared = prepare(case, seed=args.seed)
-            _sync(args.device)
-            t0 = time.perf_counter()
-            prepared.fn()  # JIT, autotuning
-            _sync(args.device)
-            first = time.perf_counter() - t0
-            # The peak-memory run, the warm-up calls and the timed ones must fit in what is left.
-            fit = int((deadline - time.perf_counter()) / max(first, 1e-4)) - args.warmup - 2
-            reps = min(args.reps, fit)
-            if reps < 1:
-                status = f"skipped: budget (one call took {first:.2f} s)"
-                rows.append(Timing(impl, label, N, status, mode=mode))
-                on_row(rows[-1])
-                del prepared
-                _free()
-                continue
-            peak = None
-            if impl != "matmul":
-                peak = measure_peak(case, prepared if args.device == "cuda" else None)["peak_bytes"]
-            times = time_step(prepared.fn, args.device, args.warmup, reps)
+            with _cublas_budget(budget):
+                row = _time_case(args, case, impl, label, N, mode, deadline)
         except Unavailable as exc:
-            rows.append(Timing(impl, label, N, f"skipped: {exc}", mode=mode))
-            on_row(rows[-1])
-            continue
+            row = Timing(impl, label, N, f"skipped: {exc}", mode=mode)
         except torch.cuda.OutOfMemoryError:
-            rows.append(Timing(impl, label, N, "out of memory", mode=mode))
-            on_row(rows[-1])
-            prepared = None
-            _free()
-            continue
-        rows.append(
-            Timing(
-                impl,
-                label,
-                N,
-                "ok",
-                min(times),
-                statistics.median(times),
-                case.flops,
-                peak,
-                case.grad_bytes,
-                mode=mode,
-                reps=len(times),
-            )
-        )
-        on_row(rows[-1])
-        del prepared
+            row = Timing(impl, label, N, "out of memory", mode=mode)
+        rows.append(row)
+        on_row(row)
         _free()
     return rows
+
+
+def _time_case(
+    args: argparse.Namespace, case: Case, impl: str, label: str, N: int, mode: str, deadline: float
+) -> Timing:
+    """One row of :func:`run_timings`: set up, call once, measure the peak memory, time what fits.
+
+    An out-of-memory error during the step frees the case before it propagates (the caller records it)."""
+    prepared = prepare(case, seed=args.seed)
+    try:
+        _sync(args.device)
+        t0 = time.perf_counter()
+        prepared.fn()  # JIT, autotuning
+        _sync(args.device)
+        first = time.perf_counter() - t0
+        # The peak-memory run, the warm-up calls and the timed ones must fit in what is left.
+        fit = int((deadline - time.perf_counter()) / max(first, 1e-4)) - args.warmup - 2
+        reps = min(args.reps, fit)
+        if reps < 1:
+            return Timing(impl, label, N, f"skipped: budget (one call took {first:.2f} s)", mode=mode)
+        peak = None
+        if impl != "matmul":
+            peak = measure_peak(case, prepared if args.device == "cuda" else None)["peak_bytes"]
+        times = time_step(prepared.fn, args.device, args.warmup, reps)
+    finally:
+        del prepared
+    return Timing(
+        impl,
+        label,
+        N,
+        "ok",
+        min(times),
+        statistics.median(times),
+        case.flops,
+        peak,
+        case.grad_bytes,
+        mode=mode,
+        reps=len(times),
+    )
 
 
 def _rate(t: Timing) -> float:

@@ -115,12 +115,13 @@ def linear_token_logprobs(
         softcap: optional logit soft-cap (Gemma 2 style), a positive number.
         impl: ``None`` (automatic: ``"cublas"`` for CUDA tensors, ``"torch"`` otherwise), ``"triton"`` (the
             fused kernels; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"cublas"`` (vocabulary
-            chunks: cuBLAS products and Triton epilogues, extra memory ``O(N * v)``; CUDA, or CPU under
-            ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch, extra memory ``O(chunk_size * V)``) or
-            ``"reference"`` (materialises the full logits).
+            chunks: cuBLAS products and Triton epilogues, extra memory planned within 240 MiB; CUDA, or
+            CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch, extra memory
+            ``O(chunk_size * V)``) or ``"reference"`` (materialises the full logits).
         chunk_size: rows per chunk of the ``"torch"`` path (default: chosen from ``V`` and ``D``, see
             :func:`rankloss.ops.default_chunk_size`); vocabulary columns per chunk of the ``"cublas"`` path
-            (default: a 256 MiB fp32 ``[N, v]`` chunk, see :func:`rankloss.ops.default_vocab_chunk`).
+            (default: the widest that keeps the path's extra memory within 240 MiB, see
+            :func:`rankloss.ops.cublas_chunk_plan`).
         deterministic: Triton backward without atomics (bitwise reproducible, one more recomputation of
             the logits). The ``"cublas"`` and ``"torch"`` paths are always deterministic (no atomics).
         filter_eps: gradient filtering in the Triton backward (after apple/ml-cross-entropy's, with a

@@ -118,6 +118,19 @@ def _binary(report, kernel: str, dtype: str, **constexprs) -> dict:
     return hits[0]
 
 
+def test_the_cublas_path_stays_within_256_mb_beyond_its_gradients(report):
+    # The memory goal, on the simulated run's fake CUDA storages (the peak beyond the inputs and
+    # the returned gradients, as gpu_check.py measures it with torch.cuda.max_memory_allocated): every
+    # dtype, N, V, bias and soft-cap of the profile. The fused Triton path keeps fp32 accumulators of
+    # both gradients in 16-bit dtypes (d weight alone is V x D x 4 bytes).
+    for e in report["estimates"].values():
+        c = e["case"]
+        if c["path"] == "cublas":
+            assert 200 * 2**20 < e["extra_bytes"] <= 256e6, (c, e["extra_bytes"])
+        elif c["dtype"] in ("bf16", "fp16"):
+            assert e["extra_bytes"] >= c["V"] * c["D"] * 4, (c, e["extra_bytes"])
+
+
 def test_binaries_carry_the_launch_specialisation(report):
     # What Triton's launcher derives from the arguments of a real launch: contiguous inputs have unit
     # inner strides (constexpr 1), allocations are 16-byte aligned and D, V, N are multiples of 16; and

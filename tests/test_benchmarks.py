@@ -114,3 +114,32 @@ def test_gpu_check_report_is_saved_after_every_row(tmp_path: Path, monkeypatch):
     data = json.loads((tmp_path / "gpu_check-x.json").read_text())
     assert data["finished"] is False and data["pass"] is None and len(data["timings"]) == 1
     assert "INCOMPLETE" in (tmp_path / "gpu_check-x.md").read_text()
+
+
+def test_gpu_check_times_the_cublas_default_with_a_wider_budget_too(monkeypatch):
+    # On CUDA the default is the cuBLAS path: after the defaults, one row with a wider memory budget
+    # measures what the 240 MiB default costs in time. The budget is restored afterwards.
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+
+    from rankloss.ops import _common, cublas_chunk_plan
+
+    args = gpu_check.parse_args([])
+    args.device = "cuda"
+    plan = gpu_check._timed(args)
+    budgets = [(e[0], e[1], e[2], e[6]) for e in plan if e[6] is not None]
+    assert budgets == [(16384, "fwdbwd", "rankloss_budget640", gpu_check.WIDE_BUDGET_MIB)]
+    first_other = next(i for i, e in enumerate(plan) if e[5] == "triton")
+    assert (
+        max(i for i, e in enumerate(plan) if e[2] == "rankloss")
+        < plan.index(next(e for e in plan if e[6]))
+        < first_other
+    )
+    assert [e for e in gpu_check._timed(gpu_check.parse_args(["--dry-run"])) if e[6]] == []
+    before = _common.VOCAB_CHUNK_BUDGET_BYTES
+    with gpu_check._cublas_budget(gpu_check.WIDE_BUDGET_MIB):
+        wide = cublas_chunk_plan(16384, 152064, 4096, torch.bfloat16, backward=True)
+    assert (wide.rows, wide.columns) == (16384, 4096)  # one group of the old default's width
+    assert _common.VOCAB_CHUNK_BUDGET_BYTES == before

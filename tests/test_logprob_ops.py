@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from rankloss.reference import logprobs as ref
 
 import rankloss
-from rankloss.ops import default_chunk_size, default_vocab_chunk
+from rankloss.ops import ChunkPlan, cublas_chunk_plan, default_chunk_size
+from rankloss.ops._common import MAX_ROW_GROUPS, VOCAB_CHUNK_BUDGET_BYTES
 from rankloss.ops.linear_token_logprobs import _linear_token_logprobs_fwd
 from rankloss.ops.token_logprobs import _token_logprobs_fwd
 
@@ -51,6 +52,23 @@ def _linear_case(N, D, V, dtype, *, seed=0, ignore_frac=0.2, bias=True):
     return hidden, weight, b, labels, upstream
 
 
+def _plain(hidden, weight, bias, labels, upstream, temperature=1.0, softcap=None):
+    """Plain PyTorch in the inputs' dtype: logits, log_softmax and gradients all in that dtype (the
+    reference path for float32)."""
+    if hidden.dtype == torch.float32:
+        kw = dict(temperature=temperature, softcap=softcap)
+        return _run_linear("reference", hidden, weight, bias, labels, upstream, **kw)
+    h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    z = h @ w.T + (b if b is not None else 0)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    lp = torch.log_softmax(z / temperature, dim=-1)
+    lp = torch.where(labels != -100, lp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0)
+    (lp * upstream.to(hidden.dtype)).sum().backward()
+    return lp.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
 def _run_linear(impl, hidden, weight, bias, labels, upstream, **kw):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
@@ -76,17 +94,7 @@ def test_linear_token_logprobs_matches_float64_reference(impl, dtype, options):
     truth = _run_linear(
         "reference", hidden.double(), weight.double(), bias.double(), labels, upstream.double(), **options
     )
-    plain = _run_linear("reference", hidden, weight, bias, labels, upstream, **options)
-    # Plain PyTorch in the input dtype: logits, log_softmax and gradients all in `dtype`.
-    if dtype != torch.float32:
-        h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
-        z = h @ w.T + b
-        if options.get("softcap"):
-            z = options["softcap"] * torch.tanh(z / options["softcap"])
-        lp = torch.log_softmax(z / options.get("temperature", 1.0), dim=-1)
-        lp = torch.where(labels != -100, lp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0)
-        (lp * upstream.to(dtype)).sum().backward()
-        plain = (lp.detach(), h.grad, w.grad, b.grad)
+    plain = _plain(hidden, weight, bias, labels, upstream, **options)
     for name, f, t, p in zip(("logp", "d hidden", "d weight", "d bias"), (out, dh, dw, db), truth, plain):
         _assert_no_worse(name, f, t, p, dtype)
     assert torch.all(out[labels == -100] == 0) and torch.all(dh[labels == -100] == 0)
@@ -233,14 +241,87 @@ def test_cublas_path_errors_name_the_problem(monkeypatch, env):
         rankloss.token_logprobs(torch.randn(3, 5), y, impl="cublas")  # logits in hand: no product to chunk
 
 
-def test_default_vocab_chunk_follows_tokens():
-    assert default_vocab_chunk(16384, 152064) == 4096
-    assert default_vocab_chunk(8192, 152064) == 8192
-    assert default_vocab_chunk(37, 1031) == 1031  # one chunk
-    assert default_vocab_chunk(10**7, 152064) == 256  # never below 256 columns
-    for N in (1, 1000, 4096, 65536):
-        v = default_vocab_chunk(N, 152064)
-        assert 1 <= v <= 152064 and (v * N * 4 <= 256 * 2**20 or v == 256)
+def test_cublas_chunk_plan_stays_within_its_budget():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    MiB = 2**20
+    assert VOCAB_CHUNK_BUDGET_BYTES == 240 * MiB  # 252 MB: the [N] vectors fit beside it in 256 MB
+    # The issue's shape: the forward holds one 3840-column fp32 chunk of all rows; the backward two groups
+    # of 8192 rows (a 128 MiB fp32 d-hidden accumulator) with 2304-column chunks of logits and their bf16
+    # gradient.
+    assert cublas_chunk_plan(16384, 152064, 4096, bf16) == ChunkPlan(16384, 3840, 240 * MiB)
+    bwd = cublas_chunk_plan(16384, 152064, 4096, bf16, backward=True)
+    assert (bwd.rows, bwd.columns, bwd.groups(16384)) == (8192, 2304, 2)
+    assert bwd.bytes == 8192 * 4096 * 4 + 8192 * 2304 * 6 == 236 * MiB
+    # fp32: d hidden accumulates in the returned gradient and dA overwrites the logits: one group.
+    assert cublas_chunk_plan(16384, 152064, 4096, fp32, backward=True) == ChunkPlan(16384, 3840, 240 * MiB)
+    assert cublas_chunk_plan(37, 1031, 33, bf16, backward=True).columns == 1031  # one chunk
+    assert cublas_chunk_plan(10, 1031, 33, bf16, columns=7).columns == 7  # the user's width wins
+    # Without d weight the groups cost nothing and are not capped; with it at most MAX_ROW_GROUPS, past
+    # which the budget gives way (each group after the first rounds d weight once more).
+    frozen = cublas_chunk_plan(65536, 128256, 8192, bf16, backward=True, needs_weight=False)
+    assert frozen.groups(65536) == 11 and frozen.columns == 1536 and frozen.bytes <= 240 * MiB
+    capped = cublas_chunk_plan(65536, 128256, 8192, bf16, backward=True)
+    assert capped.groups(65536) == MAX_ROW_GROUPS and capped.columns == 256 and capped.bytes > 240 * MiB
+    for N in (1, 1000, 4096, 65536, 10**7):
+        for kw in (dict(), dict(backward=True), dict(backward=True, needs_hidden=False)):
+            plan = cublas_chunk_plan(N, 152064, 4096, bf16, **kw)
+            assert 256 <= plan.columns <= 152064 and plan.groups(N) * plan.rows >= N
+            assert plan.bytes <= 240 * MiB or plan.columns == 256
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "needs", [(True, True, True), (True, False, False), (False, True, True)], ids=["all", "hidden", "weight"]
+)
+@pytest.mark.parametrize("columns", [0, 37], ids=["planned-columns", "37-columns"])
+def test_cublas_row_groups_match_float64_reference(dtype, needs, columns):
+    # A budget small enough that the planner splits N = 53 rows into groups (the last one shorter); the
+    # group's buffers are reused by every chunk, d weight adds up over the groups, d bias too.
+    from rankloss.ops import linear_token_logprobs as ops
+
+    N, D, V = 53, 19, 301
+    needs_hidden, needs_weight, needs_bias = needs
+    budget = 16 * (4 * D + 256 * 6)  # 11-21 rows, by dtype and gradients
+    plan = cublas_chunk_plan(
+        N, V, D, dtype, backward=True, needs_hidden=needs_hidden, needs_weight=needs_weight,
+        columns=columns or None, budget=budget,
+    )  # fmt: skip
+    assert plan.groups(N) >= 3 and plan.rows * plan.groups(N) > N
+    fwd_plan = cublas_chunk_plan(N, V, D, dtype, columns=columns or None, budget=1000 * 4)
+    assert fwd_plan.groups(N) >= 3
+    hidden, weight, bias, labels, upstream = _linear_case(N, D, V, dtype, seed=11)
+    options = dict(softcap=5.0, temperature=0.8)
+    truth = _run_linear(
+        "reference", hidden.double(), weight.double(), bias.double(), labels, upstream.double(), **options
+    )
+    plain = _plain(hidden, weight, bias, labels, upstream, **options)
+    args = (labels, bias, -100, options["temperature"], options["softcap"], columns)
+    logp, lse = ops.linear_token_logprobs_cublas_forward(hidden, weight, *args, budget=1000 * 4)
+    # Rows are independent in the forward: the same chunks in one group give the same bits.
+    one_logp, one_lse = ops.linear_token_logprobs_cublas_forward(hidden, weight, *args[:-1], fwd_plan.columns)
+    torch.testing.assert_close(logp, one_logp, rtol=0, atol=0)
+    torch.testing.assert_close(lse, one_lse, rtol=0, atol=0)
+    grads = ops.linear_token_logprobs_cublas_backward(
+        upstream, hidden, weight, labels, bias, logp, lse, -100, options["temperature"], options["softcap"],
+        columns, needs_hidden, needs_weight, needs_bias, budget=budget,
+    )  # fmt: skip
+    _assert_no_worse("logp", logp, truth[0], plain[0], dtype)
+    for name, got, t, p, needed in zip(
+        ("d hidden", "d weight", "d bias"), grads, truth[1:], plain[1:], needs
+    ):
+        if not needed:
+            assert got is None
+            continue
+        assert got.dtype == dtype and got.shape == t.shape
+        _assert_no_worse(name, got, t, p, dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), t, rtol=1e-4, atol=1e-5)
+    again = ops.linear_token_logprobs_cublas_backward(
+        upstream, hidden, weight, labels, bias, logp, lse, -100, options["temperature"], options["softcap"],
+        columns, needs_hidden, needs_weight, needs_bias, budget=budget,
+    )  # fmt: skip
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(grads, again))
 
 
 @settings(max_examples=15)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -19,9 +20,19 @@ TRITON_IMPLS = ("triton", "cublas")
 
 # Bytes of one [chunk, V] fp32 buffer the chunked paths aim for; a few such buffers live at once.
 CHUNK_BUDGET_BYTES = 32 * 2**20
-# Bytes of the [N, v] fp32 logits chunk of the vocabulary-chunked (cuBLAS) path: large enough that each
-# product is a big GEMM (v = 4096 columns at N = 16384), small next to the [N, V] logits.
-VOCAB_CHUNK_BUDGET_BYTES = 256 * 2**20
+# What the vocabulary-chunked (cuBLAS) path may allocate beyond its inputs and the gradients it returns:
+# the [n, v] fp32 logits chunk, its gradient in the inputs' dtype and the fp32 d hidden accumulator (see
+# cublas_chunk_plan). 240 MiB = 252 MB: with the path's [N] fp32 vectors, within 256 MB at N = 16384.
+VOCAB_CHUNK_BUDGET_BYTES = 240 * 2**20
+# Row groups of the cuBLAS backward in a 16-bit dtype when d weight is needed: each group after the first
+# adds into d weight once more, rounding it once more in the inputs' dtype.
+MAX_ROW_GROUPS = 4
+# Row groups are chosen so that chunks of at least PLAN_COLUMNS fit beside the accumulator: the d hidden
+# product reads and writes its [n, D] fp32 accumulator once per chunk, which costs less than its v / 4
+# FLOPs per byte only for v above ~600 on an H200 (990 TFLOP/s dense bf16 over 4.8 TB/s).
+PLAN_COLUMNS = 1024
+# Narrowest vocabulary chunk the planner picks (a user's chunk_size may be narrower).
+MIN_VOCAB_CHUNK = 256
 
 
 def triton_available() -> bool:
@@ -106,15 +117,68 @@ def default_chunk_size(vocab_size: int, hidden_size: int = 0) -> int:
     return c
 
 
-def default_vocab_chunk(n_rows: int, vocab_size: int) -> int:
-    """Vocabulary columns per chunk of the ``"cublas"`` path, from ``N`` and ``V``.
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How the ``"cublas"`` path walks the ``[N, V]`` logits: ``rows`` per row group, ``columns`` per
+    vocabulary chunk, and ``bytes``, what it allocates beyond its inputs and returned gradients (its
+    ``[N]`` fp32 vectors aside)."""
 
-    The largest multiple of 256 with ``N * v * 4 bytes <= 256 MiB`` (at least 256, at most ``V``): one
-    ``[N, v]`` fp32 logits chunk (plus its ``[N, v]`` gradient in the inputs' dtype in the backward).
-    ``N = 16384`` gives 4096 columns, ``N = 8192`` 8192.
+    rows: int
+    columns: int
+    bytes: int
+
+    def groups(self, n_rows: int) -> int:
+        return -(-n_rows // self.rows) if n_rows else 0
+
+
+def cublas_chunk_plan(
+    n_rows: int,
+    vocab_size: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    *,
+    backward: bool = False,
+    needs_hidden: bool = True,
+    needs_weight: bool = True,
+    columns: int | None = None,
+    budget: int | None = None,
+) -> ChunkPlan:
+    """Row groups and vocabulary chunks of the ``"cublas"`` path for ``N`` rows, ``V`` columns, ``D``.
+
+    Per element of a ``[n, v]`` chunk the path holds the fp32 logits (4 bytes) and, in the backward with
+    16-bit inputs, their gradient in that dtype (the operand of the next two products; fp32 inputs
+    overwrite the logits). The backward of 16-bit inputs also holds an fp32 ``[n, D]`` accumulator of
+    ``d hidden`` (fp32 inputs accumulate into the returned gradient). So a group of ``n`` rows and ``v``
+    columns holds ``n * (acc + v * elem)`` bytes, and within ``budget`` (default: ``VOCAB_CHUNK_BUDGET_BYTES``
+    at the call, 240 MiB):
+
+    * ``n``: all ``N`` rows when a chunk of ``PLAN_COLUMNS`` columns fits beside their accumulator, else
+      the fewest equal groups for which it does. In the backward of 16-bit inputs that needs ``d weight``
+      at most ``MAX_ROW_GROUPS`` groups: each group after the first adds into ``d weight`` (one more
+      rounding in that dtype), and past it the budget gives way.
+    * ``v``: ``columns`` when given, else the widest multiple of 256 that fits beside the accumulator (at
+      least ``MIN_VOCAB_CHUNK``, at most ``V``).
+
+    At ``N = 16384, D = 4096, V = 152064`` in bf16 (default budget 240 MiB): the forward runs one group
+    of 3840-column chunks (240 MiB); the backward two groups of 8192 rows with 2304-column chunks (236
+    MiB: 128 MiB of it the accumulator).
     """
-    cols = VOCAB_CHUNK_BUDGET_BYTES // (4 * max(n_rows, 1)) // 256 * 256
-    return max(1, min(vocab_size, max(cols, 256)))
+    budget = budget or VOCAB_CHUNK_BUDGET_BYTES
+    n_rows, vocab_size = max(int(n_rows), 1), max(int(vocab_size), 1)
+    wide = dtype == torch.float32
+    elem = 4 + (0 if wide or not backward else torch.empty((), dtype=dtype).element_size())
+    acc = 4 * hidden_size if backward and needs_hidden and not wide else 0
+    min_cols = min(MIN_VOCAB_CHUNK, vocab_size)
+    fit = budget // (acc + min(PLAN_COLUMNS, vocab_size) * elem)
+    groups = -(-n_rows // max(fit, 1))
+    if backward and needs_weight and not wide:
+        groups = min(groups, MAX_ROW_GROUPS)
+    rows = -(-n_rows // groups)
+    if columns is None:
+        columns = (budget - rows * acc) // (rows * elem) // 256 * 256
+        columns = max(columns, min_cols)
+    columns = max(1, min(int(columns), vocab_size))
+    return ChunkPlan(rows, columns, rows * (acc + columns * elem))
 
 
 def check_chunk_size(chunk_size: object) -> int | None:

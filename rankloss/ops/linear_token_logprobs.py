@@ -8,7 +8,8 @@ maths and the backward). Two implementations sit behind one ``torch.library`` cu
 * ``"cublas"``: vocabulary-chunked: the three matrix products of each ``[N, v]`` chunk of the logits go to
   cuBLAS (torch matmuls), the softmax bookkeeping to two Triton row kernels
   (``rankloss.kernels.linear_logprobs_chunked``); ``d weight`` is owned per chunk (no atomics,
-  deterministic), ``d hidden`` accumulates in fp32. Extra memory ``O(N * v)``;
+  deterministic), ``d hidden`` accumulates in fp32. Extra memory within 240 MiB
+  (``rankloss.ops.cublas_chunk_plan``: row groups and chunk widths);
 * ``"torch"``: chunked PyTorch: ``chunk_size`` rows at a time (chosen from ``V`` and ``D``), so the extra
   memory is ``O(chunk_size * V)``; on CPU only the scored rows are computed.
 
@@ -21,10 +22,11 @@ registered with ``torch.library.register_autograd``, so a ``fullgraph=True`` com
 import torch
 from torch import Tensor
 
+from . import _common
 from ._common import (
     accumulation_dtype,
+    cublas_chunk_plan,
     default_chunk_size,
-    default_vocab_chunk,
     kernel_module,
     log_softmax_pick,
     logprob_grad_,
@@ -159,15 +161,18 @@ def linear_token_logprobs_torch_backward(
 # --------------------------------------------------------------------------------------------------
 # Vocabulary-chunked path: cuBLAS products, Triton epilogues
 # --------------------------------------------------------------------------------------------------
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b^T`` in float32 for ``a [n, D]``, ``b [v, D]`` of one dtype: on CUDA one cuBLAS call that
-    reads bf16/fp16 operands and writes fp32 (``out_dtype``); elsewhere (the interpreter tests) the
-    already-rounded operands are widened first, which gives the same fp32-accumulated products."""
+def _mm_f32_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b^T`` in float32 for ``a [n, D]``, ``b [v, D]`` of one dtype and ``out [n, v]`` float32.
+
+    On CUDA one cuBLAS call that reads bf16/fp16 operands and writes fp32 (``out_dtype``; ``beta=0``:
+    ``out``'s old contents are never read); elsewhere (the interpreter tests) the already-rounded operands
+    are widened first, which gives the same fp32-accumulated products."""
     if a.dtype == torch.float32:
-        return a @ b.T
-    if a.device.type == "cuda":
-        return torch.mm(a, b.T, out_dtype=torch.float32)
-    return a.float() @ b.float().T
+        torch.mm(a, b.T, out=out)
+    elif a.device.type == "cuda":
+        torch.addmm(out, a, b.T, out_dtype=torch.float32, beta=0, out=out)
+    else:
+        torch.mm(a.float(), b.float().T, out=out)
 
 
 def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -180,12 +185,26 @@ def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out = a @ b`` in ``out``'s dtype (= the operands' dtype), accumulated in fp32."""
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` (``out += a @ b`` when ``accumulate``) in ``out``'s dtype (= the operands'),
+    accumulated in fp32 and rounded once."""
     if a.device.type == "cuda" or a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
     else:
-        out.copy_(a.float() @ b.float())
+        prod = a.float() @ b.float()
+        out.copy_(prod + out.float() if accumulate else prod)
+
+
+def _chunk_view(buffer: Tensor, rows: int, columns: int) -> Tensor:
+    """A contiguous ``[rows, columns]`` view of the front of a flat ``buffer``."""
+    return buffer[: rows * columns].view(rows, columns)
+
+
+def _groups(n_rows: int, rows: int) -> list[tuple[int, int]]:
+    return [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
 
 
 def linear_token_logprobs_cublas_forward(
@@ -197,31 +216,38 @@ def linear_token_logprobs_cublas_forward(
     temperature: float,
     softcap: float | None,
     chunk_columns: int,
+    budget: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Vocabulary-chunked forward: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp, lse)``.
 
     Both ``[N]`` fp32.
 
-    For each chunk of ``chunk_columns`` vocabulary rows: ``z = hidden W_chunk^T`` (fp32 out of cuBLAS),
-    then a Triton row kernel merges the chunk's log-sum-exp of the non-target columns into ``lso`` and
-    picks the target logit ``u_y``; the fused forward's ``logprobs_from_others`` turns them into
-    ``log p(y)`` and ``lse`` (0 on ignored rows, NaN log-probs for labels outside ``[0, V)``). No host
-    synchronisation.
+    For each chunk of vocabulary rows (``cublas_chunk_plan``: ``chunk_columns`` when nonzero; the rows in
+    groups only when one chunk of all rows would not fit in ``budget``, default
+    ``rankloss.ops._common.VOCAB_CHUNK_BUDGET_BYTES`` read at the call): ``z = hidden W_chunk^T`` (fp32 out
+    of cuBLAS, into one buffer reused by every chunk), then a Triton row kernel merges the chunk's
+    log-sum-exp of the non-target columns into ``lso`` and picks the target logit ``u_y``; the fused
+    forward's ``logprobs_from_others`` turns them into ``log p(y)`` and ``lse`` (0 on ignored rows, NaN
+    log-probs for labels outside ``[0, V)``). No host synchronisation.
     """
     kernels = kernel_module("linear_logprobs_chunked")
-    N = hidden.shape[0]
+    N, D = hidden.shape
     V = weight.shape[0]
-    chunk_columns = chunk_columns or default_vocab_chunk(N, V)
+    budget = budget or _common.VOCAB_CHUNK_BUDGET_BYTES
+    plan = cublas_chunk_plan(N, V, D, hidden.dtype, columns=chunk_columns or None, budget=budget)
     lso = torch.full((N,), -float("inf"), dtype=torch.float32, device=hidden.device)
     target = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    for v0 in range(0, V, chunk_columns):
-        v1 = min(V, v0 + chunk_columns)
-        z = _mm_f32(hidden, weight[v0:v1])
-        kernels.lse_chunk_(
-            z, bias[v0:v1] if bias is not None else None, labels, v0, lso, target,
-            ignore_index, temperature, softcap,
-        )  # fmt: skip
-        del z
+    buffer = torch.empty(min(N, plan.rows) * plan.columns, dtype=torch.float32, device=hidden.device)
+    for r0, r1 in _groups(N, plan.rows):
+        for v0 in range(0, V, plan.columns):
+            v1 = min(V, v0 + plan.columns)
+            z = _chunk_view(buffer, r1 - r0, v1 - v0)
+            _mm_f32_into(z, hidden[r0:r1], weight[v0:v1])
+            kernels.lse_chunk_(
+                z, bias[v0:v1] if bias is not None else None, labels[r0:r1], v0, lso[r0:r1], target[r0:r1],
+                ignore_index, temperature, softcap,
+            )  # fmt: skip
+    del buffer
     return kernel_module("linear_token_logprobs").logprobs_from_others(lso, target, labels, ignore_index, V)
 
 
@@ -240,56 +266,76 @@ def linear_token_logprobs_cublas_backward(
     needs_hidden: bool,
     needs_weight: bool,
     needs_bias: bool,
+    budget: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Vocabulary-chunked backward; returns ``(d hidden, d weight, d bias)`` in the inputs' dtypes.
 
-    Per chunk: recompute ``z = hidden W_chunk^T`` (fp32), a Triton row kernel turns it into
-    ``dA = g (onehot - p) / tau [* (1 - t^2)]`` in the inputs' dtype, then ``d weight[chunk] = dA^T hidden``
-    (one cuBLAS call that owns its rows: no atomics, deterministic) and ``d hidden += dA W_chunk`` (fp32
-    accumulator). The target entry uses ``1 - p_y = -expm1(log p(y))`` from the forward.
+    Per group of rows and chunk of the vocabulary (``cublas_chunk_plan``: everything beyond the returned
+    gradients within ``budget``, default as in the forward): recompute ``z = hidden W_chunk^T`` (fp32), a
+    Triton row kernel turns it into ``dA = g (onehot - p) / tau [* (1 - t^2)]`` in the inputs' dtype, then
+    ``d weight[chunk] (+)= dA^T hidden`` (one cuBLAS call that owns its rows: no atomics, deterministic;
+    groups after the first add into it) and ``d hidden[group] += dA W_chunk`` (an fp32 accumulator per
+    group, copied into the returned gradient when the group ends; fp32 inputs accumulate in the gradient
+    itself). The buffers are allocated once and reused by every chunk. The target entry uses
+    ``1 - p_y = -expm1(log p(y))`` from the forward.
     """
     kernels = kernel_module("linear_logprobs_chunked")
     N, D = hidden.shape
     V = weight.shape[0]
-    chunk_columns = chunk_columns or default_vocab_chunk(N, V)
-    device = hidden.device
+    device, dtype = hidden.device, hidden.dtype
+    fp32 = dtype == torch.float32
     needs_bias = needs_bias and bias is not None
-    dh = torch.zeros((N, D), dtype=torch.float32, device=device) if needs_hidden else None
+    budget = budget or _common.VOCAB_CHUNK_BUDGET_BYTES
+    plan = cublas_chunk_plan(
+        N, V, D, dtype, backward=True, needs_hidden=needs_hidden, needs_weight=needs_weight,
+        columns=chunk_columns or None, budget=budget,
+    )  # fmt: skip
+    dh = torch.empty_like(hidden) if needs_hidden else None
     dw = torch.empty_like(weight) if needs_weight else None
-    db = torch.empty(V, dtype=torch.float32, device=device) if needs_bias else None
+    db = torch.zeros(V, dtype=torch.float32, device=device) if needs_bias else None
     if N == 0:
-        if dw is not None:
-            dw.zero_()
-        if db is not None:
-            db.zero_()
+        for t in (dh, dw):
+            if t is not None:
+                t.zero_()
     else:
         scored = labels != ignore_index
         coef = torch.where(scored, grad_out.to(torch.float32), 0.0) / temperature
         one_minus_p = -torch.expm1(logp)
-        fp32 = hidden.dtype == torch.float32
-        for v0 in range(0, V, chunk_columns):
-            v1 = min(V, v0 + chunk_columns)
-            w = weight[v0:v1]
-            z = _mm_f32(hidden, w)
-            # fp32 inputs: dA overwrites the logits; otherwise a buffer in the products' dtype, and the
-            # fp32 values also go over the logits when the bias gradient needs them.
-            da = z if fp32 else torch.empty(z.shape, dtype=hidden.dtype, device=device)
-            kernels.grad_chunk_(
-                z, da, bias[v0:v1] if bias is not None else None, labels, v0, lse, coef, one_minus_p,
-                temperature, softcap, write_f32=needs_bias and not fp32,
-            )  # fmt: skip
-            if dw is not None:
-                _mm_into(dw[v0:v1], da.T, hidden)
-            if dh is not None:
-                _addmm_f32_(dh, da, w)
-            if db is not None:
-                db[v0:v1] = z.sum(dim=0)
-            del z, da
-    return (
-        dh.to(hidden.dtype) if dh is not None else None,
-        dw,
-        db.to(bias.dtype) if db is not None else None,
-    )
+        rows = min(N, plan.rows)
+        # fp32 inputs: dA overwrites the logits and d hidden accumulates in the returned gradient. Otherwise
+        # dA gets a buffer in the products' dtype (the fp32 values also go over the logits when the bias
+        # gradient needs them), and d hidden an fp32 accumulator per group.
+        z_buf = torch.empty(rows * plan.columns, dtype=torch.float32, device=device)
+        da_buf = None if fp32 else torch.empty(rows * plan.columns, dtype=dtype, device=device)
+        acc = (
+            torch.empty((rows, D), dtype=torch.float32, device=device) if needs_hidden and not fp32 else None
+        )
+        for g, (r0, r1) in enumerate(_groups(N, plan.rows)):
+            h = hidden[r0:r1]
+            dh_g = None
+            if needs_hidden:
+                dh_g = dh[r0:r1] if fp32 else acc[: r1 - r0]
+                dh_g.zero_()
+            for v0 in range(0, V, plan.columns):
+                v1 = min(V, v0 + plan.columns)
+                w = weight[v0:v1]
+                z = _chunk_view(z_buf, r1 - r0, v1 - v0)
+                _mm_f32_into(z, h, w)
+                da = z if fp32 else _chunk_view(da_buf, r1 - r0, v1 - v0)
+                kernels.grad_chunk_(
+                    z, da, bias[v0:v1] if bias is not None else None, labels[r0:r1], v0, lse[r0:r1],
+                    coef[r0:r1], one_minus_p[r0:r1], temperature, softcap, write_f32=needs_bias and not fp32,
+                )  # fmt: skip
+                if dw is not None:
+                    _mm_into(dw[v0:v1], da.T, h, accumulate=g > 0)
+                if dh_g is not None:
+                    _addmm_f32_(dh_g, da, w)
+                if db is not None:
+                    db[v0:v1] += z.sum(dim=0)
+            if needs_hidden and not fp32:
+                dh[r0:r1].copy_(dh_g)
+        del z_buf, da_buf, acc
+    return dh, dw, db.to(bias.dtype) if db is not None else None
 
 
 # --------------------------------------------------------------------------------------------------
