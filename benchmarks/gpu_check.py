@@ -323,31 +323,41 @@ def check_last_tile_targets(args: argparse.Namespace, V: int, repeats: int = 20)
 # --------------------------------------------------------------------------------------------------
 # Timings
 # --------------------------------------------------------------------------------------------------
-# The cuBLAS path's memory budget for its second timing (MiB): at N=16384, D=4096 in bf16 one group of
-# 4096-column chunks, as before the 240 MiB default (two groups of 2304 columns): what the budget costs.
+# Variants timed beside the defaults: what a setting chosen without a GPU costs or gains there.
+# * The cuBLAS path's memory budget (MiB): 640 gives one group of 4096-column chunks at N=16384, D=4096
+#   in bf16, as before the 240 MiB default (two groups of 2304 columns).
+# * The fused forward's 16-bit tiles: 64 x 128 capped at 128 registers (two programs per SM), as before
+#   the 128 x 128 default (one per SM).
 WIDE_BUDGET_MIB = 640
+OLD_FWD_TILES = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, maxnreg=128)
+VARIANTS = {
+    f"cuBLAS budget {WIDE_BUDGET_MIB} MiB": "budget",
+    "forward tiles 64x128": "fwd_tiles",
+}
 
 
-def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str | None, int | None]]:
+def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str | None, str | None]]:
     """The timing plan, most important first: ``(N, mode, key, cases.py impl, label, rankloss impl=,
-    cuBLAS-path budget in MiB or None)``.
+    variant)`` (a key of ``VARIANTS`` or None).
 
     First the GEMMs alone, the naive path and the rankloss default at the largest ``N``, forward +
-    backward then forward only; then the same at the other ``N``; then, when the default is the cuBLAS
-    path, the same with a ``WIDE_BUDGET_MIB`` memory budget at the largest ``N``; then the other rankloss
-    paths (the fused Triton kernels are slow), ``torch.compile`` of the naive path at the smallest ``N``
-    and Liger. A budget that runs out skips the tail of this list, not its head.
+    backward then forward only; then the same at the other ``N``; then at the largest ``N``, when the
+    default is the cuBLAS path, the same with a ``WIDE_BUDGET_MIB`` memory budget, and on CUDA the fused
+    Triton forward alone with its tiles and with the old ones (forward-only scoring is where it could
+    beat the cuBLAS path, which writes fp32 logits chunks); then the other rankloss paths (the fused
+    Triton backward is slow), ``torch.compile`` of the naive path at the smallest ``N`` and Liger. A
+    budget that runs out skips the tail of this list, not its head.
     """
     Ns = sorted(args.timing_Ns, reverse=True)
     paths = _rankloss_paths(args)
     default, others = paths[0], paths[1:]
 
-    def rankloss_entry(N, mode, path, budget=None):
+    def rankloss_entry(N, mode, path, variant=None):
         name, impl, det, _ = path
         key = "rankloss" if name == "rankloss" else name.replace(" ", "_").replace("=", "_")
-        if budget:
-            name, key = f"{name} (cuBLAS budget {budget} MiB)", f"{key}_budget{budget}"
-        return (N, mode, key, "rankloss_det" if det else "rankloss", name, impl, budget)
+        if variant:
+            name, key = f"{name} ({variant})", f"{key}_{VARIANTS[variant]}"
+        return (N, mode, key, "rankloss_det" if det else "rankloss", name, impl, variant)
 
     plan = []
     for N in Ns:
@@ -357,7 +367,11 @@ def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str 
             plan.append(rankloss_entry(N, mode, default))
     cublas_default = default[1] == "cublas" or (default[1] is None and args.device == "cuda")
     if cublas_default:
-        plan.append(rankloss_entry(Ns[0], "fwdbwd", default, WIDE_BUDGET_MIB))
+        plan.append(rankloss_entry(Ns[0], "fwdbwd", default, f"cuBLAS budget {WIDE_BUDGET_MIB} MiB"))
+    triton_atomic = next((p for p in others if p[1] == "triton" and not p[2]), None)
+    if triton_atomic is not None and args.device == "cuda":
+        plan.append(rankloss_entry(Ns[0], "fwd", triton_atomic))
+        plan.append(rankloss_entry(Ns[0], "fwd", triton_atomic, "forward tiles 64x128"))
     for N in Ns:
         for path in others:
             plan.append(rankloss_entry(N, "fwdbwd", path))
@@ -368,17 +382,29 @@ def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str 
 
 
 @contextlib.contextmanager
-def _cublas_budget(mib: int | None):
-    """Run with the cuBLAS path's memory budget at ``mib`` MiB (None: the default)."""
+def _variant(variant: str | None):
+    """Run with the setting of ``variant`` (a key of ``VARIANTS``; None: the defaults), restored after."""
+    from rankloss.kernels import linear_token_logprobs as kernels
+
     from rankloss.ops import _common
 
-    saved = _common.VOCAB_CHUNK_BUDGET_BYTES
-    if mib:
-        _common.VOCAB_CHUNK_BUDGET_BYTES = mib * 2**20
+    saved = (
+        _common.VOCAB_CHUNK_BUDGET_BYTES,
+        kernels.GPU_FWD_BLOCKS["16-bit"],
+        dict(kernels.GPU_FWD_CTAS_PER_SM),
+    )
+    kind = VARIANTS[variant] if variant else None
+    if kind == "budget":
+        _common.VOCAB_CHUNK_BUDGET_BYTES = WIDE_BUDGET_MIB * 2**20
+    elif kind == "fwd_tiles":
+        kernels.GPU_FWD_BLOCKS["16-bit"] = dict(OLD_FWD_TILES)
+        kernels.GPU_FWD_CTAS_PER_SM["16-bit"] = 2
     try:
         yield
     finally:
-        _common.VOCAB_CHUNK_BUDGET_BYTES = saved
+        _common.VOCAB_CHUNK_BUDGET_BYTES = saved[0]
+        kernels.GPU_FWD_BLOCKS["16-bit"] = saved[1]
+        kernels.GPU_FWD_CTAS_PER_SM.update(saved[2])
 
 
 @dataclass
@@ -438,7 +464,7 @@ def run_timings(
     it exists (the caller saves the report then, so a killed run keeps what it measured).
     """
     rows = []
-    for N, mode, impl, case_impl, label, backend, budget in _timed(args):
+    for N, mode, impl, case_impl, label, backend, variant in _timed(args):
         left = deadline - time.perf_counter()
         if left < 2.0:
             rows.append(Timing(impl, label, N, "skipped: budget spent", mode=mode))
@@ -456,7 +482,7 @@ def run_timings(
             backend=backend if impl.startswith("rankloss") else None,
         )
         try:
-            with _cublas_budget(budget):
+            with _variant(variant):
                 row = _time_case(args, case, impl, label, N, mode, deadline)
         except Unavailable as exc:
             row = Timing(impl, label, N, f"skipped: {exc}", mode=mode)

@@ -421,10 +421,23 @@ GPU_BLOCKS = {
     "tf32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8),
     "ieee": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=4),
 }
-# The forward is capped at 128 registers per thread, so that two 8-warp programs fit on an SM (65,536
-# registers): uncapped it takes 136-139 (1 per SM) since it keeps the target column out of its running
-# sums; capped, ptxas fits it in 117-128 registers without spilling.
-GPU_FWD_MAXNREG = 128
+# The forward's tiles. 16-bit inputs: 128 x 128 logit tiles (D in slices of 64, 8 warps, 193-204
+# registers, no spills, 98,304 B of shared memory: one program per SM). Each slice of D brings 32 KiB of
+# operands from L2 into shared memory for 2 MFLOP of HGMMA (64 FLOP per byte), where the 64 x 128 tiles
+# it had before (capped at 128 registers for two programs per SM) brought 24 KiB for 1 MFLOP (43 FLOP
+# per byte): at 700 TFLOP/s that is 11 instead of 16 TB/s of L2 reads, which the traffic model leaves
+# out. apple/ml-cross-entropy's forward uses 256 x 128 tiles; here 128 x 256 and 256 x 128 spill (12 to
+# 332 B per thread) and 128 x 128 with 4 warps spills 120-332 B. The fp32 configurations keep the
+# backward's tiles, capped at 128 registers (uncapped 136-139, one program per SM).
+GPU_FWD_BLOCKS = {
+    "16-bit": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8),
+    "tf32": dict(GPU_BLOCKS["tf32"], maxnreg=128),
+    "ieee": dict(GPU_BLOCKS["ieee"], maxnreg=128),
+}
+# Forward programs resident per SM with those tiles (the CTAs/SM of the sm_90 report, which
+# tests/test_aot_report.py checks against this table): the launcher splits the vocabulary until the
+# resident programs' rows fit in half the L2.
+GPU_FWD_CTAS_PER_SM = {"16-bit": 1, "tf32": 2, "ieee": 4}
 # The CPU interpreter: small tiles, so that small odd test shapes still cross every block boundary.
 INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32)
 # Row blocks per group of the atomic backward's program order. The 132 programs resident on an H100/H200
@@ -443,11 +456,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _blocks(device: torch.device, dtype: torch.dtype) -> dict[str, int]:
-    """Launch meta-parameters (tile sizes, and num_warps on a GPU) for inputs of ``dtype`` on ``device``."""
+def _config(dtype: torch.dtype) -> str:
+    """The GPU configuration of inputs of ``dtype``: ``"16-bit"``, ``"tf32"`` or ``"ieee"``."""
+    return "16-bit" if dtype in (torch.bfloat16, torch.float16) else _dot_precision(dtype)
+
+
+def _blocks(device: torch.device, dtype: torch.dtype, forward: bool = False) -> dict[str, int]:
+    """Launch meta-parameters (tile sizes; num_warps and maxnreg on a GPU) of the forward or the backward
+    kernels for inputs of ``dtype`` on ``device``."""
     if device.type != "cuda":
         return dict(INTERPRETER_BLOCKS)
-    return dict(GPU_BLOCKS["16-bit" if dtype in (torch.bfloat16, torch.float16) else _dot_precision(dtype)])
+    return dict((GPU_FWD_BLOCKS if forward else GPU_BLOCKS)[_config(dtype)])
 
 
 def scored_rows_first(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,21 +508,22 @@ def linear_token_logprobs_forward(
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone()
-    blocks = _blocks(device, hidden.dtype)
+    blocks = _blocks(device, hidden.dtype, forward=True)
     BLOCK_N, BLOCK_V = blocks["BLOCK_N"], blocks["BLOCK_V"]
     rows, n_valid = scored_rows_first(labels, ignore_index)
     row_blocks = triton.cdiv(N, BLOCK_N)
     v_tiles = triton.cdiv(V, BLOCK_V)
     # Enough programs to fill the machine about four times over, without splitting below one tile; and,
-    # since the splits run fastest, enough splits that the programs resident at once (two per SM: the
-    # forward is capped at 128 registers) share so few row blocks that their rows fit in half the L2 and
-    # each program's re-reads of them (one per vocabulary tile) hit it. At N = 16384, D = 4096 in bf16
-    # on an H200 that is 6 splits (44 row blocks, 22 MiB, resident); with the row block fastest, up to
-    # 256 row blocks (128 MiB) were, and the forward re-read its rows from DRAM (159 GB in the traffic
-    # model of benchmarks/aot_report.py; 8 GB now).
+    # since the splits run fastest, enough splits that the programs resident at once (GPU_FWD_CTAS_PER_SM
+    # per SM) share so few row blocks that their rows fit in half the L2 and each program's re-reads of
+    # them (one per vocabulary tile) hit it. At N = 16384, D = 4096 in bf16 on an H200 that is 6 splits
+    # (22 row blocks of 128 rows, 22 MiB, resident); with the row block fastest, up to 256 row blocks of
+    # 64 (128 MiB) were, and the forward re-read its rows from DRAM (159 GB in the traffic model of
+    # benchmarks/aot_report.py; 14 GB now).
     sms = _num_sms(device)
     split_v = max(1, min(v_tiles, triton.cdiv(4 * sms, row_blocks)))
-    rows_bytes = 2 * sms * BLOCK_N * D * hidden.element_size()
+    resident = sms * (GPU_FWD_CTAS_PER_SM[_config(hidden.dtype)] if device.type == "cuda" else 2)
+    rows_bytes = resident * BLOCK_N * D * hidden.element_size()
     split_v = max(split_v, min(v_tiles, triton.cdiv(rows_bytes, _l2_bytes(device) // 2)))
     v_per_split = triton.cdiv(v_tiles, split_v) * BLOCK_V
     split_v = triton.cdiv(V, v_per_split)
@@ -518,7 +538,6 @@ def linear_token_logprobs_forward(
         1.0 / temperature, float(softcap or 1.0), v_per_split, split_v,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
-        **({"maxnreg": GPU_FWD_MAXNREG} if device.type == "cuda" else {}),
     )
     # Merge the splits: lso = M + log(sum_s S_s exp(M_s - M)), the log-sum-exp of the non-target logits
     # (-inf when there is none: V = 1). Ignored rows are zeroed by logprobs_from_others.

@@ -131,6 +131,22 @@ def test_the_cublas_path_stays_within_256_mb_beyond_its_gradients(report):
             assert e["extra_bytes"] >= c["V"] * c["D"] * 4, (c, e["extra_bytes"])
 
 
+def test_the_forward_launcher_knows_how_many_programs_an_sm_holds(report):
+    # The forward splits the vocabulary until the resident programs' rows fit in half the L2; it takes
+    # their number from GPU_FWD_CTAS_PER_SM, which must be what the compiled binaries allow.
+    from rankloss.kernels import linear_token_logprobs as kernels
+
+    config = {"bf16": "16-bit", "fp16": "16-bit", "fp32-tf32": "tf32", "fp32-ieee": "ieee"}
+    fwd = [b for b in report["binaries"] if b["kernel"] == "_fwd_kernel"]
+    assert len(fwd) == 16
+    for b in fwd:
+        (dtype,) = b["dtypes"]
+        assert b["ctas_per_sm"] == kernels.GPU_FWD_CTAS_PER_SM[config[dtype]], (
+            b["variant"],
+            b["ctas_per_sm"],
+        )
+
+
 def test_binaries_carry_the_launch_specialisation(report):
     # What Triton's launcher derives from the arguments of a real launch: contiguous inputs have unit
     # inner strides (constexpr 1), allocations are 16-byte aligned and D, V, N are multiples of 16; and
@@ -139,7 +155,14 @@ def test_binaries_carry_the_launch_specialisation(report):
     assert fwd["constexprs"]["stride_hd"] == 1 and fwd["constexprs"]["stride_wd"] == 1
     assert fwd["constexprs"]["UPCAST_DOT"] is False and fwd["constexprs"]["DOT_PRECISION"] == "ieee"
     assert {"h_ptr", "w_ptr", "labels_ptr", "D", "stride_hn", "stride_wv"} <= set(fwd["divisible_by_16"])
-    assert fwd["options"]["maxnreg"] == 128 and fwd["options"]["num_warps"] == 8
+    assert fwd["options"]["maxnreg"] is None and fwd["options"]["num_warps"] == 8
+    assert (fwd["constexprs"]["BLOCK_N"], fwd["constexprs"]["BLOCK_V"], fwd["constexprs"]["BLOCK_D"]) == (
+        128,
+        128,
+        64,
+    )
+    tf32_fwd = _binary(report, "_fwd_kernel", "fp32-tf32", HAS_BIAS=False, HAS_SOFTCAP=False)
+    assert tf32_fwd["options"]["maxnreg"] == 128
     tf32 = _binary(report, "_bwd_atomic_kernel", "fp32-tf32", HAS_BIAS=True, HAS_SOFTCAP=True)
     assert tf32["constexprs"]["DOT_PRECISION"] == "tf32" and tf32["constexprs"]["BLOCK_D"] == 32
     assert tf32["hgmma"] > 0 and "f32/tf32" in tf32["dot_types"]

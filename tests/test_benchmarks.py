@@ -116,30 +116,38 @@ def test_gpu_check_report_is_saved_after_every_row(tmp_path: Path, monkeypatch):
     assert "INCOMPLETE" in (tmp_path / "gpu_check-x.md").read_text()
 
 
-def test_gpu_check_times_the_cublas_default_with_a_wider_budget_too(monkeypatch):
+def test_gpu_check_times_the_settings_chosen_without_a_gpu_against_the_old_ones(monkeypatch):
     # On CUDA the default is the cuBLAS path: after the defaults, one row with a wider memory budget
-    # measures what the 240 MiB default costs in time. The budget is restored afterwards.
+    # measures what the 240 MiB default costs in time, and two rows time the fused forward alone with its
+    # 128 x 128 tiles and with the old 64 x 128 ones. Each setting is restored afterwards.
     import torch
 
     monkeypatch.syspath_prepend(str(BENCH))
     import gpu_check
+    from rankloss.kernels import linear_token_logprobs as kernels
 
     from rankloss.ops import _common, cublas_chunk_plan
 
     args = gpu_check.parse_args([])
     args.device = "cuda"
     plan = gpu_check._timed(args)
-    budgets = [(e[0], e[1], e[2], e[6]) for e in plan if e[6] is not None]
-    assert budgets == [(16384, "fwdbwd", "rankloss_budget640", gpu_check.WIDE_BUDGET_MIB)]
-    first_other = next(i for i, e in enumerate(plan) if e[5] == "triton")
-    assert (
-        max(i for i, e in enumerate(plan) if e[2] == "rankloss")
-        < plan.index(next(e for e in plan if e[6]))
-        < first_other
-    )
+    variants = [(e[0], e[1], e[2], e[6]) for e in plan if e[5] == "triton" and e[1] == "fwd" or e[6]]
+    assert variants == [
+        (16384, "fwdbwd", "rankloss_budget", "cuBLAS budget 640 MiB"),
+        (16384, "fwd", "rankloss_impl_triton", None),
+        (16384, "fwd", "rankloss_impl_triton_fwd_tiles", "forward tiles 64x128"),
+    ]
+    last_default = max(i for i, e in enumerate(plan) if e[2] == "rankloss")
+    first_variant = min(i for i, e in enumerate(plan) if e[6])
+    first_fused_fwdbwd = min(i for i, e in enumerate(plan) if e[5] == "triton" and e[1] == "fwdbwd")
+    assert last_default < first_variant < first_fused_fwdbwd
     assert [e for e in gpu_check._timed(gpu_check.parse_args(["--dry-run"])) if e[6]] == []
-    before = _common.VOCAB_CHUNK_BUDGET_BYTES
-    with gpu_check._cublas_budget(gpu_check.WIDE_BUDGET_MIB):
+    before = (_common.VOCAB_CHUNK_BUDGET_BYTES, dict(kernels.GPU_FWD_BLOCKS["16-bit"]))
+    with gpu_check._variant("cuBLAS budget 640 MiB"):
         wide = cublas_chunk_plan(16384, 152064, 4096, torch.bfloat16, backward=True)
     assert (wide.rows, wide.columns) == (16384, 4096)  # one group of the old default's width
-    assert _common.VOCAB_CHUNK_BUDGET_BYTES == before
+    with gpu_check._variant("forward tiles 64x128"):
+        assert kernels._blocks(torch.device("cuda"), torch.bfloat16, forward=True)["BLOCK_N"] == 64
+        assert kernels.GPU_FWD_CTAS_PER_SM["16-bit"] == 2
+    assert (_common.VOCAB_CHUNK_BUDGET_BYTES, kernels.GPU_FWD_BLOCKS["16-bit"]) == before
+    assert kernels.GPU_FWD_CTAS_PER_SM["16-bit"] == 1

@@ -238,6 +238,42 @@ def test_config_refuses_what_cannot_work(tmp_path):
         ChainRankConfig(output_dir=str(tmp_path), loss="pairwise")
 
 
+def test_kernel_options_reach_the_log_prob_op(tmp_path, tok, monkeypatch):
+    # deterministic and filter_eps (impl="triton" only) go from the config through the loss spec to the
+    # log-prob op, in the rank and in the SFT mode; bad values are refused when the config is made.
+    from rankloss import logprobs as logprobs_module
+    from rankloss.ops import linear_token_logprobs as op_module
+
+    assert config(tmp_path).loss_spec().filter_eps == "auto"
+    assert config(tmp_path, filter_eps="off").loss_spec().filter_eps is None
+    assert config(tmp_path, filter_eps="1e-3", deterministic=True).loss_spec().filter_eps == 1e-3
+    for bad in ("-1", "often", "nan"):
+        with pytest.raises(ValueError, match="filter_eps must be"):
+            config(tmp_path, filter_eps=bad)
+    seen = []
+    real = op_module.linear_token_logprobs_op
+
+    def spy(*args, **kwargs):
+        seen.append(args[9:])  # (deterministic, the resolved filter_eps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs_module, "linear_token_logprobs_op", spy)
+    model = tiny_lm(tok, seed=3)
+    batch = ChainCollator(tok)(records(3, seed=5))
+    eps32 = torch.finfo(torch.float32).eps
+    for filter_eps, deterministic, expected in (
+        ("auto", False, eps32),
+        ("0.25", False, 0.25),
+        ("auto", True, 0.0),
+    ):
+        spec = config(tmp_path, filter_eps=filter_eps, deterministic=deterministic).loss_spec()
+        wrapper = ChainRankModel(model, spec, impl="triton")
+        for mode in ("rank", "sft"):
+            seen.clear()
+            assert torch.isfinite(wrapper(batch, mode=mode)["loss"])
+            assert seen == [(deterministic, expected)], (mode, seen)
+
+
 def test_freeze_vision_and_vision_lr_on_a_vlm(tmp_path):
     import numpy as np
 

@@ -211,13 +211,18 @@ def test_linear_confident_target_keeps_its_bits(impl, kw):
 @pytest.mark.parametrize("config", ["16-bit", "tf32", "ieee"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_triton_gpu_tile_configs_match_float64_reference(monkeypatch, config, deterministic):
-    # The GPU launch configurations (per dtype: bf16/fp16, fp32 with TF32, exact fp32; their resources are
-    # checked by tests/test_aot_report.py) run under the interpreter on odd shapes that cross every tile
-    # boundary (D = 67 is not a multiple of 64, 32 or 16; V = 301 spans partial 64- and 128-wide tiles).
+    # The GPU launch configurations of the forward and the backward (per dtype: bf16/fp16, fp32 with
+    # TF32, exact fp32; their resources are checked by tests/test_aot_report.py) run under the interpreter
+    # on odd shapes that cross every tile boundary (D = 67 is not a multiple of 64, 32 or 16; V = 301
+    # spans partial 64- and 128-wide tiles; N = 37 is one partial 128-row block).
     from rankloss.kernels import linear_token_logprobs as kernels
 
-    blocks = {k: v for k, v in kernels.GPU_BLOCKS[config].items() if k != "num_warps"}
-    monkeypatch.setattr(kernels, "_blocks", lambda device, dtype: dict(blocks))
+    drop = ("num_warps", "maxnreg")
+    blocks = {k: v for k, v in kernels.GPU_BLOCKS[config].items() if k not in drop}
+    fwd_blocks = {k: v for k, v in kernels.GPU_FWD_BLOCKS[config].items() if k not in drop}
+    monkeypatch.setattr(
+        kernels, "_blocks", lambda device, dtype, forward=False: dict(fwd_blocks if forward else blocks)
+    )
     hidden, weight, bias, labels, upstream = _linear_case(37, 67, 301, torch.float32, seed=5)
     kw = dict(softcap=4.0, temperature=0.8)
     fast = _run_linear("triton", hidden, weight, bias, labels, upstream, deterministic=deterministic, **kw)

@@ -70,7 +70,10 @@ class _GenericTextFamily(Family):
 
 @dataclass(frozen=True)
 class LossSpec:
-    """Options of the chain loss (see :func:`rankloss.fused_linear_chain_loss`)."""
+    """Options of the chain loss (see :func:`rankloss.fused_linear_chain_loss`), and two of how its
+    log-probs are computed with ``impl="triton"`` (ignored by the other paths): ``deterministic`` (the
+    backward without atomics) and ``filter_eps`` (gradient filtering: ``"auto"``, ``None`` for off, or a
+    threshold). The SFT mode of :class:`ChainRankModel` uses those two as well."""
 
     loss: str = "plackett_luce"
     beta: float = 0.1
@@ -79,6 +82,8 @@ class LossSpec:
     top_k: int | None = None
     sft_weight: float = 0.0
     length_normalize: bool = False
+    deterministic: bool = False
+    filter_eps: float | str | None = "auto"
 
 
 def _check_prompt(batch: Mapping[str, Any]) -> None:
@@ -321,6 +326,8 @@ class ChainForward:
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
             impl=impl,
+            deterministic=spec.deterministic,
+            filter_eps=spec.filter_eps,
         )
 
     @torch.no_grad()
@@ -475,8 +482,16 @@ class ChainRankModel(nn.Module):
             best["completion_labels"] = y = batch["completion_labels"][first]
             best["chain_sizes"] = torch.ones_like(sizes)
             head = cf.head()
+            spec = spec or self.spec
             logps = linear_token_logprobs(
-                cf.hidden_states(best), head.weight, y, bias=head.bias, softcap=head.softcap, impl=self.impl
+                cf.hidden_states(best),
+                head.weight,
+                y,
+                bias=head.bias,
+                softcap=head.softcap,
+                impl=self.impl,
+                deterministic=spec.deterministic,
+                filter_eps=spec.filter_eps,
             )
             n = (y != IGNORE_INDEX).sum(-1).clamp(min=1)
             nll = -logps.sum(-1) / n.to(logps.dtype)

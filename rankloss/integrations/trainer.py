@@ -62,7 +62,8 @@ class ChainRankConfig(TrainingArguments):
 
     Loss (see :func:`rankloss.fused_linear_chain_loss`): ``loss`` (``"plackett_luce"``, ``"dpo"``,
     ``"lipo"``), ``beta``, ``pairs`` and ``loss_type`` (DPO on chains), ``top_k`` (Plackett-Luce),
-    ``sft_weight``, ``length_normalize``, ``reference_free``.
+    ``sft_weight``, ``length_normalize``, ``reference_free``. Log-probs: ``impl`` and, for
+    ``impl="triton"``, ``deterministic`` and ``filter_eps`` (``"auto"``, ``"off"`` or a number).
     """
 
     loss: str = field(default="plackett_luce", metadata={"help": "plackett_luce, dpo or lipo"})
@@ -79,6 +80,15 @@ class ChainRankConfig(TrainingArguments):
         default=None, metadata={"help": "None: share each prompt where exact; False: full sequences"}
     )
     impl: str | None = field(default=None, metadata={"help": "kernel: None (auto), triton, cublas, torch"})
+    deterministic: bool = field(
+        default=False, metadata={"help": "impl=triton: backward without atomics (bitwise reproducible)"}
+    )
+    filter_eps: str = field(
+        default="auto",
+        metadata={
+            "help": "impl=triton: gradient filtering threshold: auto (eps of the dtype), off, or a number"
+        },
+    )
     max_prompt_length: int | None = field(default=None, metadata={"help": "refuse longer prompts"})
     max_completion_length: int | None = field(default=None, metadata={"help": "truncate completions"})
     num_frames: int | None = field(default=None, metadata={"help": "frames sampled from video files"})
@@ -98,6 +108,25 @@ class ChainRankConfig(TrainingArguments):
             )
         if self.vision_lr is not None and self.freeze_vision:
             raise ValueError("vision_lr is set but freeze_vision=True: the vision encoder does not train")
+        self.filter_eps_value()  # refuse a bad value now, not at the first step
+
+    def filter_eps_value(self) -> float | str | None:
+        """``filter_eps`` as :func:`rankloss.linear_token_logprobs` takes it: ``"auto"``, ``None`` (off:
+        ``"off"``, ``"none"`` or ``"0"``) or a non-negative number."""
+        value = str(self.filter_eps).strip().lower()
+        if value == "auto":
+            return "auto"
+        if value in ("off", "none", "0", "0.0"):
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number >= 0.0 or number == float("inf"):
+            raise ValueError(
+                f"filter_eps must be 'auto', 'off' or a non-negative number, got {self.filter_eps!r}"
+            )
+        return number
 
     def loss_spec(self) -> LossSpec:
         return LossSpec(
@@ -108,6 +137,8 @@ class ChainRankConfig(TrainingArguments):
             top_k=self.top_k,
             sft_weight=self.sft_weight,
             length_normalize=self.length_normalize,
+            deterministic=self.deterministic,
+            filter_eps=self.filter_eps_value(),
         )
 
 
