@@ -119,6 +119,10 @@ LINEAR_DTYPES = {  # profile name -> (torch dtype name, TF32 allowed)
 }
 DTYPES = {**LINEAR_DTYPES, "fp32": ("float32", False)}  # "fp32": kernels without tl.dot
 LINEAR_PATHS = ("triton", "triton-det", "cublas")
+# The fused paths with TMA loads of the weight (rankloss.kernels.linear_token_logprobs.TMA_WEIGHT, off by
+# default): compiled at one N and V (the binaries do not depend on them) for every tensor-core dtype and
+# flag.
+TMA_PATHS = ("triton-tma", "triton-det-tma")
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,11 @@ def profile(quick: bool = False) -> list[Case]:
                     for bias in (False, True):
                         for softcap in (False, True):
                             cases.append(Case(path, dtype, N, V, 4096, bias, softcap))
+    for path in TMA_PATHS:
+        for dtype in ("bf16", "fp16", "fp32-tf32"):  # exact fp32 (no tensor cores) never uses TMA
+            for bias in (False, True):
+                for softcap in (False, True):
+                    cases.append(Case(path, dtype, 16384, 152064, 4096, bias, softcap))
     for dtype in ("bf16", "fp16", "fp32"):
         for N in Ns:
             for V in Vs:
@@ -402,7 +411,7 @@ def run_case(case: Case, hw: Hopper) -> list:
     dtype = getattr(torch, torch_dtype)
     with simulated_gpu(hw, allow_tf32=tf32) as events:
         dev = "cuda"
-        if case.path in LINEAR_PATHS:
+        if case.path in LINEAR_PATHS + TMA_PATHS:
             N, V, D = case.N, case.V, case.D
             h = torch.empty(N, D, dtype=dtype, device=dev)
             w = torch.empty(V, D, dtype=dtype, device=dev)
@@ -423,11 +432,15 @@ def run_case(case: Case, hw: Hopper) -> list:
             else:
                 from rankloss.kernels import linear_token_logprobs as L
 
-                logp, lse = L.linear_token_logprobs_forward(h, w, labels, b, IGNORE_INDEX, 1.0, softcap)
-                grads = L.linear_token_logprobs_backward(
-                    grad, h, w, labels, b, logp, lse, IGNORE_INDEX, 1.0, softcap,
-                    deterministic=case.path == "triton-det",
-                )  # fmt: skip
+                saved, L.TMA_WEIGHT = L.TMA_WEIGHT, case.path in TMA_PATHS
+                try:
+                    logp, lse = L.linear_token_logprobs_forward(h, w, labels, b, IGNORE_INDEX, 1.0, softcap)
+                    grads = L.linear_token_logprobs_backward(
+                        grad, h, w, labels, b, logp, lse, IGNORE_INDEX, 1.0, softcap,
+                        deterministic=case.path.startswith("triton-det"),
+                    )  # fmt: skip
+                finally:
+                    L.TMA_WEIGHT = saved
             # What the allocator held at its peak beyond the inputs and the returned gradients (the
             # measure gpu_check.py takes with torch.cuda.max_memory_allocated).
             returned = sum(t.numel() * t.element_size() for t in grads if t is not None)
@@ -1028,7 +1041,7 @@ def build_report(cases: list[Case], hw: Hopper, jobs: int, log=print) -> dict:
     estimates = {
         case.label: dict(case=dataclasses.asdict(case), **path_estimate(case, events, binaries, hw))
         for case, events in per_case.items()
-        if case.path in LINEAR_PATHS
+        if case.path in LINEAR_PATHS + TMA_PATHS
     }
     import triton
 
@@ -1069,8 +1082,9 @@ def summary_rows(report: dict) -> list[dict]:
     """One row per kernel and dtype: the worst case over its binaries (bias/soft-cap, V, N, modes)."""
     groups: dict = defaultdict(list)
     for b in report["binaries"]:
+        tma = " (TMA weight)" if b["constexprs"].get("W_TMA") else ""
         for dt in b["dtypes"]:
-            groups[(f"{b['module']}.{b['kernel']}", dt)].append(b)
+            groups[(f"{b['module']}.{b['kernel']}{tma}", dt)].append(b)
     rows = []
     for (kernel, dt), bs in sorted(groups.items(), key=lambda kv: (kv[0][0], list(DTYPES).index(kv[0][1]))):
 

@@ -89,12 +89,32 @@ def _operand(x, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def _raw_logit_tile(
-    h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+def _weight_tile(
+    w_ptr, w_desc, cols, col_mask, v0, d0, D, stride_wv, stride_wd, BLOCK_D: tl.constexpr, W_TMA: tl.constexpr
 ):
-    # a[n, j] = sum_d h[rows[n], d] * W[cols[j], d], accumulated in fp32 over BLOCK_D slices of D.
+    # W[v0 : v0 + BLOCK_V, d0 : d0 + BLOCK_D] (cols = v0 + arange(BLOCK_V)), 0 outside the valid columns
+    # and D: through the TMA descriptor w_desc (which zero-fills outside W; the columns past col_mask are
+    # only ever past V) when W_TMA, else a masked pointer load.
+    if W_TMA:
+        w = w_desc.load([v0, d0])
+    else:
+        dd = d0 + tl.arange(0, BLOCK_D)
+        w = tl.load(
+            w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
+            mask=col_mask[:, None] & (dd < D)[None, :],
+            other=0.0,
+        )
+    return w
+
+
+@triton.jit
+def _raw_logit_tile(
+    h_ptr, w_ptr, w_desc, rows, row_mask, cols, col_mask, v0, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, W_TMA: tl.constexpr,
+):
+    # a[n, j] = sum_d h[rows[n], d] * W[cols[j], d], accumulated in fp32 over BLOCK_D slices of D. The rows
+    # of h are gathered (pointer loads); W's tile is contiguous (a TMA load when W_TMA).
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -104,11 +124,7 @@ def _raw_logit_tile(
             mask=row_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
-            mask=col_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
+        w = _weight_tile(w_ptr, w_desc, cols, col_mask, v0, d0, D, stride_wv, stride_wd, BLOCK_D, W_TMA)
         acc = tl.dot(
             _operand(h, UPCAST_DOT), tl.trans(_operand(w, UPCAST_DOT)), acc, input_precision=DOT_PRECISION
         )
@@ -117,11 +133,11 @@ def _raw_logit_tile(
 
 @triton.jit
 def _grad_logit_tile(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+    h_ptr, w_ptr, w_desc, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask, v0,
     D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, filter_thresh,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, FILTER: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, FILTER: tl.constexpr, W_TMA: tl.constexpr,
 ):
     # (dLoss/da for a [BLOCK_N, BLOCK_V] tile, whether the tile matters), recomputing the logits (see the
     # module docstring); dLoss/da is 0 outside the valid rows and columns. The target entry takes 1 - p_y
@@ -129,8 +145,8 @@ def _grad_logit_tile(
     # matters (1) unless every valid entry is a non-target p_j < filter_thresh * (1 - p_y) of its row
     # (filter_thresh = filter_eps / V; 0 keeps every tile); without FILTER it always matters.
     a = _raw_logit_tile(
-        h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-        BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+        h_ptr, w_ptr, w_desc, rows, row_mask, cols, col_mask, v0, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, W_TMA,
     )
     if HAS_BIAS:
         a += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -162,6 +178,7 @@ def _grad_logit_tile(
 def _fwd_kernel(
     h_ptr,  # [N, D] hidden states (strides stride_hn, stride_hd)
     w_ptr,  # [V, D] LM-head weight (strides stride_wv, stride_wd)
+    w_desc,  # TMA descriptor of w's [BLOCK_V, BLOCK_D] tiles when W_TMA (else w_ptr again, unused)
     b_ptr,  # [V] bias (unused unless HAS_BIAS)
     labels_ptr,  # [N] int labels, indexed by original row
     rows_ptr,  # [N] int64 row order: scored rows first
@@ -185,6 +202,7 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,  # slice of D per tl.dot
     DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32, "tf32" when the user allows it
     UPCAST_DOT: tl.constexpr,  # widen tl.dot operands to fp32 (the CPU interpreter's bfloat16 dot is wrong)
+    W_TMA: tl.constexpr,  # load the weight tiles through w_desc (TMA) instead of pointers
 ):
     # A 1-D grid with the vocabulary split fastest: the programs resident at one time share few row blocks
     # (their re-reads of the rows, one per vocabulary tile, then come from L2) and walk the same weight
@@ -209,8 +227,8 @@ def _fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         a = _raw_logit_tile(
-            h_ptr, w_ptr, rows, row_mask, cols, col_mask, D, stride_hn, stride_hd, stride_wv, stride_wd,
-            BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT,
+            h_ptr, w_ptr, w_desc, rows, row_mask, cols, col_mask, v0, D, stride_hn, stride_hd, stride_wv, stride_wd,
+            BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, W_TMA,
         )
         if HAS_BIAS:
             a += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -235,6 +253,7 @@ def _fwd_kernel(
 def _bwd_atomic_kernel(
     h_ptr,  # [N, D] hidden states
     w_ptr,  # [V, D] LM-head weight
+    w_desc,  # TMA descriptor of w's [BLOCK_V, BLOCK_D] tiles when W_TMA (else w_ptr again, unused)
     b_ptr,  # [V] bias (unused unless HAS_BIAS)
     labels_ptr,  # [N] int labels
     rows_ptr,  # [N] int64 row order: scored rows first
@@ -254,6 +273,7 @@ def _bwd_atomic_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     GROUP_N: tl.constexpr,  # row blocks per group of the program order (see below)
+    W_TMA: tl.constexpr,  # load the weight tiles through w_desc (TMA) instead of pointers
 ):
     # Program order: a 1-D grid walked in groups of GROUP_N row blocks, the row block fastest within a
     # group, then the vocabulary tile. The programs resident at one time (one per SM) then cover about
@@ -274,12 +294,13 @@ def _bwd_atomic_kernel(
     offs = start + tl.arange(0, BLOCK_N)
     row_mask = offs < n_valid
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+    v0 = pid_v * BLOCK_V  # the tile's first column (the TMA coordinate)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     da, matters = _grad_logit_tile(
-        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+        h_ptr, w_ptr, w_desc, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask, v0,
         D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, filter_thresh,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, True,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, True, W_TMA,
     )
     if COMPUTE_DB:  # d bias is one row sum: kept exact, filtered or not
         tl.atomic_add(db_ptr + cols, tl.sum(da, axis=0), mask=col_mask, sem="relaxed")
@@ -293,11 +314,7 @@ def _bwd_atomic_kernel(
         dd = d0 + tl.arange(0, BLOCK_D)
         d_mask = dd < D
         if COMPUTE_DH:
-            w = tl.load(
-                w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
+            w = _weight_tile(w_ptr, w_desc, cols, col_mask, v0, d0, D, stride_wv, stride_wd, BLOCK_D, W_TMA)
             dh = tl.dot(_operand(da_lp, UPCAST_DOT), _operand(w, UPCAST_DOT), input_precision=DOT_PRECISION)
             tl.atomic_add(
                 dh_ptr + rows[:, None] * D + dd[None, :], dh, mask=row_mask[:, None] & d_mask[None, :], sem="relaxed"
@@ -316,14 +333,14 @@ def _bwd_atomic_kernel(
 
 @triton.jit
 def _bwd_dhidden_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    h_ptr, w_ptr, w_desc, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
     dh_ptr,  # [N, D] fp32 d hidden (contiguous), zero-initialised; this program owns its row block
     V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
     inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, W_TMA: tl.constexpr,
 ):
     # Deterministic d hidden: one program per row block, vocabulary tiles visited in a fixed order.
     pid_n = tl.program_id(0)
@@ -338,19 +355,15 @@ def _bwd_dhidden_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         da, _ = _grad_logit_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            h_ptr, w_ptr, w_desc, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask, v0,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, 0.0,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, False,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, False, W_TMA,
         )
         da = da.to(h_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
-            w = tl.load(
-                w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dd[None, :] * stride_wd,
-                mask=col_mask[:, None] & (dd < D)[None, :],
-                other=0.0,
-            )
+            w = _weight_tile(w_ptr, w_desc, cols, col_mask, v0, d0, D, stride_wv, stride_wd, BLOCK_D, W_TMA)
             ptrs = dh_ptr + rows[:, None] * D + dd[None, :]
             acc = tl.load(ptrs, mask=mask, other=0.0)
             acc = tl.dot(_operand(da, UPCAST_DOT), _operand(w, UPCAST_DOT), acc, input_precision=DOT_PRECISION)
@@ -359,7 +372,7 @@ def _bwd_dhidden_kernel(
 
 @triton.jit
 def _bwd_dweight_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
+    h_ptr, w_ptr, w_desc, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, omp_ptr, grad_ptr,  # as in _bwd_atomic_kernel
     dw_ptr,  # [V, D] fp32 d weight (contiguous); this program owns its vocabulary tile
     db_ptr,  # [V] fp32 d bias; this program owns its vocabulary tile
     V, D,
@@ -367,11 +380,12 @@ def _bwd_dweight_kernel(
     inv_temp, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, W_TMA: tl.constexpr,
 ):
     # Deterministic d weight and d bias: one program per vocabulary tile, scored row blocks in order.
     pid_v = tl.program_id(0)
     n_valid = tl.load(n_valid_ptr)
+    v0 = pid_v * BLOCK_V  # the tile's first column (the TMA coordinate)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     db = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -380,9 +394,9 @@ def _bwd_dweight_kernel(
         row_mask = offs < n_valid
         rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
         da, _ = _grad_logit_tile(
-            h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask,
+            h_ptr, w_ptr, w_desc, b_ptr, labels_ptr, lse_ptr, omp_ptr, grad_ptr, rows, row_mask, cols, col_mask, v0,
             D, stride_hn, stride_hd, stride_wv, stride_wd, inv_temp, softcap, 0.0,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, False,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, UPCAST_DOT, False, W_TMA,
         )
         db += tl.sum(da, axis=0)
         if COMPUTE_DW:
@@ -449,6 +463,38 @@ INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32)
 # The interpreter uses 2, so that test shapes have several groups and a partial one.
 GROUP_N = 16
 INTERPRETER_GROUP_N = 2
+
+
+# TMA (Hopper's tensor memory accelerator) for the weight operand: the fused kernels load W's
+# [BLOCK_V, BLOCK_D] tiles through a host-side tensor descriptor (triton.tools.tensor_descriptor, in
+# Triton 3.6 and 3.8) instead of 16-byte cp.async pointer loads. hidden's rows are gathered through the
+# scored-rows-first index, which sm_90's TMA cannot do (tiled loads only), so they stay pointer loads. Off
+# until a GPU measures it: benchmarks/gpu_check.py times the fused path with and without it, and the
+# sm_90 report (benchmarks/aot_report.py) compiles both.
+TMA_WEIGHT = False
+
+
+def _weight_operand(weight: torch.Tensor, blocks: dict[str, int]) -> tuple[object, bool]:
+    """``(w_desc, W_TMA)``: a TMA descriptor of ``weight``'s ``[BLOCK_V, BLOCK_D]`` tiles when
+    ``TMA_WEIGHT`` is on, the products run on the tensor cores (16-bit inputs, or fp32 with TF32: exact
+    fp32 on CUDA cores gains nothing and spills 48-112 B per thread with it) and ``weight`` meets TMA's
+    rules (unit inner stride, 16-byte aligned base and row stride, rows of at least 16 bytes), else
+    ``(weight, False)`` (the argument is then unused)."""
+    exact_fp32_on_gpu = weight.device.type == "cuda" and _config(weight.dtype) == "ieee"
+    if not TMA_WEIGHT or exact_fp32_on_gpu:
+        return weight, False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - Triton before 3.4
+        return weight, False
+    size = weight.element_size()
+    if type(weight).__name__ == "FakeTensor":  # the sm_90 report: allocations are 512-byte aligned
+        base = weight.storage_offset() * size
+    else:
+        base = weight.data_ptr()
+    if weight.stride(1) != 1 or (weight.stride(0) * size) % 16 or base % 16 or weight.shape[1] * size < 16:
+        return weight, False
+    return TensorDescriptor.from_tensor(weight, [blocks["BLOCK_V"], blocks["BLOCK_D"]]), True
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -530,14 +576,15 @@ def linear_token_logprobs_forward(
     part_max = torch.full((split_v, N), -float("inf"), dtype=torch.float32, device=device)
     part_sum = torch.zeros((split_v, N), dtype=torch.float32, device=device)
     part_target = torch.zeros((split_v, N), dtype=torch.float32, device=device)
+    w_desc, w_tma = _weight_operand(weight, blocks)
     _fwd_kernel[(split_v * row_blocks,)](
-        hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid,
+        hidden, weight, w_desc, bias if bias is not None else hidden, labels, rows, n_valid,
         part_max, part_sum, part_target,
         N, V, D,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature, float(softcap or 1.0), v_per_split, split_v,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", W_TMA=w_tma, **blocks,
     )
     # Merge the splits: lso = M + log(sum_s S_s exp(M_s - M)), the log-sum-exp of the non-target logits
     # (-inf when there is none: V = 1). Ignored rows are zeroed by logprobs_from_others.
@@ -611,12 +658,14 @@ def linear_token_logprobs_backward(
             V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature, float(softcap or 1.0),
         )
+        w_desc, w_tma = _weight_operand(weight, blocks)
         meta = dict(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-            DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", **blocks,
+            DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=device.type != "cuda", W_TMA=w_tma, **blocks,
         )
         inputs = (
-            hidden, weight, bias if bias is not None else hidden, labels, rows, n_valid, lse, one_minus_p, grad_out
+            hidden, weight, w_desc, bias if bias is not None else hidden, labels, rows, n_valid, lse, one_minus_p,
+            grad_out,
         )  # fmt: skip
         dummy = lse  # any fp32 tensor for pointers that a constexpr switch leaves unused
         if deterministic:

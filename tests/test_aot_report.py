@@ -98,12 +98,39 @@ def test_the_report_covers_every_kernel_and_the_whole_profile(report):
         (False, True),
         (False, True),
     )
-    assert linear == set(expected)
+    tma = itertools.product(
+        ("triton-tma", "triton-det-tma"),
+        ("bf16", "fp16", "fp32-tf32"),
+        (16384,),
+        (152064,),
+        (False, True),
+        (False, True),
+    )
+    assert linear == set(expected) | set(tma)
     assert all(e["case"]["D"] == 4096 for e in report["estimates"].values())
     # Each fused kernel compiles to one binary per dtype and bias/soft-cap flag pair: N and V (both
     # multiples of 16) change the grid, not the binary.
     fused = [b for b in report["binaries"] if b["module"] == "linear_token_logprobs"]
-    assert len(fused) == 4 * 4 * 4, len(fused)
+    assert len(fused) == 4 * 4 * 4 + 4 * 3 * 4, len(
+        fused
+    )  # and with TMA loads of the weight (not exact fp32)
+
+
+def test_tma_weight_loads_compile_to_tma_instructions(report):
+    # With W_TMA (16-bit and TF32 inputs) the weight tiles come through a tensor descriptor: UTMALDG in the
+    # SASS of every fused kernel (the gathered rows of hidden stay cp.async); without it no kernel has a
+    # TMA instruction.
+    fused = [b for b in report["binaries"] if b["module"] == "linear_token_logprobs"]
+    with_tma = [b for b in fused if b["constexprs"].get("W_TMA")]
+    assert len(with_tma) == 4 * 3 * 4  # kernels x tensor-core dtypes x bias/soft-cap
+    assert {b["kernel"] for b in with_tma} == {
+        "_fwd_kernel",
+        "_bwd_atomic_kernel",
+        "_bwd_dhidden_kernel",
+        "_bwd_dweight_kernel",
+    }
+    for b in fused:
+        assert (b["tma"] > 0) == bool(b["constexprs"].get("W_TMA")), (b["kernel"], b["variant"], b["tma"])
 
 
 def _binary(report, kernel: str, dtype: str, **constexprs) -> dict:
@@ -138,7 +165,7 @@ def test_the_forward_launcher_knows_how_many_programs_an_sm_holds(report):
 
     config = {"bf16": "16-bit", "fp16": "16-bit", "fp32-tf32": "tf32", "fp32-ieee": "ieee"}
     fwd = [b for b in report["binaries"] if b["kernel"] == "_fwd_kernel"]
-    assert len(fwd) == 16
+    assert len(fwd) == 16 + 12  # 4 dtypes x bias x soft-cap; with TMA loads of the weight, 3 dtypes
     for b in fwd:
         (dtype,) = b["dtypes"]
         assert b["ctas_per_sm"] == kernels.GPU_FWD_CTAS_PER_SM[config[dtype]], (
@@ -151,7 +178,7 @@ def test_binaries_carry_the_launch_specialisation(report):
     # What Triton's launcher derives from the arguments of a real launch: contiguous inputs have unit
     # inner strides (constexpr 1), allocations are 16-byte aligned and D, V, N are multiples of 16; and
     # what the launchers choose per dtype (tiles, warps, the forward's register cap).
-    fwd = _binary(report, "_fwd_kernel", "bf16", HAS_BIAS=False, HAS_SOFTCAP=False)
+    fwd = _binary(report, "_fwd_kernel", "bf16", HAS_BIAS=False, HAS_SOFTCAP=False, W_TMA=False)
     assert fwd["constexprs"]["stride_hd"] == 1 and fwd["constexprs"]["stride_wd"] == 1
     assert fwd["constexprs"]["UPCAST_DOT"] is False and fwd["constexprs"]["DOT_PRECISION"] == "ieee"
     assert {"h_ptr", "w_ptr", "labels_ptr", "D", "stride_hn", "stride_wv"} <= set(fwd["divisible_by_16"])
@@ -161,12 +188,12 @@ def test_binaries_carry_the_launch_specialisation(report):
         128,
         64,
     )
-    tf32_fwd = _binary(report, "_fwd_kernel", "fp32-tf32", HAS_BIAS=False, HAS_SOFTCAP=False)
+    tf32_fwd = _binary(report, "_fwd_kernel", "fp32-tf32", HAS_BIAS=False, HAS_SOFTCAP=False, W_TMA=False)
     assert tf32_fwd["options"]["maxnreg"] == 128
-    tf32 = _binary(report, "_bwd_atomic_kernel", "fp32-tf32", HAS_BIAS=True, HAS_SOFTCAP=True)
+    tf32 = _binary(report, "_bwd_atomic_kernel", "fp32-tf32", HAS_BIAS=True, HAS_SOFTCAP=True, W_TMA=False)
     assert tf32["constexprs"]["DOT_PRECISION"] == "tf32" and tf32["constexprs"]["BLOCK_D"] == 32
     assert tf32["hgmma"] > 0 and "f32/tf32" in tf32["dot_types"]
-    ieee = _binary(report, "_bwd_atomic_kernel", "fp32-ieee", HAS_BIAS=True, HAS_SOFTCAP=True)
+    ieee = _binary(report, "_bwd_atomic_kernel", "fp32-ieee", HAS_BIAS=True, HAS_SOFTCAP=True, W_TMA=False)
     assert ieee["constexprs"]["DOT_PRECISION"] == "ieee" and ieee["hgmma"] == 0
     assert _binary(report, "_token_logprobs_bwd_kernel", "bf16")["constexprs"]["BLOCK_V"] == 4096
 

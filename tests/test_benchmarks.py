@@ -136,11 +136,16 @@ def test_gpu_check_times_the_settings_chosen_without_a_gpu_against_the_old_ones(
         (16384, "fwdbwd", "rankloss_budget", "cuBLAS budget 640 MiB"),
         (16384, "fwd", "rankloss_impl_triton", None),
         (16384, "fwd", "rankloss_impl_triton_fwd_tiles", "forward tiles 64x128"),
+        (16384, "fwd", "rankloss_impl_triton_tma", "TMA weight"),
+        (16384, "fwdbwd", "rankloss_impl_triton_tma", "TMA weight"),
     ]
     last_default = max(i for i, e in enumerate(plan) if e[2] == "rankloss")
     first_variant = min(i for i, e in enumerate(plan) if e[6])
-    first_fused_fwdbwd = min(i for i, e in enumerate(plan) if e[5] == "triton" and e[1] == "fwdbwd")
-    assert last_default < first_variant < first_fused_fwdbwd
+    first_fused_fwdbwd = min(
+        i for i, e in enumerate(plan) if e[5] == "triton" and e[1] == "fwdbwd" and not e[6]
+    )
+    last_variant = max(i for i, e in enumerate(plan) if e[6])
+    assert last_default < first_variant < last_variant < first_fused_fwdbwd
     assert [e for e in gpu_check._timed(gpu_check.parse_args(["--dry-run"])) if e[6]] == []
     before = (_common.VOCAB_CHUNK_BUDGET_BYTES, dict(kernels.GPU_FWD_BLOCKS["16-bit"]))
     with gpu_check._variant("cuBLAS budget 640 MiB"):
@@ -149,5 +154,8 @@ def test_gpu_check_times_the_settings_chosen_without_a_gpu_against_the_old_ones(
     with gpu_check._variant("forward tiles 64x128"):
         assert kernels._blocks(torch.device("cuda"), torch.bfloat16, forward=True)["BLOCK_N"] == 64
         assert kernels.GPU_FWD_CTAS_PER_SM["16-bit"] == 2
+    with gpu_check._variant("TMA weight"):
+        assert kernels.TMA_WEIGHT is True
+    assert kernels.TMA_WEIGHT is False
     assert (_common.VOCAB_CHUNK_BUDGET_BYTES, kernels.GPU_FWD_BLOCKS["16-bit"]) == before
     assert kernels.GPU_FWD_CTAS_PER_SM["16-bit"] == 1

@@ -233,6 +233,54 @@ def test_triton_gpu_tile_configs_match_float64_reference(monkeypatch, config, de
         torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("config", ["interpreter", "16-bit", "tf32"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_tma_weight_loads_match_float64_reference(monkeypatch, config, deterministic):
+    # TMA_WEIGHT: the weight tiles come through a tensor descriptor (zero-filled past V and D) in the
+    # forward, the atomic backward and both deterministic kernels. D = 72 is a multiple of neither 64 nor
+    # 32 (the last slice of D is partial), V = 301 ends in a partial tile, N = 37 in a partial row block.
+    from rankloss.kernels import linear_token_logprobs as kernels
+
+    monkeypatch.setattr(kernels, "TMA_WEIGHT", True)
+    if config != "interpreter":
+        drop = ("num_warps", "maxnreg")
+        blocks = {k: v for k, v in kernels.GPU_BLOCKS[config].items() if k not in drop}
+        fwd_blocks = {k: v for k, v in kernels.GPU_FWD_BLOCKS[config].items() if k not in drop}
+        monkeypatch.setattr(
+            kernels, "_blocks", lambda device, dtype, forward=False: dict(fwd_blocks if forward else blocks)
+        )
+    used = []
+    real = kernels._weight_operand
+    monkeypatch.setattr(kernels, "_weight_operand", lambda w, b: used.append(real(w, b)[1]) or real(w, b))
+    hidden, weight, bias, labels, upstream = _linear_case(37, 72, 301, torch.float32, seed=9)
+    kw = dict(softcap=4.0, temperature=0.8, filter_eps=None)
+    fast = _run_linear("triton", hidden, weight, bias, labels, upstream, deterministic=deterministic, **kw)
+    assert used == [True, True]  # forward and backward
+    kw.pop("filter_eps")
+    truth = _run_linear(
+        "reference", hidden.double(), weight.double(), bias.double(), labels, upstream.double(), **kw
+    )
+    for f, t in zip(fast, truth):
+        torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_tma_weight_loads_fall_back_where_tma_cannot_go(monkeypatch):
+    # TMA needs 16-byte aligned rows and a unit inner stride; exact fp32 (CUDA cores) never uses it.
+    from rankloss.kernels import linear_token_logprobs as kernels
+
+    monkeypatch.setattr(kernels, "TMA_WEIGHT", True)
+    blocks = dict(BLOCK_V=64, BLOCK_D=32)
+    assert kernels._weight_operand(torch.zeros(10, 8), blocks)[1] is True
+    assert kernels._weight_operand(torch.zeros(10, 7), blocks)[1] is False  # 28-byte rows
+    assert kernels._weight_operand(torch.zeros(8, 10).T, blocks)[1] is False  # column-major
+    assert kernels._weight_operand(torch.zeros(10, 9)[:, 1:], blocks)[1] is False  # 36-byte row stride
+    assert kernels._weight_operand(torch.zeros(10, 4), blocks)[1] is True  # 16-byte rows
+    monkeypatch.setattr(kernels, "TMA_WEIGHT", False)
+    assert kernels._weight_operand(torch.zeros(10, 8), blocks)[1] is False
+
+
 @pytest.mark.parametrize("env", ["0", "1"])
 def test_cublas_path_errors_name_the_problem(monkeypatch, env):
     monkeypatch.setenv("TRITON_INTERPRET", env)
