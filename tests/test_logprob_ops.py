@@ -154,22 +154,32 @@ def test_triton_linear_hypothesis_shapes(N, D, V, seed, softcap, temperature, de
 
 
 @pytest.mark.triton
-@settings(max_examples=10)
+@settings(max_examples=12)
 @given(
     N=st.integers(1, 40),
     D=st.integers(1, 50),
     V=st.integers(2, 300),
     chunk=st.one_of(st.none(), st.integers(1, 130)),
+    budget=st.sampled_from([None, 2000, 30000]),
     seed=st.integers(0, 2**16),
     softcap=st.sampled_from([None, 3.0]),
     temperature=st.sampled_from([1.0, 0.6]),
     bias=st.booleans(),
 )
-def test_cublas_linear_hypothesis_shapes_and_chunks(N, D, V, chunk, seed, softcap, temperature, bias):
-    # Vocabulary chunks of any width (1 column, not dividing V, wider than V) against the float64 truth.
+def test_cublas_linear_hypothesis_shapes_and_chunks(N, D, V, chunk, budget, seed, softcap, temperature, bias):
+    # Vocabulary chunks of any width (1 column, not dividing V, wider than V) and row groups (a memory
+    # budget of a few rows) against the float64 truth. The budget is read at each call.
+    from rankloss.ops import _common
+
     hidden, weight, b, labels, upstream = _linear_case(N, D, V, torch.float32, seed=seed, bias=bias)
     kw = dict(softcap=softcap, temperature=temperature)
-    fast = _run_linear("cublas", hidden, weight, b, labels, upstream, chunk_size=chunk, **kw)
+    saved = _common.VOCAB_CHUNK_BUDGET_BYTES
+    _common.VOCAB_CHUNK_BUDGET_BYTES = budget or saved
+    try:
+        fast = _run_linear("cublas", hidden, weight, b, labels, upstream, chunk_size=chunk, **kw)
+        again = _run_linear("cublas", hidden, weight, b, labels, upstream, chunk_size=chunk, **kw)
+    finally:
+        _common.VOCAB_CHUNK_BUDGET_BYTES = saved
     b64 = b.double() if b is not None else None
     truth = _run_linear("reference", hidden.double(), weight.double(), b64, labels, upstream.double(), **kw)
     for f, t in zip(fast, truth):
@@ -177,7 +187,6 @@ def test_cublas_linear_hypothesis_shapes_and_chunks(N, D, V, chunk, seed, softca
             assert f is None
             continue
         torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
-    again = _run_linear("cublas", hidden, weight, b, labels, upstream, chunk_size=chunk, **kw)
     assert all(x is None and y is None or torch.equal(x, y) for x, y in zip(fast, again))  # no atomics
 
 
