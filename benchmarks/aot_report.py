@@ -123,6 +123,9 @@ LINEAR_PATHS = ("triton", "triton-det", "cublas")
 # default): compiled at one N and V (the binaries do not depend on them) for every tensor-core dtype and
 # flag.
 TMA_PATHS = ("triton-tma", "triton-det-tma")
+# The cuBLAS path keeping every fp32 logit chunk from the forward for the backward (cache_bytes = N V 4):
+# one N and V, tensor-core dtypes, every flag.
+CACHE_PATHS = ("cublas-cache",)
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def profile(quick: bool = False) -> list[Case]:
                     for bias in (False, True):
                         for softcap in (False, True):
                             cases.append(Case(path, dtype, N, V, 4096, bias, softcap))
-    for path in TMA_PATHS:
+    for path in TMA_PATHS + CACHE_PATHS:
         for dtype in ("bf16", "fp16", "fp32-tf32"):  # exact fp32 (no tensor cores) never uses TMA
             for bias in (False, True):
                 for softcap in (False, True):
@@ -411,7 +414,7 @@ def run_case(case: Case, hw: Hopper) -> list:
     dtype = getattr(torch, torch_dtype)
     with simulated_gpu(hw, allow_tf32=tf32) as events:
         dev = "cuda"
-        if case.path in LINEAR_PATHS + TMA_PATHS:
+        if case.path in LINEAR_PATHS + TMA_PATHS + CACHE_PATHS:
             N, V, D = case.N, case.V, case.D
             h = torch.empty(N, D, dtype=dtype, device=dev)
             w = torch.empty(V, D, dtype=dtype, device=dev)
@@ -420,15 +423,18 @@ def run_case(case: Case, hw: Hopper) -> list:
             grad = torch.empty(N, dtype=torch.float32, device=dev)
             softcap = SOFTCAP if case.softcap else None
             inputs = events.memory.mark()
-            if case.path == "cublas":
+            if case.path in ("cublas", "cublas-cache"):
                 from rankloss.ops import linear_token_logprobs as ops
 
-                logp, lse = ops.linear_token_logprobs_cublas_forward(
-                    h, w, labels, b, IGNORE_INDEX, 1.0, softcap, 0
+                cache_bytes = N * V * 4 if case.path == "cublas-cache" else 0
+                logp, lse, cache = ops.linear_token_logprobs_cublas_forward(
+                    h, w, labels, b, IGNORE_INDEX, 1.0, softcap, 0, cache_bytes=cache_bytes
                 )
                 grads = ops.linear_token_logprobs_cublas_backward(
-                    grad, h, w, labels, b, logp, lse, IGNORE_INDEX, 1.0, softcap, 0, True, True, b is not None
-                )
+                    grad, h, w, labels, b, logp, lse, IGNORE_INDEX, 1.0, softcap, 0,
+                    True, True, b is not None, cache=cache,
+                )  # fmt: skip
+                del cache
             else:
                 from rankloss.kernels import linear_token_logprobs as L
 
@@ -932,9 +938,10 @@ _KERNEL_MODELS = {
     "_bwd_dhidden_kernel": _bwd_dhidden_model,
     "_bwd_dweight_kernel": _bwd_dweight_model,
     "_lse_chunk_kernel": _streams(("z_ptr", None), ("b_ptr", "HAS_BIAS")),
-    # z read; dA written in the products' dtype, and over z in fp32 for the bias gradient (WRITE_F32)
+    # z read; dA written in the products' dtype, and in fp32 for the bias gradient (WRITE_F32: over z, or
+    # into a buffer when z is the forward's cached chunk)
     "_grad_chunk_kernel": _streams(
-        ("z_ptr", None), ("b_ptr", "HAS_BIAS"), ("da_ptr", None), ("z_ptr", "WRITE_F32")
+        ("z_ptr", None), ("b_ptr", "HAS_BIAS"), ("da_ptr", None), ("g32_ptr", "WRITE_F32")
     ),
     "_token_logprobs_fwd_kernel": _streams(("logits_ptr", None)),
     "_token_logprobs_bwd_kernel": _streams(("logits_ptr", None), ("grad_logits_ptr", None)),
@@ -1041,7 +1048,7 @@ def build_report(cases: list[Case], hw: Hopper, jobs: int, log=print) -> dict:
     estimates = {
         case.label: dict(case=dataclasses.asdict(case), **path_estimate(case, events, binaries, hw))
         for case, events in per_case.items()
-        if case.path in LINEAR_PATHS + TMA_PATHS
+        if case.path in LINEAR_PATHS + TMA_PATHS + CACHE_PATHS
     }
     import triton
 

@@ -76,6 +76,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BETA = 0.1
 
 
+# Keyword arguments added to every rankloss.linear_token_logprobs call of a log-prob case prepared while
+# they are set (gpu_check.py's variants, e.g. cache_bytes); empty by default.
+RANKLOSS_OPTIONS: dict = {}
+
+
 class Unavailable(RuntimeError):
     """An implementation that cannot run here (a missing package, or Triton without a GPU)."""
 
@@ -357,8 +362,9 @@ def _prepare_logprobs(case: Case, seed: int) -> Prepared:
         forward = lambda h, w: f(h, w, labels)
     elif case.impl in ("rankloss", "rankloss_det"):
         det = case.impl == "rankloss_det"
+        rl_options = dict(RANKLOSS_OPTIONS)  # read when the case is prepared
         forward = lambda h, w: rankloss.linear_token_logprobs(
-            h, w, labels, impl=case.backend, deterministic=det
+            h, w, labels, impl=case.backend, deterministic=det, **rl_options
         )
     elif case.impl == "liger":
         if case.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -347,12 +347,15 @@ def check_last_tile_targets(args: argparse.Namespace, V: int, repeats: int = 20)
 #   the 128 x 128 default (one per SM).
 # * TMA loads of the weight in the fused kernels (rankloss.kernels.linear_token_logprobs.TMA_WEIGHT), off
 #   by default until measured; its correctness is checked with the other paths.
+# * The cuBLAS path's logit cache (cache_bytes=N*V*4: no recomputation in the backward, 9.3 GiB at
+#   N=16384), opt-in: what memory buys against the naive path.
 WIDE_BUDGET_MIB = 640
 OLD_FWD_TILES = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, maxnreg=128)
 VARIANTS = {
     f"cuBLAS budget {WIDE_BUDGET_MIB} MiB": "budget",
     "forward tiles 64x128": "fwd_tiles",
     "TMA weight": "tma",  # the fused kernels load the weight through TMA descriptors (off by default)
+    "logit cache": "cache",  # the cuBLAS path keeps every fp32 logit chunk: cache_bytes = N V 4
 }
 
 
@@ -387,6 +390,7 @@ def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str 
             plan.append(rankloss_entry(N, mode, default))
     cublas_default = default[1] == "cublas" or (default[1] is None and args.device == "cuda")
     if cublas_default:
+        plan.append(rankloss_entry(Ns[0], "fwdbwd", default, "logit cache"))
         plan.append(rankloss_entry(Ns[0], "fwdbwd", default, f"cuBLAS budget {WIDE_BUDGET_MIB} MiB"))
     triton_atomic = next((p for p in others if p[1] == "triton" and not p[2]), None)
     if triton_atomic is not None and args.device == "cuda":
@@ -404,8 +408,10 @@ def _timed(args: argparse.Namespace) -> list[tuple[int, str, str, str, str, str 
 
 
 @contextlib.contextmanager
-def _variant(variant: str | None):
-    """Run with the setting of ``variant`` (a key of ``VARIANTS``; None: the defaults), restored after."""
+def _variant(variant: str | None, N: int = 0, V: int = 0):
+    """Run with the setting of ``variant`` (a key of ``VARIANTS``; None: the defaults), restored after;
+    ``N`` and ``V`` size the logit cache."""
+    import cases
     from rankloss.kernels import linear_token_logprobs as kernels
 
     from rankloss.ops import _common
@@ -424,9 +430,12 @@ def _variant(variant: str | None):
         kernels.GPU_FWD_CTAS_PER_SM["16-bit"] = 2
     elif kind == "tma":
         kernels.TMA_WEIGHT = True
+    elif kind == "cache":
+        cases.RANKLOSS_OPTIONS["cache_bytes"] = N * V * 4
     try:
         yield
     finally:
+        cases.RANKLOSS_OPTIONS.pop("cache_bytes", None)
         _common.VOCAB_CHUNK_BUDGET_BYTES = saved[0]
         kernels.GPU_FWD_BLOCKS["16-bit"] = saved[1]
         kernels.GPU_FWD_CTAS_PER_SM.update(saved[2])
@@ -508,7 +517,7 @@ def run_timings(
             backend=backend if impl.startswith("rankloss") else None,
         )
         try:
-            with _variant(variant):
+            with _variant(variant, N, V):
                 row = _time_case(args, case, impl, label, N, mode, deadline)
         except Unavailable as exc:
             row = Timing(impl, label, N, f"skipped: {exc}", mode=mode)

@@ -23,9 +23,10 @@ the caller as ``-expm1(log p(y))`` (exact where ``1 - exp(u_y - lse)`` is not):
     dLoss/da_j = coef * ([j == y] (1 - p_y) - [j != y] p_j) * (1 - tanh(a_j / c)^2)
     p_j = exp(u_j - lse)
 
-written in the inputs' dtype (the operand of the next two cuBLAS products), and optionally in fp32 over
-the logits themselves (for the bias gradient). Every element of the chunk is written (zeros on ignored
-rows), so the products see no stale memory.
+written in the inputs' dtype (the operand of the next two cuBLAS products), and optionally in fp32 (for
+the bias gradient) over the logits themselves or, when they are the forward's cached chunk and must stay
+intact, into a buffer of their shape. Every element of the chunk is written (zeros on ignored rows), so
+the products see no stale memory.
 
 Both kernels are one program per row, looping over the chunk's columns in ``BLOCK_V`` tiles; all
 offsets are int64. They are memory-bound: each reads the ``[N, v]`` fp32 chunk once.
@@ -129,8 +130,9 @@ def _lse_chunk_kernel(
 
 @triton.jit
 def _grad_chunk_kernel(
-    z_ptr,  # [N, v] fp32: this chunk's raw logits; overwritten with dLoss/da in fp32 when WRITE_F32
+    z_ptr,  # [N, v] fp32: this chunk's raw logits (read only, unless g32_ptr is z)
     da_ptr,  # [N, v] out: dLoss/da in the products' dtype (may be z itself for fp32 inputs)
+    g32_ptr,  # [N, v] fp32 out when WRITE_F32: dLoss/da (z itself, or a buffer when z must stay intact)
     b_ptr,  # [v] bias of the chunk (unused without HAS_BIAS)
     labels_ptr,  # [N] int64 labels
     lse_ptr,  # [N] fp32 log-sum-exp of each row's full vocabulary
@@ -140,6 +142,7 @@ def _grad_chunk_kernel(
     v0,  # global id of the chunk's first column
     stride_zn,  # row stride of z (elements)
     stride_dn,  # row stride of da (elements)
+    stride_gn,  # row stride of g32 (elements)
     inv_temp,  # 1 / tau
     softcap,  # c (unused without HAS_SOFTCAP)
     HAS_BIAS: tl.constexpr,
@@ -154,6 +157,7 @@ def _grad_chunk_kernel(
     omp = tl.load(omp_ptr + row)
     z_row = z_ptr + row * stride_zn
     da_row = da_ptr + row * stride_dn
+    g32_row = g32_ptr + row * stride_gn
     for c0 in range(0, v, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V).to(tl.int64)
         mask = cols < v
@@ -165,7 +169,7 @@ def _grad_chunk_kernel(
         # Ignored rows (coef = 0) write exact zeros: their lse is 0, so exp(u - lse) may be inf there.
         d = tl.where(coef != 0.0, d, 0.0)
         if WRITE_F32:
-            tl.store(z_row + cols, d, mask=mask)
+            tl.store(g32_row + cols, d, mask=mask)
         tl.store(da_row + cols, d.to(da_ptr.dtype.element_ty), mask=mask)
 
 
@@ -204,14 +208,17 @@ def grad_chunk_(
     temperature: float,
     softcap: float | None,
     write_f32: bool,
+    g32: torch.Tensor | None = None,
 ) -> None:
-    """Write ``dLoss/da`` of chunk ``z [N, v]`` into ``da [N, v]`` (and into ``z`` in fp32 when ``write_f32``)."""
+    """Write ``dLoss/da`` of chunk ``z [N, v]`` into ``da [N, v]`` (and in fp32 when ``write_f32``: into
+    ``g32 [N, v]``, default ``z`` itself)."""
     N, v = z.shape
     if N == 0 or v == 0:
         return
-    assert z.dtype == torch.float32 and z.stride(1) == 1 and da.stride(1) == 1
+    g32 = z if g32 is None else g32
+    assert z.dtype == g32.dtype == torch.float32 and z.stride(1) == da.stride(1) == g32.stride(1) == 1
     _grad_chunk_kernel[(N,)](
-        z, da, bias if bias is not None else z, labels, lse, coef, one_minus_p,
-        v, v0, z.stride(0), da.stride(0), 1.0 / temperature, float(softcap or 1.0),
+        z, da, g32, bias if bias is not None else z, labels, lse, coef, one_minus_p,
+        v, v0, z.stride(0), da.stride(0), g32.stride(0), 1.0 / temperature, float(softcap or 1.0),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WRITE_F32=write_f32, **_meta(z.device),
     )  # fmt: skip

@@ -146,6 +146,15 @@ def check_filter_eps(x: object, name: str = "filter_eps") -> float | str | None:
     return float(x)
 
 
+def check_cache_bytes(x: object, name: str = "cache_bytes") -> int | None:
+    """``None`` or an int ``>= 0`` (bytes of a cache)."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or int(x) < 0:
+        raise ValueError(f"{name} must be None or an int >= 0, got {x!r}")
+    return int(x)
+
+
 def check_finite_float(x: object, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a finite number, got {x!r}")

@@ -164,7 +164,9 @@ def fused_linear_chain_loss(
             each group's chain loss and gradients right away and keeps each group's softmax chunks (up
             to ``cache_bytes``, default 64 MiB, plus the group's last chunk) instead of recomputing
             them, so it does 3 to 4 matmuls of ``N x V x D`` (3 when a group fits) instead of 4. ``0``
-            recomputes every chunk but the last of each group. Ignored elsewhere.
+            recomputes every chunk but the last of each group. The ``"cublas"`` path (the CUDA default)
+            keeps up to ``cache_bytes`` of fp32 logit chunks from the forward for the backward (see
+            :func:`rankloss.linear_token_logprobs`; ``None`` keeps none). Ignored elsewhere.
 
     Returns:
         A :class:`~rankloss.ChainLossOutput` with ``.loss`` and the ranking metrics.
@@ -173,10 +175,7 @@ def fused_linear_chain_loss(
     _check_layout(hidden, labels, cu_seqlens, "hidden")
     if not isinstance(length_normalize, bool):
         raise TypeError(f"length_normalize must be a bool, got {length_normalize!r}")
-    if cache_bytes is not None and (
-        isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0
-    ):
-        raise ValueError(f"cache_bytes must be None or an int >= 0, got {cache_bytes!r}")
+    cache_bytes = V.check_cache_bytes(cache_bytes)
     filter_eps = V.check_filter_eps(filter_eps)
     chain_options = dict(
         loss=loss,
@@ -219,6 +218,7 @@ def fused_linear_chain_loss(
         chunk_size=chunk_size,
         deterministic=deterministic,
         filter_eps=filter_eps,
+        cache_bytes=cache_bytes,
     )
     return _chain_loss_of_tokens(
         token_logps,

@@ -44,11 +44,13 @@ class LinearTokenLogProbs(nn.Module):
         chunk_size: int | None = None,
         deterministic: bool = False,
         filter_eps: float | str | None = "auto",
+        cache_bytes: int | None = None,
     ):
         super().__init__()
         self.ignore_index, self.temperature = ignore_index, temperature
         self.softcap, self.impl = softcap, impl
         self.chunk_size, self.deterministic, self.filter_eps = chunk_size, deterministic, filter_eps
+        self.cache_bytes = cache_bytes
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
         return _lp.linear_token_logprobs(
@@ -63,13 +65,14 @@ class LinearTokenLogProbs(nn.Module):
             chunk_size=self.chunk_size,
             deterministic=self.deterministic,
             filter_eps=self.filter_eps,
+            cache_bytes=self.cache_bytes,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, temperature={self.temperature}, softcap={self.softcap}, "
             f"impl={self.impl!r}, chunk_size={self.chunk_size}, deterministic={self.deterministic}, "
-            f"filter_eps={self.filter_eps!r}"
+            f"filter_eps={self.filter_eps!r}, cache_bytes={self.cache_bytes}"
         )
 
 

@@ -345,6 +345,7 @@ def test_linear_token_logprobs_module_routes(monkeypatch):
         "chunk_size": None,
         "deterministic": False,
         "filter_eps": "auto",
+        "cache_bytes": None,
     }
     assert calls == [((hidden, weight, labels), expected_kwargs)]
     # every keyword of the function is a constructor argument of the module

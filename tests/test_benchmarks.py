@@ -133,6 +133,7 @@ def test_gpu_check_times_the_settings_chosen_without_a_gpu_against_the_old_ones(
     plan = gpu_check._timed(args)
     variants = [(e[0], e[1], e[2], e[6]) for e in plan if e[5] == "triton" and e[1] == "fwd" or e[6]]
     assert variants == [
+        (16384, "fwdbwd", "rankloss_cache", "logit cache"),
         (16384, "fwdbwd", "rankloss_budget", "cuBLAS budget 640 MiB"),
         (16384, "fwd", "rankloss_impl_triton", None),
         (16384, "fwd", "rankloss_impl_triton_fwd_tiles", "forward tiles 64x128"),
@@ -157,5 +158,10 @@ def test_gpu_check_times_the_settings_chosen_without_a_gpu_against_the_old_ones(
     with gpu_check._variant("TMA weight"):
         assert kernels.TMA_WEIGHT is True
     assert kernels.TMA_WEIGHT is False
+    import cases
+
+    with gpu_check._variant("logit cache", 16384, 152064):
+        assert cases.RANKLOSS_OPTIONS == {"cache_bytes": 16384 * 152064 * 4}
+    assert cases.RANKLOSS_OPTIONS == {}
     assert (_common.VOCAB_CHUNK_BUDGET_BYTES, kernels.GPU_FWD_BLOCKS["16-bit"]) == before
     assert kernels.GPU_FWD_CTAS_PER_SM["16-bit"] == 1

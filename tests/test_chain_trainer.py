@@ -254,7 +254,7 @@ def test_kernel_options_reach_the_log_prob_op(tmp_path, tok, monkeypatch):
     real = op_module.linear_token_logprobs_op
 
     def spy(*args, **kwargs):
-        seen.append(args[9:])  # (deterministic, the resolved filter_eps)
+        seen.append(args[9:11])  # (deterministic, the resolved filter_eps)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(logprobs_module, "linear_token_logprobs_op", spy)

@@ -243,6 +243,79 @@ def test_triton_gpu_tile_configs_match_float64_reference(monkeypatch, config, de
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunks", [0, 2, 100], ids=["no-cache", "2-chunks", "all-chunks"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_cublas_logit_cache_gives_the_recomputed_gradients(dtype, chunks, bias):
+    # cache_bytes keeps the forward's first chunks (fp32 raw logits of all rows) for the backward, which
+    # reads them instead of recomputing: the same arithmetic on the same chunks, so the same bits; the
+    # cache stays intact for a second backward (retain_graph).
+    from rankloss.ops import _common
+
+    N, D, V, columns = 29, 24, 301, 37
+    hidden, weight, b, labels, upstream = _linear_case(N, D, V, dtype, seed=4, bias=bias)
+    cache_bytes = chunks * N * columns * 4 + 3  # whole chunks only
+    cached = _common.cublas_cached_columns(N, V, D, dtype, cache_bytes, columns)
+    assert cached == min(V, chunks * columns)
+    kw = dict(softcap=5.0, temperature=0.9, chunk_size=columns)
+    ref = _run_linear("cublas", hidden, weight, b, labels, upstream, **kw)
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    bb = b.detach().clone().requires_grad_() if b is not None else None
+    out = rankloss.linear_token_logprobs(h, w, labels, bias=bb, impl="cublas", cache_bytes=cache_bytes, **kw)
+    (out * upstream).sum().backward(retain_graph=True)
+    first = (out.detach(), h.grad.clone(), w.grad.clone(), bb.grad.clone() if bb is not None else None)
+    for x, y in zip(first, ref):
+        assert x is None and y is None or torch.equal(x, y)
+    h.grad = w.grad = None
+    if bb is not None:
+        bb.grad = None
+    (out * upstream).sum().backward()
+    second = (h.grad, w.grad, bb.grad if bb is not None else None)
+    for x, y in zip(second, ref[1:]):
+        assert x is None and y is None or torch.equal(x, y)
+    if dtype == torch.float32:
+        b64 = b.double() if b is not None else None
+        opts = dict(softcap=5.0, temperature=0.9)
+        truth = _run_linear(
+            "reference", hidden.double(), weight.double(), b64, labels, upstream.double(), **opts
+        )
+        for f, t in zip(first, truth):
+            if t is not None:
+                torch.testing.assert_close(f.double(), t, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_cublas_logit_cache_op_is_well_formed():
+    # The custom op with a cache: fake (meta) shapes, autograd registration and schema, as opcheck sees them.
+    from rankloss.ops import _common
+
+    hidden, weight, b, labels, _ = _linear_case(11, 16, 53, torch.float32, seed=2)
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+    cache_bytes = 2 * 11 * 7 * 4
+    assert _common.cublas_cached_columns(11, 53, 16, torch.float32, cache_bytes, 7) == 14
+    logp, lse, cache = _linear_token_logprobs_fwd(
+        h, w, labels, bb, -100, 1.0, None, "cublas", 7, False, 0.0, cache_bytes
+    )
+    assert cache.shape == (11 * 14,) and not cache.requires_grad
+    torch.library.opcheck(
+        _linear_token_logprobs_fwd, (h, w, labels, bb, -100, 1.0, None, "cublas", 7, False, 0.0, cache_bytes)
+    )
+
+
+def test_cache_bytes_is_checked():
+    h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
+    for bad in (-1, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match="cache_bytes must be None or an int >= 0"):
+            rankloss.linear_token_logprobs(h, w, y, cache_bytes=bad)
+    # The other paths keep nothing: the same result with or without a cache.
+    torch.testing.assert_close(
+        rankloss.linear_token_logprobs(h, w, y, impl="torch", cache_bytes=10**6),
+        rankloss.linear_token_logprobs(h, w, y, impl="torch"),
+    )
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("config", ["interpreter", "16-bit", "tf32"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_tma_weight_loads_match_float64_reference(monkeypatch, config, deterministic):
@@ -359,9 +432,11 @@ def test_cublas_row_groups_match_float64_reference(dtype, needs, columns):
     )
     plain = _plain(hidden, weight, bias, labels, upstream, **options)
     args = (labels, bias, -100, options["temperature"], options["softcap"], columns)
-    logp, lse = ops.linear_token_logprobs_cublas_forward(hidden, weight, *args, budget=1000 * 4)
+    logp, lse, _ = ops.linear_token_logprobs_cublas_forward(hidden, weight, *args, budget=1000 * 4)
     # Rows are independent in the forward: the same chunks in one group give the same bits.
-    one_logp, one_lse = ops.linear_token_logprobs_cublas_forward(hidden, weight, *args[:-1], fwd_plan.columns)
+    one_logp, one_lse, _ = ops.linear_token_logprobs_cublas_forward(
+        hidden, weight, *args[:-1], fwd_plan.columns
+    )
     torch.testing.assert_close(logp, one_logp, rtol=0, atol=0)
     torch.testing.assert_close(lse, one_lse, rtol=0, atol=0)
     grads = ops.linear_token_logprobs_cublas_backward(
@@ -528,10 +603,10 @@ def test_opcheck_linear_and_logits_ops():
     hidden, weight, bias, labels, _ = _linear_case(11, 16, 37, torch.float32)
     h, w, b = (t.requires_grad_() for t in (hidden, weight, bias))
     torch.library.opcheck(
-        _linear_token_logprobs_fwd, (h, w, labels, b, -100, 1.0, None, "torch", 4, False, 0.0)
+        _linear_token_logprobs_fwd, (h, w, labels, b, -100, 1.0, None, "torch", 4, False, 0.0, 0)
     )
     torch.library.opcheck(
-        _linear_token_logprobs_fwd, (h, w, labels, None, -100, 0.5, 3.0, "torch", 64, False, 0.0)
+        _linear_token_logprobs_fwd, (h, w, labels, None, -100, 0.5, 3.0, "torch", 64, False, 0.0, 0)
     )
     z = torch.randn(11, 37, requires_grad=True)
     torch.library.opcheck(_token_logprobs_fwd, (z, labels, -100, 1.3, "torch", 4))

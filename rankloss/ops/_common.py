@@ -181,6 +181,30 @@ def cublas_chunk_plan(
     return ChunkPlan(rows, columns, rows * (acc + columns * elem))
 
 
+def cublas_cached_columns(
+    n_rows: int,
+    vocab_size: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    cache_bytes: int,
+    columns: int | None = None,
+    budget: int | None = None,
+) -> int:
+    """Vocabulary columns whose fp32 logits the ``"cublas"`` forward keeps for the backward.
+
+    The forward's first chunks of all ``N`` rows while they fit in ``cache_bytes`` (whole chunks of the
+    forward's plan, :func:`cublas_chunk_plan`): ``N * columns * 4`` bytes. 0 when ``cache_bytes`` is 0 or
+    the forward itself runs its rows in groups.
+    """
+    if not cache_bytes or not n_rows:
+        return 0
+    plan = cublas_chunk_plan(n_rows, vocab_size, hidden_size, dtype, columns=columns, budget=budget)
+    if plan.groups(n_rows) > 1:
+        return 0
+    chunks = cache_bytes // (n_rows * plan.columns * 4)
+    return min(vocab_size, chunks * plan.columns)
+
+
 def check_chunk_size(chunk_size: object) -> int | None:
     if chunk_size is None:
         return None

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from . import _common
 from ._common import (
+    ChunkPlan,
     accumulation_dtype,
+    cublas_cached_columns,
     cublas_chunk_plan,
     default_chunk_size,
     kernel_module,
@@ -217,10 +219,14 @@ def linear_token_logprobs_cublas_forward(
     softcap: float | None,
     chunk_columns: int,
     budget: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Vocabulary-chunked forward: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp, lse)``.
+    cache_bytes: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Vocabulary-chunked forward: ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]`` -> ``(logp, lse,
+    cache)``.
 
-    Both ``[N]`` fp32.
+    ``logp`` and ``lse`` are ``[N]`` fp32; ``cache`` is flat fp32, the raw logits of the first
+    ``cublas_cached_columns(...)`` vocabulary columns chunk after chunk (each chunk ``[N, v]`` row-major),
+    which the backward reads instead of recomputing them (empty when ``cache_bytes`` is 0).
 
     For each chunk of vocabulary rows (``cublas_chunk_plan``: ``chunk_columns`` when nonzero; the rows in
     groups only when one chunk of all rows would not fit in ``budget``, default
@@ -235,20 +241,30 @@ def linear_token_logprobs_cublas_forward(
     V = weight.shape[0]
     budget = budget or _common.VOCAB_CHUNK_BUDGET_BYTES
     plan = cublas_chunk_plan(N, V, D, hidden.dtype, columns=chunk_columns or None, budget=budget)
+    cached = cublas_cached_columns(N, V, D, hidden.dtype, cache_bytes, chunk_columns or None, budget)
     lso = torch.full((N,), -float("inf"), dtype=torch.float32, device=hidden.device)
     target = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    buffer = torch.empty(min(N, plan.rows) * plan.columns, dtype=torch.float32, device=hidden.device)
+    cache = torch.empty(N * cached, dtype=torch.float32, device=hidden.device)
+    buffer = torch.empty(
+        min(N, plan.rows) * plan.columns if cached < V else 0, dtype=torch.float32, device=hidden.device
+    )
     for r0, r1 in _groups(N, plan.rows):
         for v0 in range(0, V, plan.columns):
             v1 = min(V, v0 + plan.columns)
-            z = _chunk_view(buffer, r1 - r0, v1 - v0)
+            if v1 <= cached:  # one group of all rows: chunk after chunk in the cache
+                z = cache[N * v0 : N * v1].view(N, v1 - v0)
+            else:
+                z = _chunk_view(buffer, r1 - r0, v1 - v0)
             _mm_f32_into(z, hidden[r0:r1], weight[v0:v1])
             kernels.lse_chunk_(
                 z, bias[v0:v1] if bias is not None else None, labels[r0:r1], v0, lso[r0:r1], target[r0:r1],
                 ignore_index, temperature, softcap,
             )  # fmt: skip
     del buffer
-    return kernel_module("linear_token_logprobs").logprobs_from_others(lso, target, labels, ignore_index, V)
+    logp, lse = kernel_module("linear_token_logprobs").logprobs_from_others(
+        lso, target, labels, ignore_index, V
+    )
+    return logp, lse, cache
 
 
 def linear_token_logprobs_cublas_backward(
@@ -267,6 +283,7 @@ def linear_token_logprobs_cublas_backward(
     needs_weight: bool,
     needs_bias: bool,
     budget: int | None = None,
+    cache: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Vocabulary-chunked backward; returns ``(d hidden, d weight, d bias)`` in the inputs' dtypes.
 
@@ -278,6 +295,10 @@ def linear_token_logprobs_cublas_backward(
     group, copied into the returned gradient when the group ends; fp32 inputs accumulate in the gradient
     itself). The buffers are allocated once and reused by every chunk. The target entry uses
     ``1 - p_y = -expm1(log p(y))`` from the forward.
+
+    With the forward's ``cache`` (non-empty), the backward walks the forward's chunks in one group of all
+    rows and reads the cached ones instead of recomputing them (its accumulator is then ``[N, D]``); the
+    cache is only read, so a second backward (``retain_graph``) sees it intact.
     """
     kernels = kernel_module("linear_logprobs_chunked")
     N, D = hidden.shape
@@ -286,10 +307,15 @@ def linear_token_logprobs_cublas_backward(
     fp32 = dtype == torch.float32
     needs_bias = needs_bias and bias is not None
     budget = budget or _common.VOCAB_CHUNK_BUDGET_BYTES
-    plan = cublas_chunk_plan(
-        N, V, D, dtype, backward=True, needs_hidden=needs_hidden, needs_weight=needs_weight,
-        columns=chunk_columns or None, budget=budget,
-    )  # fmt: skip
+    cached = cache.numel() // N if cache is not None and N else 0
+    if cached:
+        columns = cublas_chunk_plan(N, V, D, dtype, columns=chunk_columns or None, budget=budget).columns
+        plan = ChunkPlan(N, columns, 0)
+    else:
+        plan = cublas_chunk_plan(
+            N, V, D, dtype, backward=True, needs_hidden=needs_hidden, needs_weight=needs_weight,
+            columns=chunk_columns or None, budget=budget,
+        )  # fmt: skip
     dh = torch.empty_like(hidden) if needs_hidden else None
     dw = torch.empty_like(weight) if needs_weight else None
     db = torch.zeros(V, dtype=torch.float32, device=device) if needs_bias else None
@@ -319,19 +345,25 @@ def linear_token_logprobs_cublas_backward(
             for v0 in range(0, V, plan.columns):
                 v1 = min(V, v0 + plan.columns)
                 w = weight[v0:v1]
-                z = _chunk_view(z_buf, r1 - r0, v1 - v0)
-                _mm_f32_into(z, h, w)
-                da = z if fp32 else _chunk_view(da_buf, r1 - r0, v1 - v0)
+                scratch = _chunk_view(z_buf, r1 - r0, v1 - v0)
+                if v1 <= cached:  # the forward's logits, left intact: dA goes to the buffers
+                    z = cache[N * v0 : N * v1].view(N, v1 - v0)
+                    g32 = scratch
+                else:
+                    z = g32 = scratch
+                    _mm_f32_into(z, h, w)
+                da = g32 if fp32 else _chunk_view(da_buf, r1 - r0, v1 - v0)
                 kernels.grad_chunk_(
                     z, da, bias[v0:v1] if bias is not None else None, labels[r0:r1], v0, lse[r0:r1],
                     coef[r0:r1], one_minus_p[r0:r1], temperature, softcap, write_f32=needs_bias and not fp32,
+                    g32=g32,
                 )  # fmt: skip
                 if dw is not None:
                     _mm_into(dw[v0:v1], da.T, h, accumulate=g > 0)
                 if dh_g is not None:
                     _addmm_f32_(dh_g, da, w)
                 if db is not None:
-                    db[v0:v1] += z.sum(dim=0)
+                    db[v0:v1] += g32.sum(dim=0)  # dA in fp32 (for fp32 inputs da is g32)
             if needs_hidden and not fp32:
                 dh[r0:r1].copy_(dh_g)
         del z_buf, da_buf, acc
@@ -360,19 +392,24 @@ def _linear_token_logprobs_fwd(
     chunk_size: int,
     deterministic: bool,
     filter_eps: float,
-) -> tuple[Tensor, Tensor]:
+    cache_bytes: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    # Returns (logp, lse, cache): cache holds the cuBLAS path's kept logit chunks (empty elsewhere).
     with _no_autocast(hidden.device):
-        if impl == "triton":
-            return kernel_module("linear_token_logprobs").linear_token_logprobs_forward(
-                hidden, weight, labels, bias, ignore_index, temperature, softcap
-            )
         if impl == "cublas":
             return linear_token_logprobs_cublas_forward(
+                hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size,
+                cache_bytes=cache_bytes,
+            )  # fmt: skip
+        if impl == "triton":
+            logp, lse = kernel_module("linear_token_logprobs").linear_token_logprobs_forward(
+                hidden, weight, labels, bias, ignore_index, temperature, softcap
+            )
+        else:
+            logp, lse = linear_token_logprobs_torch_forward(
                 hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size
             )
-        return linear_token_logprobs_torch_forward(
-            hidden, weight, labels, bias, ignore_index, temperature, softcap, chunk_size
-        )
+        return logp, lse, hidden.new_empty(0, dtype=torch.float32)
 
 
 @_linear_token_logprobs_fwd.register_fake
@@ -388,9 +425,18 @@ def _(
     chunk_size,
     deterministic,
     filter_eps,
+    cache_bytes,
 ):
     acc = accumulation_dtype(hidden, weight, bias)
-    return hidden.new_empty(hidden.shape[0], dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc)
+    N, D = hidden.shape
+    cached = 0
+    if impl == "cublas" and cache_bytes:
+        cached = cublas_cached_columns(N, weight.shape[0], D, hidden.dtype, cache_bytes, chunk_size or None)
+    return (
+        hidden.new_empty(N, dtype=acc),
+        hidden.new_empty(N, dtype=acc),
+        hidden.new_empty(N * cached, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("rankloss::linear_token_logprobs_backward", mutates_args=())
@@ -402,6 +448,7 @@ def _linear_token_logprobs_bwd(
     bias: Tensor | None,
     logp: Tensor,
     lse: Tensor,
+    cache: Tensor,
     ignore_index: int,
     temperature: float,
     softcap: float | None,
@@ -448,6 +495,7 @@ def _linear_token_logprobs_bwd(
                 needs_hidden,
                 needs_weight,
                 needs_bias,
+                cache=cache,
             )
         else:
             dh, dw, db = linear_token_logprobs_torch_backward(
@@ -483,6 +531,7 @@ def _(
     bias,
     logp,
     lse,
+    cache,
     ignore_index,
     temperature,
     softcap,
@@ -514,13 +563,15 @@ def _setup_context(ctx, inputs, output) -> None:
         chunk_size,
         deterministic,
         filter_eps,
+        cache_bytes,
     ) = inputs
-    ctx.save_for_backward(hidden, weight, labels, bias, output[0], output[1])
+    ctx.save_for_backward(hidden, weight, labels, bias, output[0], output[1], output[2])
+    ctx.mark_non_differentiable(output[2])
     ctx.options = (ignore_index, temperature, softcap, impl, chunk_size, deterministic, filter_eps)
 
 
-def _backward(ctx, grad_logp, grad_lse):
-    hidden, weight, labels, bias, logp, lse = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_lse, grad_cache):
+    hidden, weight, labels, bias, logp, lse, cache = ctx.saved_tensors
     ignore_index, temperature, softcap, impl, chunk_size, deterministic, filter_eps = ctx.options
     needs_hidden, needs_weight, _, needs_bias = ctx.needs_input_grad[:4]
     dh, dw, db = _linear_token_logprobs_bwd(
@@ -531,6 +582,7 @@ def _backward(ctx, grad_logp, grad_lse):
         bias,
         logp,
         lse,
+        cache,
         ignore_index,
         temperature,
         softcap,
@@ -547,6 +599,7 @@ def _backward(ctx, grad_logp, grad_lse):
         dw if needs_weight else None,
         None,
         db if needs_bias and bias is not None else None,
+        None,
         None,
         None,
         None,
@@ -572,12 +625,14 @@ def linear_token_logprobs_op(
     chunk_size: int | None = None,
     deterministic: bool = False,
     filter_eps: float = 0.0,
+    cache_bytes: int = 0,
 ) -> Tensor:
     """Run the op on validated inputs: ``hidden [..., D]``, ``labels [...]`` -> log-probs ``[...]``.
 
     ``impl`` is ``"triton"``, ``"cublas"`` or ``"torch"`` (already resolved); ``filter_eps`` is the
-    resolved threshold of the Triton atomic backward's gradient filtering (0: off). The gradient of the
-    returned log-probs flows to ``hidden``, ``weight`` and ``bias``.
+    resolved threshold of the Triton atomic backward's gradient filtering (0: off); ``cache_bytes`` the
+    cuBLAS path's logit cache (0: none). The gradient of the returned log-probs flows to ``hidden``,
+    ``weight`` and ``bias``.
     """
     lead = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -585,7 +640,7 @@ def linear_token_logprobs_op(
         chunk = chunk_size or 0  # 0: chosen inside the op from N (not traced, so no guard on N)
     else:
         chunk = chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
-    logp, _ = _linear_token_logprobs_fwd(
+    logp, _, _ = _linear_token_logprobs_fwd(
         h2,
         weight,
         labels.reshape(-1).long().contiguous(),
@@ -597,5 +652,6 @@ def linear_token_logprobs_op(
         chunk,
         deterministic,
         float(filter_eps),
+        int(cache_bytes) if impl == "cublas" else 0,
     )
     return logp.reshape(lead)
