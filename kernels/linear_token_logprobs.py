@@ -435,7 +435,7 @@ GPU_BLOCKS = {
     "tf32": dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=8),
     "ieee": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=4),
 }
-# The forward's tiles. 16-bit inputs: 128 x 128 logit tiles (D in slices of 64, 8 warps, 193-204
+# The forward's tiles. 16-bit inputs: 128 x 128 logit tiles (D in slices of 64, 8 warps, 193-254
 # registers, no spills, 98,304 B of shared memory: one program per SM). Each slice of D brings 32 KiB of
 # operands from L2 into shared memory for 2 MFLOP of HGMMA (64 FLOP per byte), where the 64 x 128 tiles
 # it had before (capped at 128 registers for two programs per SM) brought 24 KiB for 1 MFLOP (43 FLOP

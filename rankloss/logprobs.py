@@ -140,9 +140,11 @@ def linear_token_logprobs(
             chunks ``[N, v]`` are kept from the forward for the backward, which reads them instead of
             recomputing them (one GEMM of three per chunk; at ``N = 16384, V = 152064`` all chunks take
             9.3 GiB, where the naive path's logits take 27 GB). ``None`` or ``0`` (default): nothing is
-            kept and the path stays within its 240 MiB plan. The kept chunks live from the forward to the
-            backward, like activations; with them the backward runs all rows in one group (an fp32
-            ``[N, D]`` accumulator of ``d hidden``). The other paths keep nothing and ignore it.
+            kept and the path stays within its 240 MiB plan; nothing is kept either when no gradient is
+            needed. The kept chunks live from the forward to the backward, like activations; with them
+            the backward runs all rows in one group: beside the cache it holds an fp32 ``[N, D]``
+            accumulator of ``d hidden`` and one chunk's gradient (and its fp32 logits where a chunk is
+            not cached), up to about 616 MiB at that size in bf16. The other paths keep nothing and ignore it.
 
     Under autocast, ``hidden``, ``weight`` and ``bias`` are cast to the autocast dtype first (as
     ``F.linear`` would be); the log-probs still come back in float32.
@@ -184,8 +186,12 @@ def linear_token_logprobs(
         chunk_size,
         deterministic,
         resolve_filter_eps(filter_eps, hidden.dtype) if impl == "triton" and not deterministic else 0.0,
-        cache_bytes or 0,
+        (cache_bytes or 0) if _needs_grad(hidden, weight, bias) else 0,  # no backward: nothing to keep
     )
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rankloss.reference import logprobs as ref
 
 import rankloss
-from rankloss.ops import ChunkPlan, cublas_chunk_plan, default_chunk_size
+from rankloss.ops import ChunkPlan, cublas_chunk_plan, default_chunk_size, default_vocab_chunk
 from rankloss.ops._common import MAX_ROW_GROUPS, VOCAB_CHUNK_BUDGET_BYTES
 from rankloss.ops.linear_token_logprobs import _linear_token_logprobs_fwd
 from rankloss.ops.token_logprobs import _token_logprobs_fwd
@@ -244,7 +244,7 @@ def test_triton_gpu_tile_configs_match_float64_reference(monkeypatch, config, de
 
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunks", [0, 2, 100], ids=["no-cache", "2-chunks", "all-chunks"])
+@pytest.mark.parametrize("chunks", [0, 2, 100, "N*V*4"], ids=["no-cache", "2-chunks", "all-chunks", "exact"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_cublas_logit_cache_gives_the_recomputed_gradients(dtype, chunks, bias):
     # cache_bytes keeps the forward's first chunks (fp32 raw logits of all rows) for the backward, which
@@ -254,9 +254,11 @@ def test_cublas_logit_cache_gives_the_recomputed_gradients(dtype, chunks, bias):
 
     N, D, V, columns = 29, 24, 301, 37
     hidden, weight, b, labels, upstream = _linear_case(N, D, V, dtype, seed=4, bias=bias)
-    cache_bytes = chunks * N * columns * 4 + 3  # whole chunks only
-    cached = _common.cublas_cached_columns(N, V, D, dtype, cache_bytes, columns)
-    assert cached == min(V, chunks * columns)
+    if chunks == "N*V*4":  # every chunk, the last (301 = 8 x 37 + 5) as narrow as it is
+        cache_bytes, expected = N * V * 4, V
+    else:
+        cache_bytes, expected = chunks * N * columns * 4 + 3, min(V, chunks * columns)  # whole chunks
+    assert _common.cublas_cached_columns(N, V, D, dtype, cache_bytes, columns) == expected
     kw = dict(softcap=5.0, temperature=0.9, chunk_size=columns)
     ref = _run_linear("cublas", hidden, weight, b, labels, upstream, **kw)
     h = hidden.detach().clone().requires_grad_()
@@ -313,6 +315,25 @@ def test_cache_bytes_is_checked():
         rankloss.linear_token_logprobs(h, w, y, impl="torch", cache_bytes=10**6),
         rankloss.linear_token_logprobs(h, w, y, impl="torch"),
     )
+
+
+@pytest.mark.triton
+def test_cublas_logit_cache_is_kept_only_for_a_backward(monkeypatch):
+    # No gradient (no_grad, or no input that requires one): the forward keeps nothing.
+    from rankloss import logprobs as logprobs_module
+    from rankloss.ops import linear_token_logprobs as op_module
+
+    seen = []
+    real = op_module.linear_token_logprobs_op
+    monkeypatch.setattr(
+        logprobs_module, "linear_token_logprobs_op", lambda *a: seen.append(a[11]) or real(*a)
+    )
+    h, w, y = torch.randn(5, 8), torch.randn(13, 8), torch.randint(0, 13, (5,))
+    rankloss.linear_token_logprobs(h, w, y, impl="cublas", cache_bytes=10**6)
+    with torch.no_grad():
+        rankloss.linear_token_logprobs(h, w.requires_grad_(), y, impl="cublas", cache_bytes=10**6)
+    rankloss.linear_token_logprobs(h, w, y, impl="cublas", cache_bytes=10**6)
+    assert seen == [0, 0, 10**6]
 
 
 @pytest.mark.triton
@@ -390,6 +411,7 @@ def test_cublas_chunk_plan_stays_within_its_budget():
     # fp32: d hidden accumulates in the returned gradient and dA overwrites the logits: one group.
     assert cublas_chunk_plan(16384, 152064, 4096, fp32, backward=True) == ChunkPlan(16384, 3840, 240 * MiB)
     assert cublas_chunk_plan(37, 1031, 33, bf16, backward=True).columns == 1031  # one chunk
+    assert default_vocab_chunk(16384, 152064) == 3840 and default_vocab_chunk(8192, 152064) == 7680
     assert cublas_chunk_plan(10, 1031, 33, bf16, columns=7).columns == 7  # the user's width wins
     # Without d weight the groups cost nothing and are not capped; with it at most MAX_ROW_GROUPS, past
     # which the budget gives way (each group after the first rounds d weight once more).

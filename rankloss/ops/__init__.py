@@ -9,6 +9,7 @@ from ._common import (
     ChunkPlan,
     cublas_chunk_plan,
     default_chunk_size,
+    default_vocab_chunk,
     resolve_impl,
 )
 from .linear_token_logprobs import linear_token_logprobs_op
@@ -20,6 +21,7 @@ __all__ = [
     "LOGPROB_IMPLS",
     "cublas_chunk_plan",
     "default_chunk_size",
+    "default_vocab_chunk",
     "linear_token_logprobs_op",
     "resolve_impl",
     "token_logprobs_op",

@@ -28,8 +28,8 @@ VOCAB_CHUNK_BUDGET_BYTES = 240 * 2**20
 # adds into d weight once more, rounding it once more in the inputs' dtype.
 MAX_ROW_GROUPS = 4
 # Row groups are chosen so that chunks of at least PLAN_COLUMNS fit beside the accumulator: the d hidden
-# product reads and writes its [n, D] fp32 accumulator once per chunk, which costs less than its v / 4
-# FLOPs per byte only for v above ~600 on an H200 (990 TFLOP/s dense bf16 over 4.8 TB/s).
+# product reads and writes its [n, D] fp32 accumulator once per chunk, v / 4 FLOPs per byte of it, which
+# is above an H200's 206 (990 TFLOP/s dense bf16 over 4.8 TB/s) only for v above ~825.
 PLAN_COLUMNS = 1024
 # Narrowest vocabulary chunk the planner picks (a user's chunk_size may be narrower).
 MIN_VOCAB_CHUNK = 256
@@ -193,16 +193,23 @@ def cublas_cached_columns(
     """Vocabulary columns whose fp32 logits the ``"cublas"`` forward keeps for the backward.
 
     The forward's first chunks of all ``N`` rows while they fit in ``cache_bytes`` (whole chunks of the
-    forward's plan, :func:`cublas_chunk_plan`): ``N * columns * 4`` bytes. 0 when ``cache_bytes`` is 0 or
-    the forward itself runs its rows in groups.
+    forward's plan, :func:`cublas_chunk_plan`, the last one as narrow as it is): ``N * columns * 4``
+    bytes, all ``V`` columns from ``N * V * 4`` bytes on. 0 when ``cache_bytes`` is 0 or the forward
+    itself runs its rows in groups.
     """
     if not cache_bytes or not n_rows:
         return 0
     plan = cublas_chunk_plan(n_rows, vocab_size, hidden_size, dtype, columns=columns, budget=budget)
     if plan.groups(n_rows) > 1:
         return 0
-    chunks = cache_bytes // (n_rows * plan.columns * 4)
-    return min(vocab_size, chunks * plan.columns)
+    fits = cache_bytes // (n_rows * 4)
+    return vocab_size if fits >= vocab_size else fits // plan.columns * plan.columns
+
+
+def default_vocab_chunk(n_rows: int, vocab_size: int) -> int:
+    """Vocabulary columns per chunk of the ``"cublas"`` forward for ``N`` rows (the forward holds one fp32
+    ``[N, v]`` chunk, whatever the dtype and ``D``; see :func:`cublas_chunk_plan`)."""
+    return cublas_chunk_plan(n_rows, vocab_size, 0, torch.float32).columns
 
 
 def check_chunk_size(chunk_size: object) -> int | None:

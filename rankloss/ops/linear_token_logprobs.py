@@ -310,6 +310,11 @@ def linear_token_logprobs_cublas_backward(
     cached = cache.numel() // N if cache is not None and N else 0
     if cached:
         columns = cublas_chunk_plan(N, V, D, dtype, columns=chunk_columns or None, budget=budget).columns
+        if cached != V and cached % columns:
+            raise RuntimeError(
+                f"the logit cache holds {cached} columns, not whole chunks of {columns}: the forward ran "
+                "with other chunks (linear_token_logprobs_op passes the chunk width when it caches)"
+            )
         plan = ChunkPlan(N, columns, 0)
     else:
         plan = cublas_chunk_plan(
@@ -331,7 +336,9 @@ def linear_token_logprobs_cublas_backward(
         # fp32 inputs: dA overwrites the logits and d hidden accumulates in the returned gradient. Otherwise
         # dA gets a buffer in the products' dtype (the fp32 values also go over the logits when the bias
         # gradient needs them), and d hidden an fp32 accumulator per group.
-        z_buf = torch.empty(rows * plan.columns, dtype=torch.float32, device=device)
+        # Cached chunks need the fp32 buffer only for dA in fp32 (fp32 inputs, or the bias gradient).
+        need_z = cached < V or fp32 or needs_bias
+        z_buf = torch.empty(rows * plan.columns if need_z else 0, dtype=torch.float32, device=device)
         da_buf = None if fp32 else torch.empty(rows * plan.columns, dtype=dtype, device=device)
         acc = (
             torch.empty((rows, D), dtype=torch.float32, device=device) if needs_hidden and not fp32 else None
@@ -345,12 +352,11 @@ def linear_token_logprobs_cublas_backward(
             for v0 in range(0, V, plan.columns):
                 v1 = min(V, v0 + plan.columns)
                 w = weight[v0:v1]
-                scratch = _chunk_view(z_buf, r1 - r0, v1 - v0)
                 if v1 <= cached:  # the forward's logits, left intact: dA goes to the buffers
                     z = cache[N * v0 : N * v1].view(N, v1 - v0)
-                    g32 = scratch
+                    g32 = _chunk_view(z_buf, r1 - r0, v1 - v0) if fp32 or needs_bias else z  # z: not written
                 else:
-                    z = g32 = scratch
+                    z = g32 = _chunk_view(z_buf, r1 - r0, v1 - v0)
                     _mm_f32_into(z, h, w)
                 da = g32 if fp32 else _chunk_view(da_buf, r1 - r0, v1 - v0)
                 kernels.grad_chunk_(
@@ -636,7 +642,11 @@ def linear_token_logprobs_op(
     """
     lead = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    if impl == "cublas":
+    if impl == "cublas" and cache_bytes:
+        # The forward's chunk width, fixed here so that the backward reads the cache with it whatever the
+        # budget is then.
+        chunk = chunk_size or cublas_chunk_plan(h2.shape[0], weight.shape[0], h2.shape[1], h2.dtype).columns
+    elif impl == "cublas":
         chunk = chunk_size or 0  # 0: chosen inside the op from N (not traced, so no guard on N)
     else:
         chunk = chunk_size or default_chunk_size(weight.shape[0], weight.shape[1])
