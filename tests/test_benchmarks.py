@@ -165,3 +165,36 @@ def test_gpu_check_times_the_settings_chosen_without_a_gpu_against_the_old_ones(
     assert cases.RANKLOSS_OPTIONS == {}
     assert (_common.VOCAB_CHUNK_BUDGET_BYTES, kernels.GPU_FWD_BLOCKS["16-bit"]) == before
     assert kernels.GPU_FWD_CTAS_PER_SM["16-bit"] == 1
+
+
+@pytest.mark.triton
+def test_gpu_check_variants_run_the_paths_they_name(monkeypatch):
+    # What the variants switch really reaches the op: the logit cache goes through cases.py's rankloss
+    # case into linear_token_logprobs (a tiny cuBLAS-path step under the interpreter), and the TMA switch
+    # reaches the fused kernels' launcher.
+    monkeypatch.syspath_prepend(str(BENCH))
+    import cases
+    import gpu_check
+    from rankloss.kernels import linear_token_logprobs as kernels
+
+    import rankloss.logprobs as logprobs_module
+
+    seen = []
+    real = logprobs_module.linear_token_logprobs_op
+    monkeypatch.setattr(
+        logprobs_module, "linear_token_logprobs_op", lambda *a: seen.append(a[11]) or real(*a)
+    )
+    case = cases.Case("logprobs", "rankloss", "fwdbwd", 37, 16, 101, backend="cublas")
+    with gpu_check._variant("logit cache", case.N, case.V):
+        prepared = cases.prepare(case)
+    prepared.fn()
+    assert seen == [37 * 101 * 4]
+    used = []
+    real_operand = kernels._weight_operand
+    monkeypatch.setattr(
+        kernels, "_weight_operand", lambda w, b: used.append(real_operand(w, b)[1]) or real_operand(w, b)
+    )
+    with gpu_check._variant("TMA weight"):
+        prepared = cases.prepare(cases.Case("logprobs", "rankloss", "fwdbwd", 37, 16, 101, backend="triton"))
+        prepared.fn()
+    assert used == [True, True]
