@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validation as V
-from .logprobs import _common_dtype, check_linear_inputs, linear_token_logprobs, token_logprobs
+from .logprobs import _common_dtype, _needs_grad, check_linear_inputs, linear_token_logprobs, token_logprobs
 from .losses import chain_loss, check_chain_options
 from .ops.fused_chain_loss import DEFAULT_CACHE_BYTES, single_pass_chain_loss
 from .outputs import ChainLossOutput
@@ -242,11 +242,8 @@ def _single_pass_applies(
     reduction: object,
 ) -> bool:
     """The single-pass path: CPU tensors on the PyTorch path, gradients wanted, a scalar loss, eager mode."""
-    wants_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
     return (
-        wants_grad
+        _needs_grad(hidden, weight, bias)
         and hidden.device.type == "cpu"
         and impl in (None, "torch")
         and reduction in ("mean", "sum")

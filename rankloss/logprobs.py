@@ -191,6 +191,7 @@ def linear_token_logprobs(
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (None entries skipped)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
