@@ -1,7 +1,9 @@
 """The model-agnostic chain forward (rankloss.integrations): for every supported family, a tiny random
 model built from its config gives the same loss and the same gradient of every parameter as K
 independent full-sequence forwards through the model's own ``forward`` (full logits, log_softmax), in
-float64; the shared-prefix path, the full-sequence path and the fallbacks all agree."""
+float64; the chain tree (with and without gradient checkpointing, reentrant or not, through SDPA and
+through the flash path on an emulator of flash-attn's varlen kernel), the full-sequence path and the
+fallbacks all agree."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from chain_testing import TREE_MODES, RowCounter, attention_path, checkpointing  # noqa: E402
 from rankloss.reference.losses import chain_loss as ref_chain_loss  # noqa: E402
 
 from rankloss.integrations import ChainForward, ChainRankModel, get_family, supported_model_types  # noqa: E402
@@ -154,17 +157,20 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_equal(model, batch, prompts, chains, spec, media=None, share_prefix=None, atol=1e-9):
-    """Loss and every parameter's gradient of the chain forward == those of independent forwards.
+def check_equal(model, batch, prompts, chains, spec, media=None, share_prefix=None, atol=1e-9, mode="sdpa"):
+    """Loss and every parameter's gradient of the chain forward (``mode``: a key of ``TREE_MODES``, the
+    attention path and gradient checkpointing) == those of independent forwards.
 
     Tolerance: transformers' RMSNorms (and eager softmax) compute in float32 even in a float64 model, so
     the gradient of a prompt token, summed over its K completions before such a float32 cast instead of
     K times after it, differs at float32 rounding: ``1e-6`` relative to the tensor's largest gradient
-    (a gradient lost through the cache shows at order one). Losses agree to 1e-7 relative (eager float32
+    (a gradient lost across the tree shows at order one). Losses agree to 1e-7 relative (eager float32
     softmax)."""
+    path, reentrant = TREE_MODES[mode]
     model.zero_grad(set_to_none=True)
-    out = ChainForward(model, share_prefix=share_prefix).loss(batch, spec)
-    out.loss.backward()
+    with checkpointing(model, reentrant), attention_path(path):
+        out = ChainForward(model, share_prefix=share_prefix, attention=path).loss(batch, spec)
+        out.loss.backward()
     got = grads(model)
     model.zero_grad(set_to_none=True)
     s = naive_scores(model, prompts, chains, media)
@@ -194,15 +200,18 @@ def check_equal(model, batch, prompts, chains, spec, media=None, share_prefix=No
 SPEC = LossSpec(loss="plackett_luce", beta=0.5, sft_weight=0.3)
 
 
+@pytest.mark.parametrize("mode", sorted(TREE_MODES))
 @pytest.mark.parametrize("model_type", sorted(TEXT_CONFIGS))
-def test_text_family_equals_independent_forwards(model_type):
+def test_text_family_equals_independent_forwards(model_type, mode):
     assert model_type in supported_model_types()
     model = tiny_text_model(model_type)
     lengths = [6, 6, 6] if model_type in EAGER_ONLY else [5, 9, 3]
     prompts, chains = random_chains(lengths, [3, 2, 4], seed=1)
     batch = text_batch(prompts, chains)
-    assert ChainForward(model).will_share(batch)
-    check_equal(model, batch, prompts, chains, SPEC)
+    assert ChainForward(model).uses_tree()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback, under checkpointing neither
+        check_equal(model, batch, prompts, chains, SPEC, mode=mode)
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
@@ -215,36 +224,53 @@ def test_shared_and_full_sequence_paths_agree(share_prefix):
     )
 
 
-def test_sliding_window_shares_while_the_prompt_fits_and_falls_back_once_otherwise():
-    model = tiny_text_model("gemma2", sliding_window=12)
-    # prompts of at most 11 tokens: the cache keeps them whole; completions run past the window
-    prompts, chains = random_chains([11, 11], [2, 3], seed=5)
+WINDOWED = {
+    "gemma2": dict(sliding_window=6),
+    "gemma2-softcap": dict(sliding_window=6, attn_logit_softcapping=4.0),
+    "gemma3_text": dict(sliding_window=5),
+    "mistral": dict(sliding_window=7),
+}
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "sdpa+ckpt", "flash-emulated+ckpt"])
+@pytest.mark.parametrize("case", sorted(WINDOWED))
+def test_sliding_windows_shorter_than_the_prompt_share_it(case, mode):
+    """Prompts of 11-12 tokens and completions of up to 14 against windows of 5-7: the window applies in
+    position space inside the tree attention (Gemma 2's attention soft-cap too), and the prompt is still
+    shared."""
+    model_type = case.split("-")[0]
+    model = tiny_text_model(model_type, **WINDOWED[case])
+    assert model.config.sliding_window < 11
+    lengths = [12, 12] if model_type in EAGER_ONLY else [11, 12]
+    prompts, chains = random_chains(lengths, [2, 3], seed=5)
     chains[0][0] = chains[0][0] + [7] * 8
     batch = text_batch(prompts, chains)
-    assert ChainForward(model).will_share(batch)
-    check_equal(model, batch, prompts, chains, SPEC)
-    # a 12-token prompt does not fit: full sequences, one warning
-    prompts, chains = random_chains([12, 12], [2, 2], seed=6)
-    batch = text_batch(prompts, chains)
-    _WARNED.clear()
-    with pytest.warns(UserWarning, match="sliding-window"):
-        assert not ChainForward(model).will_share(batch)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_equal(model, batch, prompts, chains, SPEC)
-    with pytest.raises(ValueError, match="share_prefix=True"):
-        ChainForward(model, share_prefix=True).hidden_states(batch)
+        warnings.simplefilter("error", UserWarning)
+        assert ChainForward(model).uses_tree()
+        check_equal(model, batch, prompts, chains, SPEC, mode=mode)
 
 
-def test_gradient_checkpointing_falls_back_to_full_sequences():
+def test_gradient_checkpointing_runs_each_prompt_once():
+    """Hooks count the token positions entering the first decoder layer's attention: with checkpointing
+    on, one prompt per chain (the tree), in one forward (and its recompute); full sequences repeat the
+    prompt per completion."""
     model = tiny_text_model("llama")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    prompts, chains = random_chains([4, 8], [2, 2], seed=7)
+    prompts, chains = random_chains([9, 12], [3, 4], seed=7)
     batch = text_batch(prompts, chains)
-    _WARNED.clear()
-    with pytest.warns(UserWarning, match="gradient checkpointing"):
-        check_equal(model, batch, prompts, chains, SPEC)
+    tree_tokens = sum(map(len, prompts)) + sum(len(c) for ch in chains for c in ch)
+    S, L = batch["completion_input_ids"].shape
+    full_tokens = S * (batch["prompt_input_ids"].shape[1] + L)  # padded [prompt, completion] rows
+    layer = model.model.layers[0].self_attn
+    for share_prefix, want in ((None, tree_tokens), (False, full_tokens)):
+        counter = RowCounter(layer)
+        try:
+            with checkpointing(model, reentrant=False):
+                ChainForward(model, share_prefix=share_prefix).loss(batch, SPEC).loss.backward()
+        finally:
+            counter.remove()
+        # the forward and the checkpoint's recompute in the backward
+        assert (counter.calls, counter.positions) == (2, 2 * want), (share_prefix, counter.positions, want)
 
 
 def test_unknown_text_model_runs_full_sequences_and_unknown_vlm_is_refused():
@@ -254,7 +280,7 @@ def test_unknown_text_model_runs_full_sequences_and_unknown_vlm_is_refused():
     prompts, chains = random_chains([4, 6], [2, 3], seed=8)
     batch = text_batch(prompts, chains)
     _WARNED.clear()
-    with pytest.warns(UserWarning, match="no tested prefix sharing for model_type 'my_llama'"):
+    with pytest.warns(UserWarning, match="no tested chain tree for model_type 'my_llama'"):
         check_equal(model, batch, prompts, chains, SPEC)
     with pytest.raises(ValueError, match="model_type 'my_llama' has no tested"):
         ChainForward(model, share_prefix=True)
@@ -294,3 +320,110 @@ def test_chain_rank_model_modes():
     want = -(s.detach()[[0, 2]] / n).mean()
     torch.testing.assert_close(sft["loss"].detach(), want, atol=1e-9, rtol=1e-9)
     assert out["chain"].pairwise_accuracy.shape == (2,)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The tree attention: paths, delegation, fallbacks, guards
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2-window-softcap", "qwen3_moe"])
+def test_flex_and_eager_forwards_match_sdpa(case):
+    """flex_attention (BlockMask of the tree rule; forward only on CPU: torch 2.14 has no flex backward
+    there) and the eager path give the SDPA path's scores; each path really runs."""
+    import rankloss.integrations.attention as attention
+
+    model_type = case.split("-")[0]
+    extra = dict(sliding_window=5, attn_logit_softcapping=4.0) if "window" in case else {}
+    model = tiny_text_model(model_type, **extra)
+    lengths = [9, 9, 9] if model_type in EAGER_ONLY else [5, 9, 3]
+    prompts, chains = random_chains(lengths, [3, 2, 4], seed=11)
+    batch = text_batch(prompts, chains)
+    ran = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_flex", "_grouped"):
+            real = getattr(attention, name)
+            mp.setattr(
+                attention, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k)
+            )
+        with torch.no_grad():
+            want = ChainForward(model, attention="sdpa").scores(batch)[0]
+            for path in ("flex", "eager"):
+                ran.clear()
+                got = ChainForward(model, attention=path).scores(batch)[0]
+                assert ran == [{"flex": "_flex", "eager": "_grouped"}[path]] * 2, ran
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(want.double(), naive_scores(model, prompts, chains), atol=1e-6, rtol=1e-7)
+
+
+def test_the_model_stays_itself_outside_the_chain_forward():
+    """Installing the tree attention changes nothing else: the model's own forward on a left-padded
+    batch, its generate() and ChainForward.generate give what they gave before, and a saved config does
+    not name rankloss's implementation."""
+    model = tiny_text_model("qwen2", seed=4)
+    prompts, chains = random_chains([3, 7], [2, 2], seed=12)
+    batch = text_batch(prompts, chains)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    model.eval()
+
+    def outputs():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            ours = ChainRankModel(model)(batch, mode="generate", max_new_tokens=4)["tokens"]
+        return logits, gen, ours
+
+    before = outputs()
+    assert model.config._attn_implementation == "sdpa"
+    assert ChainForward(model).uses_tree()
+    assert model.config._attn_implementation == "rankloss_tree_sdpa"
+    after = outputs()
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert "rankloss" not in model.config.to_json_string()
+    model.train()
+
+
+def test_a_model_whose_attention_bypasses_the_interface_falls_back(monkeypatch):
+    model = tiny_text_model("llama", seed=5)
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    prompts, chains = random_chains([4, 6], [2, 3], seed=13)
+    batch = text_batch(prompts, chains)
+    _WARNED.clear()
+    with pytest.warns(UserWarning, match="does not go through transformers' AttentionInterface"):
+        assert not ChainForward(model).uses_tree()
+    check_equal(model, batch, prompts, chains, SPEC)
+    with pytest.raises(ValueError, match="share_prefix=True: model_type 'llama'"):
+        ChainForward(model, share_prefix=True).uses_tree()
+
+
+def test_a_layer_outside_the_tree_attention_is_an_error_not_a_wrong_loss():
+    """A layer that does not look its attention up by the text config's name (here layer 0 is given a
+    config of its own that says 'sdpa') would attend across completions: the forward counts the tree
+    attention's calls and refuses."""
+    import copy
+
+    model = tiny_text_model("llama", seed=6)
+    prompts, chains = random_chains([4, 6], [2, 3], seed=14)
+    batch = text_batch(prompts, chains)
+    cf = ChainForward(model)
+    assert cf.uses_tree()
+    attn = model.model.layers[0].self_attn
+    attn.config = copy.copy(attn.config)
+    attn.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError, match="ran in 1 of 2 layers"):
+        cf.loss(batch, SPEC)
+
+
+def test_a_chain_tree_from_another_batch_is_refused():
+    from rankloss.integrations.layout import build_chain_tree
+
+    model = tiny_text_model("llama", seed=7)
+    prompts, chains = random_chains([4, 6], [2, 3], seed=15)
+    batch = text_batch(prompts, chains)
+    other = text_batch(*random_chains([5, 6], [2, 2], seed=16))
+    with pytest.raises(ValueError, match=r"batch\['chain_tree'\] was not built from this batch"):
+        ChainForward(model).loss({**batch, "chain_tree": build_chain_tree(other)}, SPEC)
+    # the batch's own tree (what the collator attaches) gives what building it here gives
+    a = ChainForward(model).loss({**batch, "chain_tree": build_chain_tree(batch)}, SPEC).loss
+    b = ChainForward(model).loss(batch, SPEC).loss
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

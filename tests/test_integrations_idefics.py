@@ -5,7 +5,9 @@ video path: frames with timestamps) give, on a chain batch built by hand from ON
 prompts (left padding, prompts of different lengths, chains of different sizes), the same loss and the
 same gradient of every parameter (the vision encoder's included) as K independent full-sequence forwards
 through the model's own ``forward`` with that prompt's media alone (full logits, log_softmax), in float64;
-with the prompt shared through the KV cache and with full sequences (each row its own prompt's images)."""
+through the chain tree (each prompt and its images once, with and without gradient checkpointing,
+through SDPA and through the flash path on an emulator of flash-attn's varlen kernel) and with full
+sequences (each row its own prompt's images)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("torchvision")
 
+from chain_testing import TREE_MODES, attention_path, checkpointing  # noqa: E402
 from rankloss.reference.losses import chain_loss as ref_chain_loss  # noqa: E402
 
 from rankloss.integrations import ChainForward, get_family  # noqa: E402
@@ -222,17 +225,20 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_equal(model, chains, spec=SPEC, share_prefix=None):
+def check_equal(model, chains, spec=SPEC, share_prefix=None, mode="sdpa"):
     """Loss and every parameter's gradient of the chain forward == those of independent forwards.
 
     Tolerance (as in tests/test_integrations_vlm.py): transformers' RMSNorms compute in float32 even in a
     float64 model, so a prompt token's gradient, summed over its K completions before such a cast instead
     of K times after it, differs at float32 rounding: 1e-6 relative to the tensor's largest gradient (a
-    gradient lost through the cache, a wrong position or another prompt's image shows at order one)."""
+    gradient lost across the tree, a wrong position or another prompt's image shows at order one);
+    ``mode``: the chain tree's attention path and gradient checkpointing (a key of ``TREE_MODES``)."""
     batch = chains.batch()
+    path, reentrant = TREE_MODES[mode]
     model.zero_grad(set_to_none=True)
-    out = ChainForward(model, share_prefix=share_prefix).loss(batch, spec)
-    out.loss.backward()
+    with checkpointing(model, reentrant), attention_path(path):
+        out = ChainForward(model, share_prefix=share_prefix, attention=path).loss(batch, spec)
+        out.loss.backward()
     got = grads(model)
     model.zero_grad(set_to_none=True)
     s = chains.naive_scores(model, batch)
@@ -303,12 +309,15 @@ def test_family_is_registered_and_finds_the_vision_encoder():
         assert family.vision_modules(model) == [model.model.vision_model]
         assert family.text_module(model) is model.model.text_model
         assert family.head(model).weight is model.lm_head.weight
-        assert family.sliding_window(model) is None
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
+#: (share_prefix, mode): full sequences, and the chain tree in each mode.
+PATHS = [(False, "sdpa")] + [(None, mode) for mode in sorted(TREE_MODES)]
+
+
+@pytest.mark.parametrize(("share_prefix", "mode"), PATHS)
 @pytest.mark.parametrize("model_type", sorted(MODELS))
-def test_images_equal_independent_forwards(model_type, share_prefix):
+def test_images_equal_independent_forwards(model_type, share_prefix, mode):
     model, processor = tiny(model_type)
     chains = image_chains(processor)
     batch = chains.batch()
@@ -318,21 +327,21 @@ def test_images_equal_independent_forwards(model_type, share_prefix):
     real = (pixels != 0).flatten(2).any(-1).sum(-1)
     assert real.tolist() == [8, 0, 5]
     if share_prefix is None:
-        assert ChainForward(model).will_share(batch)
-    got = check_equal(model, chains, share_prefix=share_prefix)
+        assert ChainForward(model).uses_tree()
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     assert_vision_gradients(got, model)
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
+@pytest.mark.parametrize(("share_prefix", "mode"), [(None, "sdpa+ckpt"), (False, "sdpa")])
 @pytest.mark.parametrize("model_type", sorted(MODELS))
-def test_text_only_prompts(model_type, share_prefix):
+def test_text_only_prompts(model_type, share_prefix, mode):
     model, processor = tiny(model_type)
     texts = ["describe a red cat", "what happens", "the dog runs over the blue bird and then sits"]
     chains = Chains(processor, texts, _completions(processor.tokenizer, 5, [2, 3, 2]), seed=6)
     batch = chains.batch()
     assert not any(k.startswith("pixel") for k in batch)
     assert bool((batch["prompt_attention_mask"] == 0).any())
-    got = check_equal(model, chains, share_prefix=share_prefix)
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     assert float(got["lm_head.weight"].abs().max()) > 0
     assert not any(n.startswith("model.vision_model") for n in got)
 
@@ -346,8 +355,10 @@ def video_chains(processor):
     return Chains(processor, texts, _completions(processor.tokenizer, 3, [2, 2, 4]), videos=videos, seed=4)
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
-def test_smolvlm_videos_equal_independent_forwards(share_prefix):
+@pytest.mark.parametrize(
+    ("share_prefix", "mode"), [(None, "sdpa+ckpt"), (None, "flash-emulated+ckpt"), (False, "sdpa")]
+)
+def test_smolvlm_videos_equal_independent_forwards(share_prefix, mode):
     """SmolVLM2's video path: frames (with their timestamps in the prompt) are images to the model."""
     model, processor = tiny("smolvlm")
     chains = video_chains(processor)
@@ -355,8 +366,8 @@ def test_smolvlm_videos_equal_independent_forwards(share_prefix):
     assert batch["pixel_values"].shape[:2] == (3, 3)  # three videos, up to three frames
     assert (batch["pixel_values"] != 0).flatten(2).any(-1).sum(-1).tolist() == [3, 1, 2]
     if share_prefix is None:
-        assert ChainForward(model).will_share(batch)
-    got = check_equal(model, chains, share_prefix=share_prefix)
+        assert ChainForward(model).uses_tree()
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     assert_vision_gradients(got, model)
 
 

@@ -4,8 +4,9 @@ built from its config and a processor built locally give, on a chain batch built
 processor's output (videos, images, prompts of different lengths, left padding, chains of different
 sizes), the same loss and the same gradient of every parameter (the vision tower's included) as K
 independent full-sequence forwards through the model's own ``forward`` with that prompt's media alone
-(full logits, log_softmax), in float64; with the prompt shared through the KV cache and with full
-sequences (media repeated per completion)."""
+(full logits, log_softmax), in float64; through the chain tree (each prompt and its media once, with and
+without gradient checkpointing, through SDPA and through the flash path on an emulator of flash-attn's
+varlen kernel) and with full sequences (media repeated per completion)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("torchvision")
 
+from chain_testing import TREE_MODES, RowCounter, attention_path, checkpointing  # noqa: E402
 from rankloss.reference.losses import chain_loss as ref_chain_loss  # noqa: E402
 
 from rankloss.integrations import ChainForward, get_family  # noqa: E402
@@ -269,17 +271,20 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_equal(model, chains, spec=SPEC, share_prefix=None):
+def check_equal(model, chains, spec=SPEC, share_prefix=None, mode="sdpa"):
     """Loss and every parameter's gradient of the chain forward == those of independent forwards.
 
     Tolerance (as in tests/test_integrations.py): transformers' RMSNorms compute in float32 even in a
     float64 model, so a prompt token's gradient, summed over its K completions before such a cast instead
     of K times after it, differs at float32 rounding: 1e-6 relative to the tensor's largest gradient (a
-    gradient lost through the cache, a wrong position or a wrong video shows at order one)."""
+    gradient lost across the tree, a wrong position or a wrong video shows at order one); ``mode``: the
+    chain tree's attention path and gradient checkpointing (a key of ``TREE_MODES``)."""
     batch = chains.batch()
+    path, reentrant = TREE_MODES[mode]
     model.zero_grad(set_to_none=True)
-    out = ChainForward(model, share_prefix=share_prefix).loss(batch, spec)
-    out.loss.backward()
+    with checkpointing(model, reentrant), attention_path(path):
+        out = ChainForward(model, share_prefix=share_prefix, attention=path).loss(batch, spec)
+        out.loss.backward()
     got = grads(model)
     model.zero_grad(set_to_none=True)
     s = chains.naive_scores(model, batch)
@@ -362,9 +367,13 @@ def qwen_model(model_type):
     return _build(cls, config), processor
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
+#: (share_prefix, mode): full sequences, and the chain tree in each mode.
+PATHS = [(False, "sdpa")] + [(None, mode) for mode in sorted(TREE_MODES)]
+
+
+@pytest.mark.parametrize(("share_prefix", "mode"), PATHS)
 @pytest.mark.parametrize("model_type", sorted(QWEN))
-def test_qwen_vl_equals_independent_forwards(model_type, share_prefix):
+def test_qwen_vl_equals_independent_forwards(model_type, share_prefix, mode):
     model, processor = qwen_model(model_type)
     assert model.config.model_type == model_type and get_family(model) is not None
     unit = 2 * model.config.vision_config.patch_size
@@ -372,9 +381,62 @@ def test_qwen_vl_equals_independent_forwards(model_type, share_prefix):
     batch = chains.batch()
     assert bool((batch["prompt_attention_mask"] == 0).any())  # left padding
     if share_prefix is None:
-        assert ChainForward(model).will_share(batch)
-    got = check_equal(model, chains, share_prefix=share_prefix)
+        assert ChainForward(model).uses_tree()
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     assert_vision_gradients(got, model.model.visual, "model.visual")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_checkpointed_tree_runs_each_prompt_and_video_once(model_type):
+    """Hooks count the token positions entering the first decoder layer's attention and the patch rows
+    entering the vision tower, checkpointing on: the tree runs each prompt and each video once per
+    chain, in one forward (plus the attention's recompute); full sequences once per completion."""
+    model, processor = qwen_model(model_type)
+    unit = 2 * model.config.vision_config.patch_size
+    chains = qwen_chains(processor, unit)
+    batch = chains.batch()
+    mask = batch["prompt_attention_mask"]
+    S, L = batch["completion_input_ids"].shape
+    tree_tokens = int(mask.sum()) + int((batch["completion_labels"] != -100).sum())
+    patches = int(batch["pixel_values_videos"].shape[0]) + int(batch["pixel_values"].shape[0])
+    sizes = batch["chain_sizes"]
+    # full sequences: every completion with its own prompt's videos and images
+    full_patches = sum(n * k for n, k in zip(_patches_per_prompt(batch, model), sizes.tolist()))
+    attn = model.model.language_model.layers[0].self_attn
+    full_tokens = S * (mask.shape[1] + L)
+    for share_prefix, tokens, rows in ((None, tree_tokens, patches), (False, full_tokens, full_patches)):
+        text, vision = RowCounter(attn), RowCounter(model.model.visual, rows_dim=0)
+        try:
+            with checkpointing(model, reentrant=False):
+                ChainForward(model, share_prefix=share_prefix).loss(batch, SPEC).loss.backward()
+        finally:
+            text.remove()
+            vision.remove()
+        assert (text.calls, text.positions) == (2, 2 * tokens), (share_prefix, text.positions, tokens)
+        # one call per media kind (images, videos); checkpointed blocks recompute inside the tower
+        assert vision.positions == rows, (share_prefix, vision.positions, rows)
+    assert tree_tokens < S * mask.shape[1] and patches < full_patches
+
+
+def _patches_per_prompt(batch, model):
+    """Vision patch rows of each prompt's videos and images (their grids' products, assigned in order)."""
+    cfg = model.config
+    out = []
+    grids = {
+        "video": list(batch["video_grid_thw"].prod(-1).tolist()),
+        "image": list(batch["image_grid_thw"].prod(-1).tolist()),
+    }
+    merge2 = cfg.vision_config.spatial_merge_size**2
+    for row in batch["prompt_input_ids"]:
+        n = 0
+        for kind, token in (("video", cfg.video_token_id), ("image", cfg.image_token_id)):
+            need = int((row == token).sum())
+            while need:
+                g = grids[kind].pop(0)
+                need -= g // merge2
+                n += g
+        out.append(n)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -492,17 +554,17 @@ def llava_chains(processor):
     return Chains(processor, texts, _completions(3, [2, 3]), videos, seed=4)
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
+@pytest.mark.parametrize(("share_prefix", "mode"), PATHS)
 @pytest.mark.parametrize("model_type", sorted(LLAVA))
-def test_llava_equals_independent_forwards(model_type, share_prefix):
+def test_llava_equals_independent_forwards(model_type, share_prefix, mode):
     model, processor = llava_model(model_type)
     assert model.config.model_type == model_type and get_family(model) is not None
     chains = llava_chains(processor)
     batch = chains.batch()
     assert bool((batch["prompt_attention_mask"] == 0).any())  # left padding
     if share_prefix is None:
-        assert ChainForward(model).will_share(batch)
-    got = check_equal(model, chains, share_prefix=share_prefix)
+        assert ChainForward(model).uses_tree()
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     # vision_feature_layer=-1: the last layer's hidden states, before the post-norm and the pooling head
     unused = ("post_layernorm", ".head.")
     assert_vision_gradients(got, model.model.vision_tower, "model.vision_tower", unused)
@@ -523,14 +585,14 @@ def llava_mixed_chains(processor):
     return Chains(processor, texts, _completions(7, [2, 2, 3, 2]), videos, images, seed=8)
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
+@pytest.mark.parametrize(("share_prefix", "mode"), [(None, "sdpa+ckpt"), (False, "sdpa")])
 @pytest.mark.parametrize("model_type", sorted(LLAVA))
-def test_llava_prompts_with_several_videos_an_image_or_none(model_type, share_prefix):
+def test_llava_prompts_with_several_videos_an_image_or_none(model_type, share_prefix, mode):
     model, processor = llava_model(model_type)
     chains = llava_mixed_chains(processor)
     batch = chains.batch()
     assert batch["pixel_values_videos"].shape[0] == 3 and batch["pixel_values"].shape[0] == 1
-    got = check_equal(model, chains, share_prefix=share_prefix)
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     assert float(got["model.vision_tower.embeddings.patch_embedding.weight"].abs().max()) > 0
 
 
@@ -542,16 +604,16 @@ def _any_model(model_type):
     return qwen_model(model_type) if model_type in QWEN else llava_model(model_type)
 
 
-@pytest.mark.parametrize("share_prefix", [None, False])
+@pytest.mark.parametrize(("share_prefix", "mode"), [(None, "sdpa"), (None, "sdpa+ckpt"), (False, "sdpa")])
 @pytest.mark.parametrize("model_type", sorted(QWEN) + sorted(LLAVA))
-def test_text_only_prompts_in_a_vlm(model_type, share_prefix):
+def test_text_only_prompts_in_a_vlm(model_type, share_prefix, mode):
     model, processor = _any_model(model_type)
     texts = ["describe a red cat", "what happens", "the dog runs over the blue bird and then sits"]
     chains = Chains(processor, texts, _completions(5, [2, 3, 2]), seed=6)
     batch = chains.batch()
     assert not any(k.startswith("pixel") for k in batch)
     assert bool((batch["prompt_attention_mask"] == 0).any())
-    got = check_equal(model, chains, share_prefix=share_prefix)
+    got = check_equal(model, chains, share_prefix=share_prefix, mode=mode)
     assert float(got["lm_head.weight"].abs().max()) > 0
 
 

@@ -6,10 +6,16 @@ The parts, one module each:
 * :mod:`~rankloss.integrations.families` (one module per model family, ``families/*.py``): how a
   family's model is called: which module runs the prompt with its media, which runs the text, what
   positions the captions take (1-D RoPE or Qwen's multimodal RoPE), the LM head and its soft-cap.
+* :mod:`~rankloss.integrations.layout`: the chain tree, a chain batch packed into one padding-free row
+  (each prompt and its media once, its ``K`` completions behind it), the tree rule of who attends to
+  whom, positions and the scored states.
+* :mod:`~rankloss.integrations.attention`: the tree attention, one function registered with
+  transformers' ``AttentionInterface`` and set on the text model only (flash-attn's varlen kernel,
+  flex attention or SDPA).
 * :mod:`~rankloss.integrations.forward`: :class:`ChainForward`, the model-agnostic chain forward: the
-  vision encoder once per video, the shared prompt once per chain (KV cache), the ``K`` completions
-  against it, and the final hidden states of the scored completion tokens only (logits are never
-  built); the chain loss, scores and metrics on top of them.
+  chain tree through the model in one ordinary forward (the vision encoder once per video, the prompt
+  once per chain, gradient checkpointing or not), and the final hidden states of the scored completion
+  tokens only (logits are never built); the chain loss, scores and metrics on top of them.
 * :mod:`~rankloss.integrations.collator`: chain records in TRL's shape (``prompt`` or conversational
   ``messages``, ``images`` / ``videos``, ``completions`` ranked best first) to a chain batch.
 * :mod:`~rankloss.integrations.trainer`: :class:`ChainRankConfig` and :class:`ChainRankTrainer`.
@@ -31,6 +37,9 @@ key                        shape       meaning
 ``chain_sizes``            ``[B]``     ``K_b``, completions of chain ``b`` (``>= 1``)
 ``ref_scores``             ``[S]``     optional: the reference model's summed log-probs
 ``chain_ids``              list of B   optional: the records' ids (not a tensor)
+``chain_tree``                         optional: the batch as one packed row, each prompt once
+                                       (:class:`~rankloss.integrations.layout.ChainTree`; the
+                                       collator adds it, the chain forward builds it otherwise)
 media keys                             the processor's other outputs for the prompts, unchanged:
                                        ``pixel_values``, ``pixel_values_videos``,
                                        ``image_grid_thw``, ``video_grid_thw``,
@@ -50,6 +59,9 @@ _API = {
     "LMHead": "forward",
     "LossSpec": "forward",
     "chain_hidden_states": "forward",
+    "ChainStates": "forward",
+    "ChainTree": "layout",
+    "build_chain_tree": "layout",
     "Family": "families",
     "get_family": "families",
     "register_family": "families",
@@ -69,6 +81,7 @@ CHAIN_KEYS = (
     "chain_sizes",
     "ref_scores",
     "chain_ids",
+    "chain_tree",
 )
 
 

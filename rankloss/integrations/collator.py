@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .layout import build_chain_tree, check_chain_batch
+
 __all__ = [
     "IGNORE_INDEX",
     "ChainCollator",
@@ -210,6 +212,9 @@ class ChainCollator:
             ``video_fps`` takes precedence.
         default_prompt: the prompt of records without ``prompt`` and ``messages`` (or with ``None``).
         pad_to_multiple_of: pad ``P`` and ``L`` up to a multiple of this, or ``None``.
+        chain_tree: also lay the batch out as the packed chain tree the chain forward runs
+            (``batch["chain_tree"]``, :func:`rankloss.integrations.layout.build_chain_tree`), here in the
+            data loader's workers instead of at every step (default ``True``).
 
     Returns (of a call on ``records``, a list of ``B`` records): the chain batch, a ``dict``:
 
@@ -221,6 +226,8 @@ class ChainCollator:
     * ``chain_sizes`` ``[B]`` long, ``K_b``;
     * ``ref_scores`` ``[S]`` float32, when the records have ``ref_scores`` (all of them must);
     * ``chain_ids`` list of ``B`` strings, when the records have ``id`` (all of them must);
+    * ``chain_tree``: the batch packed into one row, each prompt once (a
+      :class:`~rankloss.integrations.layout.ChainTree`, on the CPU), unless ``chain_tree=False``;
     * the processor's other outputs for the prompts, unchanged (``pixel_values_videos``,
       ``video_grid_thw``, ``second_per_grid_ts``, ``mm_token_type_ids [B, P]``, ``pixel_values``,
       ``image_grid_thw``, ...). A plain tokenizer's other outputs are dropped.
@@ -240,6 +247,7 @@ class ChainCollator:
     video_fps: float | None = None
     default_prompt: str = "Describe this video in detail."
     pad_to_multiple_of: int | None = None
+    chain_tree: bool = True
     _completion_cache: dict[tuple[str, bool], list[int]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -681,6 +689,9 @@ class ChainCollator:
             )
         if parsed[0].id is not None:
             batch["chain_ids"] = [p.id for p in parsed]
+        if self.chain_tree:
+            check_chain_batch(batch)
+            batch["chain_tree"] = build_chain_tree(batch, ignore_index=IGNORE_INDEX)
         return batch
 
     def _round_up(self, n: int) -> int:

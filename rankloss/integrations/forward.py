@@ -1,26 +1,29 @@
 """The model-agnostic chain forward: a Hugging Face model and a chain batch in, the final hidden states of
-the scored completion tokens out (``[S, L, D]``, aligned with ``completion_labels``); logits are never
-built. The loss, scores and metrics come from :func:`rankloss.fused_linear_chain_loss` on those states
-and the model's LM head.
+the scored completion tokens out; logits are never built. The loss, scores and metrics come from
+:func:`rankloss.fused_linear_chain_loss` on those states and the model's LM head.
 
-**Shared prefix** (the default where exact): the prompt runs once per chain through the family's prompt
-module (the vision encoder once per image or video, its features merged into the placeholder tokens,
-Qwen3-VL's deepstack features added inside the same call) with a KV cache; the cache's rows are repeated
-for the ``K`` completions of each chain (``DynamicCache.batch_select_indices``), and the completions run
-through the decoder against it. Gradients of every completion flow back through the cache into the
-prompt and the vision encoder, so loss and gradients equal those of ``K`` independent full-sequence
-forwards (tests/test_integrations.py checks this for every family in float64).
+**The chain tree** (the default wherever it is exact): the batch is packed into one padding-free row,
+each chain's prompt (with one copy of its media) followed by its ``K`` completions
+(:mod:`rankloss.integrations.layout`), and the row runs through the family's prompt module in **one
+ordinary forward**: the vision encoder once per image or video, its features merged into the
+placeholder tokens (Qwen3-VL's deepstack features added inside the same call), the decoder once over
+the row. Attention follows the tree rule through one function registered with transformers'
+``AttentionInterface`` and set on the text model only (:mod:`rankloss.integrations.attention`:
+flash-attn's varlen kernel, flex attention, or SDPA); the tree travels as a forward kwarg, so
+gradient-checkpointed layers replay it in their recompute, and sliding-window layers apply their window
+in position space. Loss and every gradient equal those of ``K`` independent full-sequence forwards
+(tests/test_integrations*.py check this for every family in float64, checkpointing on and off).
 
-**Full sequences** (``share_prefix=False``, and the fallback): each completion runs behind its own copy
-of the prompt and media. The forward falls back, with one warning, when sharing would not be exact or
-possible: a sliding-window layer whose window the prompt exceeds, gradient checkpointing (transformers
-drops the cache of checkpointed layers), or a model type without a tested family (text-only decoders;
-an unknown multimodal model is an error naming its ``model_type``).
+**Full sequences** (``share_prefix=False``, the test oracle, and the fallback): each completion runs
+behind its own copy of the prompt and media. The forward falls back, with one warning, for a model type
+without a tested family (text-only decoders; an unknown multimodal model is an error naming its
+``model_type``) or a model whose attention does not go through the interface.
 
 **Generation** (:meth:`ChainForward.generate`, ``ChainRankModel(..., mode="generate")``): greedy decoding
-with the same pieces: the prompt once through the prompt module with a KV cache, each new token through
-the text module at the positions the completions take, the LM head (with its soft-cap); so each greedy
-token is the argmax of the very forward that scores and trains the completions.
+that keeps a KV cache (decoding one token at a time needs one): the prompt once through the prompt
+module, each new token through the text module at the positions the completions take, the LM head
+(with its soft-cap); so each greedy token is the argmax of the model that scores and trains the
+completions.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..fused_losses import fused_linear_chain_loss, sequence_scores
+from ..fused_losses import _segment_scores, fused_linear_chain_loss, sequence_scores
 from ..outputs import ChainLossOutput
+from .attention import ATTENTION_PATHS, active_tree, install_tree_attention, resolve_attention
 from .families import Family, LMHead, _unwrap, get_family, model_type_of, supported_model_types
+from .layout import ChainTree, build_chain_tree, check_chain_batch, check_prompt_batch
 
-__all__ = ["ChainForward", "ChainRankModel", "LMHead", "LossSpec", "chain_hidden_states"]
+__all__ = ["ChainForward", "ChainRankModel", "ChainStates", "LMHead", "LossSpec", "chain_hidden_states"]
 
 IGNORE_INDEX = -100
 _WARNED: set[tuple[str, str]] = set()
@@ -53,13 +58,6 @@ def _warn_once(model_type: str, reason: str, message: str) -> None:
 def _has_media_config(model: nn.Module) -> bool:
     cfg = model.config
     return any(getattr(cfg, k, None) is not None for k in ("vision_config", "audio_config", "image_token_id"))
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), attr) or attr in vars(model):
-            return bool(getattr(model, attr))
-    return False
 
 
 class _GenericTextFamily(Family):
@@ -86,62 +84,16 @@ class LossSpec:
     filter_eps: float | str | None = "auto"
 
 
-def _check_prompt(batch: Mapping[str, Any]) -> None:
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
-    for key in ("prompt_input_ids", "prompt_attention_mask"):
-        if not isinstance(batch.get(key), Tensor):
-            raise ValueError(
-                f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
-            )
-    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
-        raise ValueError(
-            f"batch['prompt_attention_mask'] must be [B, P] = {list(ids.shape)}, got {list(mask.shape)}"
-        )
-    if ids.shape[0] and bool((mask[:, -1] == 0).any()):
-        raise ValueError(
-            "batch['prompt_attention_mask']: prompts must be left-padded (a row ends with padding)"
-        )
+@dataclass(frozen=True)
+class ChainStates:
+    """The final hidden states that score the completions, in the layout
+    :func:`rankloss.fused_linear_chain_loss` takes: packed (``hidden [M, D]``, ``labels [M]``,
+    ``cu_seqlens [S + 1]``) from the chain tree, padded (``[S, L, D]``, ``[S, L]``, ``None``) from full
+    sequences."""
 
-
-def _check_batch(batch: Mapping[str, Any]) -> None:
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
-    for key in (
-        "prompt_input_ids",
-        "prompt_attention_mask",
-        "completion_input_ids",
-        "completion_labels",
-        "chain_sizes",
-    ):
-        if not isinstance(batch.get(key), Tensor):
-            raise ValueError(
-                f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
-            )
-    B, P = batch["prompt_input_ids"].shape
-    S, L = batch["completion_input_ids"].shape
-    if tuple(batch["prompt_attention_mask"].shape) != (B, P):
-        raise ValueError(
-            f"batch['prompt_attention_mask'] must be [B, P] = {[B, P]}, "
-            f"got {list(batch['prompt_attention_mask'].shape)}"
-        )
-    if tuple(batch["completion_labels"].shape) != (S, L):
-        raise ValueError(
-            f"batch['completion_labels'] must be [S, L] = {[S, L]}, "
-            f"got {list(batch['completion_labels'].shape)}"
-        )
-    sizes = batch["chain_sizes"]
-    if sizes.dim() != 1 or sizes.numel() != B:
-        raise ValueError(f"batch['chain_sizes'] must be [B] = [{B}], got {list(sizes.shape)}")
-    if int(sizes.sum()) != S:
-        raise ValueError(
-            f"batch['chain_sizes'] sums to {int(sizes.sum())}, but there are S = {S} completions"
-        )
-    if B and bool((batch["prompt_attention_mask"][:, -1] == 0).any()):
-        raise ValueError(
-            "batch['prompt_attention_mask']: prompts must be left-padded (a row ends with padding)"
-        )
+    hidden: Tensor
+    labels: Tensor
+    cu_seqlens: Tensor | None
 
 
 class ChainForward:
@@ -151,13 +103,26 @@ class ChainForward:
         model: a Hugging Face ``*ForCausalLM`` or ``*ForConditionalGeneration`` (DDP / compile wrappers are
             looked through for the family; the calls go to the unwrapped modules, so run this inside the
             wrapped module's ``forward``: :class:`ChainRankModel` does).
-        share_prefix: ``None`` (default) shares the prompt wherever that is exact; ``False`` always runs
-            full sequences; ``True`` raises where sharing is impossible instead of falling back.
+        share_prefix: ``None`` (default) runs the chain tree (each prompt once) wherever it is exact;
+            ``False`` always runs full sequences; ``True`` raises where the tree is impossible instead of
+            falling back.
         family: a :class:`~rankloss.integrations.Family` to use instead of the registered one.
+        attention: the chain tree's attention path: ``"auto"`` (flash-attn's varlen kernel on CUDA when
+            it is installed and the model is 16-bit, flex attention on other CUDA runs, SDPA elsewhere),
+            ``"flash"``, ``"flex"``, ``"sdpa"`` or ``"eager"``.
+
+    The first chain-tree forward registers the tree attention and sets it on the model's text model
+    (:func:`~rankloss.integrations.attention.install_tree_attention`); without a tree that attention is
+    the model's own implementation, so every other use of the model is unchanged.
     """
 
     def __init__(
-        self, model: nn.Module, *, share_prefix: bool | None = None, family: Family | None = None
+        self,
+        model: nn.Module,
+        *,
+        share_prefix: bool | None = None,
+        family: Family | None = None,
+        attention: str = "auto",
     ) -> None:
         self.model = _unwrap(model)
         self.model_type = model_type_of(self.model)
@@ -172,14 +137,16 @@ class ChainForward:
             if share_prefix:
                 raise ValueError(
                     f"share_prefix=True: model_type {self.model_type!r} has no tested rankloss family, so "
-                    "its "
-                    "prompt cannot be shared; leave share_prefix=None to run full sequences"
+                    "its prompt cannot be shared; leave share_prefix=None to run full sequences"
                 )
             fam = _GenericTextFamily()
         self.family = fam
         if share_prefix not in (None, True, False):
             raise ValueError(f"share_prefix must be None, True or False, got {share_prefix!r}")
+        if attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
         self.share_prefix = share_prefix
+        self.attention = attention
 
     # -------------------------------------------------------------------------------------------------
     def head(self) -> LMHead:
@@ -198,33 +165,25 @@ class ChainForward:
         except TypeError:  # older transformers
             return DynamicCache()
 
-    def will_share(self, batch: Mapping[str, Any]) -> bool:
-        """Whether :meth:`hidden_states` shares the prompt for ``batch`` (warns once when it cannot)."""
+    def uses_tree(self) -> bool:
+        """Whether the forward runs the chain tree (warns once when it falls back to full sequences;
+        ``share_prefix=True`` raises instead). Installs the tree attention on first use."""
         if self.share_prefix is False:
             return False
         reason = None
         if not self.family.shares_prefix:
             reason = (
                 "family",
-                f"rankloss has no tested prefix sharing for model_type {self.model_type!r}: "
-                "running each completion behind its own copy of the prompt (same numbers, more compute)",
+                f"rankloss has no tested chain tree for model_type {self.model_type!r}: running each "
+                "completion behind its own copy of the prompt (same numbers, more compute)",
             )
-        elif _checkpointing(self.model) and self.model.training and torch.is_grad_enabled():
+        elif not install_tree_attention(self.model, self.family.text_config(self.model)):
             reason = (
-                "checkpointing",
-                "gradient checkpointing drops the KV cache of checkpointed layers, so the "
-                "prompt cannot be shared: running full sequences (same numbers, more compute)",
+                "interface",
+                f"model_type {self.model_type!r}: its text model's attention does not go through "
+                "transformers' AttentionInterface, so the chain tree's attention cannot be set: running "
+                "full sequences (same numbers, more compute)",
             )
-        else:
-            window = self.family.sliding_window(self.model)
-            P = int(batch["prompt_input_ids"].shape[1])
-            if window is not None and P >= window:
-                reason = (
-                    "window",
-                    f"model_type {self.model_type!r} has sliding-window layers (window {window}) "
-                    f"and the prompts are {P} tokens long: the cache keeps only the last {window - 1}, so "
-                    "running full sequences (same numbers, more compute)",
-                )
         if reason is None:
             return True
         if self.share_prefix:
@@ -232,9 +191,14 @@ class ChainForward:
         _warn_once(self.model_type, reason[0], reason[1])
         return False
 
+    def will_share(self, batch: Mapping[str, Any] | None = None) -> bool:
+        """Whether the prompts of ``batch`` run once per chain: :meth:`uses_tree` (the batch does not
+        change the answer any more: windows and gradient checkpointing share too)."""
+        return self.uses_tree()
+
     def _prompt_pass(self, batch: Mapping[str, Any], positions: Tensor, padded: bool) -> tuple[Tensor, Any]:
         """The ``B`` prompts (with their media) through the prompt module once: ``(last_hidden_state
-        [B, P, D], the KV cache)``."""
+        [B, P, D], the KV cache)`` (generation)."""
         fam, model = self.family, self.model
         prompt_mod = fam.prompt_module(model)
         cache = self._new_cache()
@@ -250,41 +214,76 @@ class ChainForward:
         return out.last_hidden_state, cache
 
     # -------------------------------------------------------------------------------------------------
-    def hidden_states(self, batch: Mapping[str, Any]) -> Tensor:
-        """Final hidden states ``[S, L, D]``: ``[s, t]`` scores ``batch["completion_labels"][s, t]``."""
-        _check_batch(batch)
+    def tree(self, batch: Mapping[str, Any]) -> ChainTree:
+        """The chain tree of a checked ``batch`` (the collator's ``batch["chain_tree"]`` when it is there,
+        else :func:`~rankloss.integrations.layout.build_chain_tree`), bound to this model: the family's
+        positions and this forward's attention path."""
+        fam, model = self.family, self.model
+        ids = batch["prompt_input_ids"]
+        B, P = ids.shape
+        S, L = batch["completion_input_ids"].shape
+        tree = batch.get("chain_tree")
+        if tree is None:
+            tree = build_chain_tree(batch, ignore_index=IGNORE_INDEX)
+        elif not isinstance(tree, ChainTree) or tree.batch_shape != (B, P, S, L):
+            raise ValueError(
+                "batch['chain_tree'] was not built from this batch (prompts [B, P] and completions [S, L] "
+                f"= {(B, P, S, L)}, the tree's {getattr(tree, 'batch_shape', None)}): rebuild it with "
+                "rankloss.integrations.layout.build_chain_tree or drop the key"
+            )
+        sizes = batch["chain_sizes"].to(ids.device)
+        owner = torch.repeat_interleave(torch.arange(B, device=ids.device), sizes)
+        prompt_pos, next_pos = fam.prompt_positions(model, batch)
+        comp_pos = fam.completion_positions(next_pos, owner, int(L))
+        path = resolve_attention(self.attention, ids.device, self.head().weight.dtype)
+        return tree.bind(prompt_pos, comp_pos, path)
+
+    def _tree_states(self, batch: Mapping[str, Any]) -> tuple[ChainTree, Tensor]:
+        fam, model = self.family, self.model
+        tree = self.tree(batch)
+        media = fam.prompt_media(model, batch)
+        B, P = batch["prompt_input_ids"].shape
+        for key in fam.token_keys:
+            value = media.get(key)
+            if isinstance(value, Tensor) and tuple(value.shape) == (B, P):
+                media[key] = tree.relayout_prompt(value)
+        with active_tree(tree):
+            out = fam.prompt_module(model)(
+                input_ids=tree.input_ids,
+                attention_mask=None,
+                position_ids=tree.position_ids,
+                use_cache=False,
+                chain_tree=tree,
+                **media,
+            )
+        layers = getattr(fam.text_config(model), "num_hidden_layers", None)
+        if not torch.compiler.is_compiling() and layers is not None and tree.calls != layers:
+            raise RuntimeError(
+                f"model_type {self.model_type!r}: the chain tree's attention ran in {tree.calls} of "
+                f"{layers} layers, so the other layers attended across completions; pass "
+                "share_prefix=False (full sequences) and report the model type"
+            )
+        hidden = out.last_hidden_state[0].index_select(0, tree.scored_index)
+        return tree, hidden
+
+    def _full_hidden_states(self, batch: Mapping[str, Any]) -> Tensor:
+        """``[S, L, D]`` from ``S`` full ``[prompt, completion]`` rows (the media repeated per row)."""
         fam, model = self.family, self.model
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         comp, sizes = batch["completion_input_ids"], batch["chain_sizes"]
         B, P = ids.shape
-        S, L = comp.shape
         owner = torch.repeat_interleave(torch.arange(B, device=ids.device), sizes.to(ids.device))
         prompt_pos, next_pos = fam.prompt_positions(model, batch)
-        comp_pos = fam.completion_positions(next_pos, owner, L)
+        comp_pos = fam.completion_positions(next_pos, owner, int(comp.shape[1]))
         padded = bool((mask == 0).any())
-        prompt_mod = fam.prompt_module(model)
-        if self.will_share(batch):
-            text_mod = fam.text_module(model)
-            prompt_hidden, cache = self._prompt_pass(batch, prompt_pos, padded)
-            cache.batch_select_indices(owner)
-            full_mask = None
-            if padded:
-                full_mask = torch.cat([mask[owner], torch.ones_like(comp, dtype=mask.dtype)], 1)
-            h = text_mod(
-                input_ids=comp,
-                attention_mask=full_mask,
-                position_ids=comp_pos,
-                use_cache=True,
-                **{self._cache_kw(text_mod): cache},
-            ).last_hidden_state
-            return torch.cat([prompt_hidden[owner, -1:], h[:, :-1]], 1)
         media = fam.select_media(model, batch, owner)
         full_ids = torch.cat([ids[owner], comp], 1)
         full_mask = torch.cat([mask[owner], torch.ones_like(comp, dtype=mask.dtype)], 1) if padded else None
-        if "mm_token_type_ids" in media:
-            types = media["mm_token_type_ids"]
-            media["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(comp, dtype=types.dtype)], 1)
-        h = prompt_mod(
+        for key in fam.token_keys:
+            types = media.get(key)
+            if isinstance(types, Tensor) and types.dim() == 2:
+                media[key] = torch.cat([types, torch.zeros_like(comp, dtype=types.dtype)], 1)
+        h = fam.prompt_module(model)(
             input_ids=full_ids,
             attention_mask=full_mask,
             position_ids=fam.cat_positions(prompt_pos, owner, comp_pos),
@@ -292,6 +291,29 @@ class ChainForward:
             **media,
         ).last_hidden_state
         return h[:, P - 1 : -1]
+
+    @staticmethod
+    def _check(batch: Mapping[str, Any]) -> None:
+        """A batch is checked where it is built: here unless the collator built (and checked) it."""
+        if not isinstance(batch, Mapping) or batch.get("chain_tree") is None:
+            check_chain_batch(batch)
+
+    def states(self, batch: Mapping[str, Any]) -> ChainStates:
+        """The scored final hidden states of ``batch`` and their labels (:class:`ChainStates`)."""
+        self._check(batch)
+        if self.uses_tree():
+            tree, hidden = self._tree_states(batch)
+            return ChainStates(hidden, tree.labels, tree.cu_seqlens)
+        return ChainStates(self._full_hidden_states(batch), batch["completion_labels"], None)
+
+    def hidden_states(self, batch: Mapping[str, Any]) -> Tensor:
+        """Final hidden states ``[S, L, D]``: ``[s, t]`` scores ``batch["completion_labels"][s, t]`` (zeros
+        at positions the chain tree does not run: after a completion's last scored label)."""
+        self._check(batch)
+        if self.uses_tree():
+            tree, hidden = self._tree_states(batch)
+            return tree.to_padded(hidden)
+        return self._full_hidden_states(batch)
 
     def loss(
         self,
@@ -302,16 +324,16 @@ class ChainForward:
         reduction: str = "mean",
     ) -> ChainLossOutput:
         """The chain loss of ``batch`` (its ``ref_scores`` when present, else reference-free)."""
-        hidden = self.hidden_states(batch)
+        st = self.states(batch)
         head = self.head()
-        labels = batch["completion_labels"]
         ref = batch.get("ref_scores")
         if ref is not None and spec.length_normalize:
-            ref = ref / (labels != IGNORE_INDEX).sum(-1).clamp(min=1).to(ref.dtype)
+            n = (batch["completion_labels"] != IGNORE_INDEX).sum(-1)
+            ref = ref / n.clamp(min=1).to(device=ref.device, dtype=ref.dtype)
         return fused_linear_chain_loss(
-            hidden,
+            st.hidden,
             head.weight,
-            labels,
+            st.labels,
             batch["chain_sizes"].tolist(),
             ref,
             loss=spec.loss,
@@ -324,6 +346,7 @@ class ChainForward:
             bias=head.bias,
             softcap=head.softcap,
             ignore_index=IGNORE_INDEX,
+            cu_seqlens=st.cu_seqlens,
             reduction=reduction,
             impl=impl,
             deterministic=spec.deterministic,
@@ -334,11 +357,18 @@ class ChainForward:
     def scores(self, batch: Mapping[str, Any], *, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """``(scores [S], num_tokens [S])``: each completion's summed token log-prob (float32, no gradient)
         and its number of scored tokens; what a reference model's cache holds."""
-        hidden = self.hidden_states(batch)
+        st = self.states(batch)
         head = self.head()
-        labels = batch["completion_labels"]
-        s = sequence_scores(hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, impl=impl)
-        return s, (labels != IGNORE_INDEX).sum(-1)
+        s = sequence_scores(
+            st.hidden,
+            head.weight,
+            st.labels,
+            bias=head.bias,
+            softcap=head.softcap,
+            cu_seqlens=st.cu_seqlens,
+            impl=impl,
+        )
+        return s, (batch["completion_labels"] != IGNORE_INDEX).sum(-1)
 
     @torch.no_grad()
     def generate(
@@ -359,7 +389,7 @@ class ChainForward:
         (and media) of ``batch`` are read. ``stop_when_done=False`` runs all ``max_new_tokens`` steps even
         once every row has stopped (what sharded models need: every process runs the same forwards).
         """
-        _check_prompt(batch)
+        check_prompt_batch(batch)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         fam, model = self.family, self.model
@@ -437,13 +467,35 @@ class ChainRankModel(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Delegates to the model (transformers' ``Trainer`` calls it); the chain forward then runs full
-        sequences, since checkpointed layers drop the KV cache."""
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Delegates to the model (transformers' ``Trainer`` calls it for ``activation_checkpointing=True``);
+        the chain tree runs under checkpointing as it does without (checkpointed layers replay its
+        attention in their recompute)."""
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is None:  # transformers before 5.x
+            kwargs.setdefault(
+                "gradient_checkpointing_kwargs", kwargs.pop("activation_checkpointing_kwargs", None)
+            )
+            self.model.gradient_checkpointing_enable(**kwargs)
+        else:
+            enable(**kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable = getattr(self.model, "activation_checkpointing_disable", None)
+        (disable or self.model.gradient_checkpointing_disable)()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None, **kwargs: Any) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+        )
 
     def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
 
     def forward(
         self,
@@ -477,24 +529,25 @@ class ChainRankModel(nn.Module):
             # only each chain's first (best) completion goes through the model
             sizes = batch["chain_sizes"]
             first = torch.cumsum(sizes, 0) - sizes
-            best = {k: v for k, v in batch.items() if k != "ref_scores"}
+            best = {k: v for k, v in batch.items() if k not in ("ref_scores", "chain_tree")}
             best["completion_input_ids"] = batch["completion_input_ids"][first]
-            best["completion_labels"] = y = batch["completion_labels"][first]
+            best["completion_labels"] = batch["completion_labels"][first]
             best["chain_sizes"] = torch.ones_like(sizes)
             head = cf.head()
             spec = spec or self.spec
+            st = cf.states(best)
             logps = linear_token_logprobs(
-                cf.hidden_states(best),
+                st.hidden,
                 head.weight,
-                y,
+                st.labels,
                 bias=head.bias,
                 softcap=head.softcap,
                 impl=self.impl,
                 deterministic=spec.deterministic,
                 filter_eps=spec.filter_eps,
             )
-            n = (y != IGNORE_INDEX).sum(-1).clamp(min=1)
-            nll = -logps.sum(-1) / n.to(logps.dtype)
+            sums, n = _segment_scores(logps, st.labels, IGNORE_INDEX, st.cu_seqlens)
+            nll = -sums / n.clamp(min=1).to(sums.dtype)
             return {"loss": nll.mean(), "nll": nll.detach()}
         raise ValueError(f"mode must be 'rank', 'sft', 'score' or 'generate', got {mode!r}")
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..integrations.collator import IGNORE_INDEX, ChainCollator, _sampled_fps
+from ..integrations.layout import ChainTree
 from ..synthetic import Scene, synthetic_record
 from .config import TrainConfig
 
@@ -320,5 +321,9 @@ def collate_chains(
 
 
 def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """``batch`` with its tensors on ``device`` (other values, e.g. ``chain_ids``, as they are)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """``batch`` with its tensors and chain tree on ``device`` (other values, e.g. ``chain_ids``, as they
+    are)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, (Tensor, ChainTree)) else v
+        for k, v in batch.items()
+    }

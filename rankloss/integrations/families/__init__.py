@@ -10,11 +10,16 @@ A :class:`Family` answers five questions about a model, and nothing else is mode
    ``get_rope_index`` for Qwen's multimodal RoPE, where completion token ``t`` sits at the prompt's next
    position ``+ t`` on every axis;
 3. the LM head (:meth:`Family.head`: weight, bias, final-logit soft-cap);
-4. how the media of a batch are repeated for full-sequence rows (:meth:`Family.select_media`);
-5. whether a prompt's KV cache can be shared at all (:meth:`Family.sliding_window`).
+4. how the media of a batch are repeated for full-sequence rows (:meth:`Family.select_media`), and which
+   media keys hold one value per prompt token (:attr:`Family.token_keys`, laid out with the prompt in
+   the chain tree);
+5. whether the chain tree (each prompt once) is tested for it (:attr:`Family.shares_prefix`).
 
 One module per family: :mod:`.causal_lm` (text-only decoders), :mod:`.qwen_vl` (Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL), :mod:`.llava` (LLaVA-OneVision, LLaVA-NeXT-Video). :func:`register_family` adds a family.
+Qwen3-VL), :mod:`.llava` (LLaVA-OneVision, LLaVA-NeXT-Video), :mod:`.idefics` (SmolVLM, Idefics3).
+:func:`register_family` adds a family. Attention is not a family's business: the chain tree's attention
+goes through transformers' ``AttentionInterface`` (:mod:`rankloss.integrations.attention`), so sliding
+windows and soft-caps come from the model's own layers.
 """
 
 from __future__ import annotations
@@ -78,8 +83,12 @@ class Family:
     rope: str = "1d"
     #: Whether the prompt may carry media (then the prompt runs through :meth:`prompt_module`).
     multimodal: bool = False
-    #: Whether the prompt's KV cache may be shared by the completions (prefix sharing is tested).
+    #: Whether the chain tree (each prompt once, :mod:`~rankloss.integrations.layout`) is tested for this
+    #: family; otherwise every completion runs behind its own copy of the prompt.
     shares_prefix: bool = True
+    #: Media keys that hold one value per prompt token (``[B, P]``, padded like the prompt): the chain
+    #: forward lays them out with the prompt tokens (0 at completion tokens).
+    token_keys: tuple[str, ...] = ("mm_token_type_ids", "token_type_ids")
 
     # ---- modules ---------------------------------------------------------------------------------------
     def text_module(self, model: nn.Module) -> nn.Module:
@@ -105,19 +114,6 @@ class Family:
             raise TypeError(f"{type(model).__name__} has no output embeddings (LM head) to score with")
         cap = getattr(self.text_config(model), "final_logit_softcapping", None)
         return LMHead(out.weight, getattr(out, "bias", None), float(cap) if cap else None)
-
-    def sliding_window(self, model: nn.Module) -> int | None:
-        """The smallest attention window of any layer, ``None`` when every layer attends to everything."""
-        cfg = self.text_config(model)
-        window = getattr(cfg, "sliding_window", None)
-        if not window:
-            return None
-        types = getattr(cfg, "layer_types", None)
-        if types is not None:
-            return int(window) if any("sliding" in str(t) for t in types) else None
-        if getattr(cfg, "use_sliding_window", True) is False:
-            return None
-        return int(window)
 
     # ---- positions ---------------------------------------------------------------------------------------
     def prompt_positions(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:

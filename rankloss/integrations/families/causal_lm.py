@@ -1,7 +1,7 @@
 """Text-only causal LMs: one decoder (``model.model``), 1-D RoPE, the LM head (Gemma 2/3's final-logit
-soft-cap included). Layers with a sliding window share the prompt's cache only while the whole prompt
-fits in the window (the cache keeps the last ``window - 1`` tokens); otherwise the forward runs full
-sequences. Each model type here has an equality test (tests/test_integrations.py)."""
+soft-cap included). Sliding-window layers (Gemma 2/3, Mistral) apply their window inside the chain tree's
+attention, in position space, whatever the prompt's length. Each model type here has an equality test
+(tests/test_integrations.py)."""
 
 from __future__ import annotations
 

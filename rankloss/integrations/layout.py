@@ -1,0 +1,300 @@
+"""The chain tree: a chain batch packed into one padding-free row, each prompt (and its media) once.
+
+A chain batch (the table in :mod:`rankloss.integrations`) holds ``B`` left-padded prompts ``[B, P]`` and
+``S = sum_b K_b`` right-padded completions ``[S, L]``. :func:`build_chain_tree` lays it out as **one row**
+of ``N`` tokens, chain after chain, each chain as its prompt's real tokens followed by its ``K``
+completions::
+
+    [ prompt_1 | c_11 | c_12 | c_13 | prompt_2 | c_21 | c_22 | ... ]
+
+A completion keeps its tokens up to its last scored label (``labels != ignore_index``): tokens after it
+change no scored log-prob (the model is causal), so nothing is lost. The **tree rule**: token ``q`` may
+attend to key ``k`` iff ``k <= q < subtree_end[k]``, where ``subtree_end`` is the end of the chain for a
+prompt token and the end of its own completion for a completion token. So a
+completion token sees its prompt and the earlier tokens of its own completion, exactly what it sees in
+its own full sequence ``[prompt, completion]``. Sliding-window layers also need
+``text_positions[q] - text_positions[k] < window``, where ``text_positions`` is a token's index in its
+own full sequence (the prompt from 0, a completion from the prompt's length).
+
+**Positions** come from the model's family (never from ``get_rope_index`` over the packed row): the
+prompt keeps the positions the family gives the padded prompt batch (Qwen's 3-axis multimodal RoPE
+included), and completion token ``t`` sits at the prompt's next position ``+ t`` on every axis.
+
+**Segments**: the row is cut into segments, each a prompt or a completion; a segment's queries attend
+causally to its keys, which are the segment itself plus, for a completion, its chain's prompt in front.
+This is the form the attention kernels take (``flash_attn_varlen_func``'s ``cu_seqlens`` with
+bottom-right causal alignment, or SDPA over padded groups of segments;
+:mod:`rankloss.integrations.attention`).
+
+**Scored states**: the hidden state that scores completion ``s``'s label ``t`` is the prompt's last
+token's for ``t = 0`` and completion token ``t - 1``'s otherwise; :attr:`ChainTree.scored_index` picks
+them, chain after chain, into the packed ``cu_seqlens`` layout :func:`rankloss.fused_linear_chain_loss`
+takes (``labels [M]``, ``cu_seqlens [S + 1]``).
+
+:func:`check_chain_batch` validates a batch once, where its layout is built (shapes, sizes,
+left-padded prompts): in the collator, or in the chain forward for a batch built by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChainTree", "build_chain_tree", "check_chain_batch", "check_prompt_batch"]
+
+#: Keys of the chain batch the layout reads.
+_REQUIRED = (
+    "prompt_input_ids",
+    "prompt_attention_mask",
+    "completion_input_ids",
+    "completion_labels",
+    "chain_sizes",
+)
+
+
+def check_prompt_batch(batch: Mapping[str, Any]) -> None:
+    """The prompt keys of a chain batch: present, ``[B, P]``, left-padded (``ValueError`` / ``TypeError``
+    naming the key)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
+    for key in ("prompt_input_ids", "prompt_attention_mask"):
+        if not isinstance(batch.get(key), Tensor):
+            raise ValueError(
+                f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
+            )
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"batch['prompt_attention_mask'] must be [B, P] = {list(ids.shape)}, got {list(mask.shape)}"
+        )
+    if ids.shape[0] == 0:
+        return
+    if ids.shape[1] and bool((mask[:, -1] == 0).any()):
+        raise ValueError(
+            "batch['prompt_attention_mask']: prompts must be left-padded (a row ends with padding)"
+        )
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError(
+            "batch['prompt_attention_mask']: prompts must be left-padded, with their real tokens "
+            "contiguous (a 0 follows a 1 in some row)"
+        )
+    if bool((mask.sum(1) == 0).any()):
+        raise ValueError(
+            "batch['prompt_attention_mask']: a prompt has no tokens; the first completion token is scored "
+            "from the prompt's last token, so each prompt needs at least one"
+        )
+
+
+def check_chain_batch(batch: Mapping[str, Any]) -> None:
+    """Every key the chain forward reads: present, shapes consistent, ``chain_sizes`` summing to ``S``,
+    prompts left-padded (``ValueError`` / ``TypeError`` naming the key)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
+    for key in _REQUIRED:
+        if not isinstance(batch.get(key), Tensor):
+            raise ValueError(
+                f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
+            )
+    check_prompt_batch(batch)
+    B = int(batch["prompt_input_ids"].shape[0])
+    comp = batch["completion_input_ids"]
+    if comp.dim() != 2:
+        raise ValueError(f"batch['completion_input_ids'] must be [S, L], got {list(comp.shape)}")
+    S, L = comp.shape
+    if tuple(batch["completion_labels"].shape) != (S, L):
+        raise ValueError(
+            f"batch['completion_labels'] must be [S, L] = {[S, L]}, "
+            f"got {list(batch['completion_labels'].shape)}"
+        )
+    sizes = batch["chain_sizes"]
+    if sizes.dim() != 1 or sizes.numel() != B:
+        raise ValueError(f"batch['chain_sizes'] must be [B] = [{B}], got {list(sizes.shape)}")
+    if B and int(sizes.min()) < 1:
+        raise ValueError(f"batch['chain_sizes'] must be >= 1 (completions per chain), got {sizes.tolist()}")
+    if int(sizes.sum()) != S:
+        raise ValueError(
+            f"batch['chain_sizes'] sums to {int(sizes.sum())}, but there are S = {S} completions"
+        )
+
+
+@dataclass
+class ChainTree:
+    """One chain batch as one packed row of ``N`` tokens (see the module docstring); ``M`` scored tokens,
+    ``S`` completions, ``B`` chains.
+
+    Built from the batch alone (:func:`build_chain_tree`: what the collator attaches as
+    ``batch["chain_tree"]``, on the CPU); the chain forward binds a copy to the model
+    (:meth:`bind`: the device, the family's positions, the attention path), whose attention then keeps
+    its index tensors and masks in :attr:`cache` for every layer and for the recompute of checkpointed
+    layers."""
+
+    #: ``[1, N]`` token ids.
+    input_ids: Tensor
+    #: ``[N]`` each token's index in its own full sequence ``[prompt, completion]``.
+    text_positions: Tensor
+    #: ``[N]`` the end (exclusive) of the queries that may attend to each key.
+    subtree_end: Tensor
+    #: ``[M]`` row index of the hidden state that scores each scored label.
+    scored_index: Tensor
+    #: ``[M]`` the labels those states score, completion after completion.
+    labels: Tensor
+    #: ``[S + 1]`` int32 offsets of each completion's labels in ``labels``.
+    cu_seqlens: Tensor
+    #: ``[Np]`` flat index into ``[B * P]`` of every real prompt token, and ``[Np]`` its index in the row.
+    prompt_source: Tensor
+    prompt_dest: Tensor
+    #: ``[M]`` flat index into ``[S * L]`` of every completion token in the row (one per label: completion
+    #: token ``t`` sits where label ``t`` does in ``completion_labels``), and ``[M]`` its index in the row.
+    completion_source: Tensor
+    completion_dest: Tensor
+    #: Segments ``(start, length, prompt_start, prompt_length)`` in row order: a prompt
+    #: (``prompt_length = 0``), or a completion and its chain's prompt.
+    segments: tuple[tuple[int, int, int, int], ...]
+    #: ``(B, P, S, L)`` of the batch it was built from.
+    batch_shape: tuple[int, int, int, int]
+    #: ``[1, N]`` (1-D RoPE) or ``[A, 1, N]`` (``A`` RoPE axes) positions: set by :meth:`bind`.
+    position_ids: Tensor | None = None
+    #: The attention path (``"flash"``, ``"flex"``, ``"sdpa"``, ``"eager"``): set by :meth:`bind`.
+    attention: str = "sdpa"
+    #: Calls of the tree attention since :meth:`bind` (one per attention layer in a forward).
+    calls: int = 0
+    #: What the attention builds once per bound tree (index tensors, masks).
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ChainTree:
+        """A copy on ``device`` (a fresh :attr:`cache`); what ``accelerate``'s ``send_to_device`` calls."""
+        kw = {"device": device, "non_blocking": non_blocking}
+        moved = {
+            f.name: getattr(self, f.name).to(**kw)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return replace(self, **moved, calls=0, cache={})
+
+    def bind(self, prompt_positions: Tensor, completion_positions: Tensor, attention: str) -> ChainTree:
+        """A copy for one forward of one model, on the positions' device: ``prompt_positions [B, P]`` or
+        ``[A, B, P]`` (the family's positions of the padded prompts), ``completion_positions [S, L]`` or
+        ``[A, S, L]`` (completion token ``t``'s position), and the attention path."""
+        B, P, S, L = self.batch_shape
+        if tuple(prompt_positions.shape[-2:]) != (B, P) or tuple(completion_positions.shape[-2:]) != (S, L):
+            raise ValueError(
+                f"positions must be [.., B, P] = [.., {B}, {P}] and [.., S, L] = [.., {S}, {L}], got "
+                f"{list(prompt_positions.shape)} and {list(completion_positions.shape)}"
+            )
+        tree = self.to(prompt_positions.device)
+        axes = prompt_positions.dim() == 3
+        A = prompt_positions.shape[0] if axes else 1
+        pos = torch.zeros((A, tree.num_tokens), dtype=torch.long, device=prompt_positions.device)
+        pos[:, tree.prompt_dest] = prompt_positions.reshape(A, B * P)[:, tree.prompt_source].long()
+        pos[:, tree.completion_dest] = (
+            completion_positions.reshape(A, S * L).to(pos.device)[:, tree.completion_source].long()
+        )
+        return replace(tree, position_ids=pos[:, None, :] if axes else pos, attention=attention)
+
+    def relayout_prompt(self, value: Tensor, fill: int | float = 0) -> Tensor:
+        """A per-prompt-token tensor ``[B, P]`` (e.g. ``mm_token_type_ids``) in the row's layout ``[1, N]``:
+        the prompts' real tokens moved to their places, ``fill`` at completion tokens."""
+        out = value.new_full((self.num_tokens,), fill)
+        out[self.prompt_dest.to(value.device)] = value.reshape(-1)[self.prompt_source.to(value.device)]
+        return out[None]
+
+    def to_padded(self, hidden: Tensor) -> Tensor:
+        """Scored states ``[M, D]`` as ``[S, L, D]`` aligned with ``completion_labels`` (zeros elsewhere)."""
+        _, _, S, L = self.batch_shape
+        out = hidden.new_zeros((S * L, hidden.shape[-1]))
+        return out.index_copy(0, self.completion_source.to(hidden.device), hidden).view(S, L, -1)
+
+
+def build_chain_tree(batch: Mapping[str, Any], *, ignore_index: int = -100) -> ChainTree:
+    """The chain tree of ``batch`` (see the module docstring), on the batch's device.
+
+    ``batch`` is a checked chain batch (:func:`check_chain_batch`): ``prompt_input_ids [B, P]``
+    left-padded, ``prompt_attention_mask [B, P]``, ``completion_input_ids`` / ``completion_labels
+    [S, L]``, ``chain_sizes [B]``. A completion keeps its tokens up to its last label that is not
+    ``ignore_index``. Host synchronisation: one, for the lengths that size the row.
+    """
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    comp, labels = batch["completion_input_ids"], batch["completion_labels"]
+    device = ids.device
+    B, P = ids.shape
+    S, L = comp.shape
+    sizes = batch["chain_sizes"].to(device)
+    labels = labels.to(device)
+
+    # The one host sync: prompt lengths, completion lengths (up to the last scored label), chain sizes.
+    scored = labels != ignore_index
+    cols = torch.arange(1, L + 1, device=device)
+    clen_t = (scored.long() * cols).amax(1) if L else scored.long().sum(1)
+    meta = torch.cat([mask.long().sum(1), clen_t, sizes.long()]).tolist()
+    plen, clen, ks = meta[:B], meta[B : B + S], meta[B + S :]
+
+    # Row offsets and segments, chain after chain.
+    segments: list[tuple[int, int, int, int]] = []
+    chain_start, comp_start, chain_len = [], [], []
+    pos = s = 0
+    for b in range(B):
+        chain_start.append(pos)
+        segments.append((pos, plen[b], pos, 0))
+        p0 = pos
+        pos += plen[b]
+        for _ in range(ks[b]):
+            comp_start.append(pos)
+            if clen[s]:
+                segments.append((pos, clen[s], p0, plen[b]))
+            pos += clen[s]
+            s += 1
+        chain_len.append(pos - p0)
+    N = pos
+
+    long = dict(dtype=torch.long, device=device)
+    t_chain = torch.tensor(chain_start, **long)
+    t_plen = torch.tensor(plen, **long)
+    t_clen = torch.tensor(clen, **long)
+    t_comp = torch.tensor(comp_start, **long)
+    owner = torch.repeat_interleave(torch.arange(B, device=device), sizes)
+
+    # Prompt tokens (row-major over the left-padded batch: chain order, then token order) and completion
+    # tokens up to each one's last scored label (completion order, then token order).
+    pb, pp = mask.nonzero(as_tuple=True)
+    first = P - t_plen  # column of each prompt's first real token
+    p_dest = t_chain[pb] + (pp - first[pb])
+    cs, ct = (torch.arange(L, device=device)[None, :] < t_clen[:, None]).nonzero(as_tuple=True)
+    c_dest = t_comp[cs] + ct
+
+    input_ids = torch.empty(N, **long)
+    input_ids[p_dest] = ids[pb, pp].long()
+    input_ids[c_dest] = comp.to(device)[cs, ct].long()
+    text_pos = torch.empty(N, **long)
+    text_pos[p_dest] = pp - first[pb]
+    text_pos[c_dest] = t_plen[owner[cs]] + ct
+    subtree_end = torch.empty(N, **long)
+    subtree_end[p_dest] = (t_chain + torch.tensor(chain_len, **long))[pb]
+    subtree_end[c_dest] = (t_comp + t_clen)[cs]
+
+    # Label t of completion s is scored by the prompt's last token (t = 0) or by completion token t - 1.
+    prompt_last = t_chain + t_plen - 1
+    scored_index = torch.where(ct == 0, prompt_last[owner[cs]], c_dest - 1)
+    cu = torch.zeros(S + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(t_clen, 0)
+    return ChainTree(
+        input_ids=input_ids[None],
+        text_positions=text_pos,
+        subtree_end=subtree_end,
+        scored_index=scored_index,
+        labels=labels[cs, ct],
+        cu_seqlens=cu,
+        prompt_source=pb * P + pp,
+        prompt_dest=p_dest,
+        completion_source=cs * L + ct,
+        completion_dest=c_dest,
+        segments=tuple(segments),
+        batch_shape=(B, P, S, L),
+    )
