@@ -26,6 +26,12 @@ the machine's image).
    repetitions (CUDA events), FLOP/s, the share of the measured matmul rate, the peak extra memory
    (``torch.cuda.max_memory_allocated`` above the inputs), the backward alone (difference of the two
    modes), the issue-3 GPU targets, and the registers/spills/shared memory of every compiled kernel.
+3. **Chain forward** (optional, last, in what the budget has left; ``--skip-chain-forward``): a training
+   step of a Qwen2.5-VL-shaped model built from a config (8 text layers of hidden 2048, 8 vision blocks,
+   bf16, gradient checkpointing on) on video prompts of 2,048 and 8,192 tokens with K = 2 and 8 captions
+   of 256 tokens: the chain tree (flex attention, or flash-attn's varlen kernel when installed) against
+   full sequences: step time, tokens/s, peak memory, the loss difference
+   (``benchmarks/chain_forward.py``'s ``gpu-vlm`` profile; the dry run runs ``quick-vlm`` on CPU).
 
 ``--budget-s`` (default 420) bounds the whole run: each case's first call sets how many repetitions fit,
 and what does not fit is recorded as skipped. The report is rewritten after every result (atomically:
@@ -751,7 +757,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip-chain-forward",
         action="store_true",
-        help="skip the last, optional step (chain forward: shared prefix vs full sequences)",
+        help="skip the last, optional step (chain forward: chain tree vs full sequences, video prompts)",
     )
     p.add_argument(
         "--budget-s",
@@ -924,21 +930,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Optional last step: the chain forward, shared prefix vs full sequences (benchmarks/chain_forward.py)
+# Optional last step: the chain forward, chain tree vs full sequences (benchmarks/chain_forward.py)
 # --------------------------------------------------------------------------------------------------
 def run_chain_forward(args: argparse.Namespace, report: Report, deadline: float) -> None:
-    """The lowest-priority step: ``benchmarks/chain_forward.py``'s GPU profile (bf16, 8 layers of hidden
-    2048; prefix 1024/4096 x completions 64/256 x K 2/4/8, and prefix 16384 / completion 64 at K=2; the
-    K=2 shapes li-plus/flash-preference measured come first) in what is left of the budget, into
-    ``report.chain_forward`` (saved after every shape). ``--quick``: those three K=2 shapes only, 3
-    repetitions; the dry run: the script's ``quick`` profile on CPU. It never changes the verdict."""
+    """The lowest-priority step: a training step of a Qwen2.5-VL-shaped model built from a config
+    (``benchmarks/chain_forward.py``'s ``gpu-vlm`` profile: 8 text layers of hidden 2048, 8 vision blocks
+    of 1280, bf16, gradient checkpointing on; a video prompt of 2,048 or 8,192 tokens, captions of 256,
+    K = 2 and 8), the chain tree (its ``auto`` attention path: flash-attn's varlen kernel when the wheel
+    is installed, else flex attention) against full sequences: step time, tokens/s, peak memory and the
+    loss difference, in what is left of the budget, into ``report.chain_forward`` (saved after every
+    shape). ``--quick``: the 2,048-token video only; the dry run: the ``quick-vlm`` profile on CPU. It
+    never changes the verdict."""
     import chain_forward as cfb
 
     tiny = args.tiny or args.device == "cpu"
-    profile = cfb.PROFILES["quick" if tiny else "gpu"]
-    reps = 2 if tiny else (3 if args.quick else profile.reps)
+    profile = cfb.PROFILES["quick-vlm" if tiny else "gpu-vlm"]
+    reps = 2 if tiny else profile.reps
     if args.quick and not tiny:
-        profile = dataclasses.replace(profile, shapes=profile.shapes[:3])
+        profile = dataclasses.replace(profile, shapes=profile.shapes[:2])
     section = report.chain_forward
     section.update(
         {"model": profile.model.describe(), "profile": profile.name, "reps": reps, "rows": [], "status": "ok"}
@@ -949,8 +958,11 @@ def run_chain_forward(args: argparse.Namespace, report: Report, deadline: float)
         section["status"] = "skipped: transformers is not installed"
         report.save()
         return
+    from rankloss.integrations.attention import flash_attn_available
+
+    section["attention"] = "flash" if flash_attn_available() and not tiny else ("sdpa" if tiny else "flex")
     # The larger model takes a few seconds to build: start only with room for a shape or two.
-    if deadline - time.perf_counter() < (2.0 if tiny else 30.0):
+    if deadline - time.perf_counter() < (2.0 if tiny else 60.0):
         deadline = -1.0
 
     def on_row(row) -> None:
@@ -976,13 +988,11 @@ def chain_forward_lines(section: dict) -> list[str]:
 
     rows = [cfb.Row(**r) for r in section.get("rows", [])]
     return [
-        f"Chain forward, shared prefix vs full sequences (optional last step; {section['model']}; forward + "
-        f"backward of the chain loss, median of {section['reps']} interleaved repetitions; "
-        f"status: {section['status']})",
+        f"Chain forward, chain tree vs full sequences (optional last step; {section['model']}; gradient "
+        f"checkpointing on; tree attention: {section.get('attention', 'auto')}; forward + backward of the "
+        f"chain loss, median of {section['reps']} interleaved repetitions; status: {section['status']})",
         "",
         *cfb.table(rows),
-        "",
-        *cfb.target_lines(rows),
         "",
     ]
 

@@ -85,6 +85,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path):
     assert {(257, "fwd", "rankloss"), (257, "fwdbwd", "rankloss"), (257, "fwdbwd", "naive")} <= timed
     assert any(t["impl"] == "rankloss_deterministic" for t in data["timings"])
     assert any(r["path"].startswith("token_logprobs, labels in the last tile") for r in data["correctness"])
+    # the last step: a VLM training step, chain tree vs full sequences (a video prompt, checkpointing on)
+    cf = data["chain_forward"]
+    assert cf["status"] == "ok" and cf["profile"] == "quick-vlm", cf.get("status")
+    assert cf["rows"] and all(r["status"] == "ok" for r in cf["rows"]), [r["status"] for r in cf["rows"]]
+    for r in cf["rows"]:
+        assert r["shape"]["video"] and r["tokens_tree"] < r["tokens_full"]
+        assert r["max_abs_loss_diff"] <= 1e-4 * max(1.0, abs(r["loss_full"])), r
 
 
 def test_gpu_check_budget_skips_the_tail_and_keeps_a_complete_report(tmp_path: Path):
