@@ -123,8 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--share-prefix",
         action=argparse.BooleanOptionalAction,
-        help="run the prompt + video once per chain and share it (KV cache) across the chain's "
-        "captions" + _d("share_prefix"),
+        help="run each prompt + video once per chain, its captions packed behind it in one row (the "
+        "chain tree); --no-share-prefix: every caption behind its own copy" + _d("share_prefix"),
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute each decoder layer (and vision block) in the backward instead of keeping its "
+        "activations: less memory, ~1/3 more compute; the chain tree still runs each prompt once"
+        + _d("gradient_checkpointing"),
     )
 
     g = p.add_argument_group("stage 0: a pretrained vision tower")

@@ -53,6 +53,7 @@ RUNTIME_FIELDS = frozenset(
         "stop_after_steps",
         "output_dir",
         "keep_checkpoints",
+        "gradient_checkpointing",
     }
 )
 
@@ -182,6 +183,7 @@ class TrainConfig:
     vision_hidden_size: int = 64
     vocab_size: int = 1000
     share_prefix: bool = True
+    gradient_checkpointing: bool = False
     # --- stage 0: a pretrained vision tower (rankloss.train.vision_pretrain)
     vision_pretrain: str = "auto"
     vision_pretrain_steps: int = 1000

@@ -524,8 +524,10 @@ def setup_stage(
     set_vision_trainable(model, not freeze_vision)
     if freeze_tower:
         freeze_tower_(model)
-    # --share-prefix: share the prompt wherever that is exact (full sequences otherwise, with a warning)
+    # --share-prefix: the chain tree wherever it is exact (full sequences otherwise, with a warning)
     wrapper = ChainRankModel(model, share_prefix=None if cfg.share_prefix else False)
+    if cfg.gradient_checkpointing:
+        wrapper.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in wrapper.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(optimizer, cfg.lr_scheduler, steps, cfg.warmup_ratio)

@@ -8,7 +8,8 @@ The training losses, scores and greedy generation all come from
 prepares, so DDP sees one forward, and under FSDP the LM head is read while the root unit's parameters
 are gathered (keep it in the root unit: the transformer-layer auto-wrap policy, which the wrapper's
 ``_no_split_modules`` feeds, does). The video is read once per chain: the vision tower runs once per
-video, the prompt once per chain with a KV cache that the chain's captions share.
+video, the prompt once per chain with the chain's captions packed behind it in one row (the chain tree,
+:mod:`rankloss.integrations.layout`), with or without gradient checkpointing.
 """
 
 from __future__ import annotations
