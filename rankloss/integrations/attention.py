@@ -430,15 +430,16 @@ def _grouped(
         qg = qt.index_select(0, g["q"].reshape(-1)).view(G, Wq, H, d).transpose(1, 2)
         kg = kt.index_select(0, g["k"].reshape(-1)).view(G, Wk, Hkv, d).transpose(1, 2)
         vg = vt.index_select(0, g["k"].reshape(-1)).view(G, Wk, Hkv, d).transpose(1, 2)
-        if Hkv != H:
-            kg = kg.repeat_interleave(H // Hkv, dim=1)
-            vg = vg.repeat_interleave(H // Hkv, dim=1)
         mask = _group_mask(g, window)[:, None]
+        sdpa = dict(dropout_p=dropout, scale=scale, enable_gqa=Hkv != H)
         if name == "a" and window is None and not (eager or cap is not None):
             # prompts, right-padded in their group: plain causal attention is the tree rule for the real
             # queries (they see no padding key), and it lets SDPA skip the blocks above the diagonal
-            o = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scale, is_causal=True)
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, **sdpa)
         elif eager or cap is not None:
+            if Hkv != H:
+                kg = kg.repeat_interleave(H // Hkv, dim=1)
+                vg = vg.repeat_interleave(H // Hkv, dim=1)
             w = torch.matmul(qg, kg.transpose(-1, -2)) * scale
             if cap is not None:
                 w = cap * torch.tanh(w / cap)
@@ -448,7 +449,7 @@ def _grouped(
                 p = F.dropout(p, p=dropout, training=True)
             o = torch.matmul(p, vg)
         else:
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=scale)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, **sdpa)
         outs.append(o.transpose(1, 2).reshape(G * Wq, H, d))
     out = torch.cat(outs).index_select(0, groups["source"])
     return out[None]

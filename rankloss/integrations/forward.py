@@ -218,7 +218,6 @@ class ChainForward:
         """The chain tree of a checked ``batch`` (the collator's ``batch["chain_tree"]`` when it is there,
         else :func:`~rankloss.integrations.layout.build_chain_tree`), bound to this model: the family's
         positions and this forward's attention path."""
-        fam, model = self.family, self.model
         ids = batch["prompt_input_ids"]
         B, P = ids.shape
         S, L = batch["completion_input_ids"].shape
@@ -231,12 +230,21 @@ class ChainForward:
                 f"= {(B, P, S, L)}, the tree's {getattr(tree, 'batch_shape', None)}): rebuild it with "
                 "rankloss.integrations.layout.build_chain_tree or drop the key"
             )
-        sizes = batch["chain_sizes"].to(ids.device)
-        owner = torch.repeat_interleave(torch.arange(B, device=ids.device), sizes)
-        prompt_pos, next_pos = fam.prompt_positions(model, batch)
-        comp_pos = fam.completion_positions(next_pos, owner, int(L))
+        _, prompt_pos, comp_pos = self._positions(batch)
         path = resolve_attention(self.attention, ids.device, self.head().weight.dtype)
         return tree.bind(prompt_pos, comp_pos, path)
+
+    def _positions(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(owner [S], prompt positions, completion positions)``: each completion's prompt, and the
+        family's positions of the padded prompts and of the completions (their prompt's next + t)."""
+        ids = batch["prompt_input_ids"]
+        sizes = batch["chain_sizes"].to(ids.device)
+        owner = torch.repeat_interleave(torch.arange(ids.shape[0], device=ids.device), sizes)
+        prompt_pos, next_pos = self.family.prompt_positions(self.model, batch)
+        comp_pos = self.family.completion_positions(
+            next_pos, owner, int(batch["completion_input_ids"].shape[1])
+        )
+        return owner, prompt_pos, comp_pos
 
     def _tree_states(self, batch: Mapping[str, Any]) -> tuple[ChainTree, Tensor]:
         fam, model = self.family, self.model
@@ -270,11 +278,9 @@ class ChainForward:
         """``[S, L, D]`` from ``S`` full ``[prompt, completion]`` rows (the media repeated per row)."""
         fam, model = self.family, self.model
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        comp, sizes = batch["completion_input_ids"], batch["chain_sizes"]
-        B, P = ids.shape
-        owner = torch.repeat_interleave(torch.arange(B, device=ids.device), sizes.to(ids.device))
-        prompt_pos, next_pos = fam.prompt_positions(model, batch)
-        comp_pos = fam.completion_positions(next_pos, owner, int(comp.shape[1]))
+        comp = batch["completion_input_ids"]
+        P = ids.shape[1]
+        owner, prompt_pos, comp_pos = self._positions(batch)
         padded = bool((mask == 0).any())
         media = fam.select_media(model, batch, owner)
         full_ids = torch.cat([ids[owner], comp], 1)
