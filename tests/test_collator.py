@@ -305,7 +305,7 @@ def test_truncation_and_pad_to_multiple_of(proc, tok):
 def test_completion_tokens_are_memoised(tok):
     collate = ChainCollator(tok)
     calls = []
-    original = collate.tokenizer
+    original = collate.text.tokenizer
 
     class Counting:
         def __getattr__(self, name):
@@ -315,7 +315,7 @@ def test_completion_tokens_are_memoised(tok):
             calls.append(text)
             return original(text, **kw)
 
-    collate.tokenizer = Counting()
+    collate.text.tokenizer = Counting()  # the collator's text side (rankloss.integrations.tokenization)
     records = [{"completions": CAPTIONS[:2]}, {"completions": CAPTIONS[:2]}]
     collate(records)
     collate(records)

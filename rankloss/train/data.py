@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..integrations.collator import IGNORE_INDEX, ChainCollator, _sampled_fps
+from ..integrations.collator import IGNORE_INDEX, ChainCollator
 from ..integrations.layout import ChainTree
+from ..integrations.media import sampled_fps
 from ..synthetic import Scene, synthetic_record
 from .config import TrainConfig
 
@@ -196,7 +197,7 @@ def decode_videos(
     fps = []
     for i, c in enumerate(chains):
         arr[i] = load_video(c.video, num_frames, size=size)
-        fps.append(_sampled_fps(c.video, num_frames))
+        fps.append(sampled_fps(c.video, num_frames))
         if progress is not None:
             progress(1)
     arr.flush()

@@ -1,0 +1,253 @@
+"""A chain record's text: its prompt and completions as the model's tokenizer and chat template see them.
+
+:class:`ChainTokenizer` holds what one processing class (a tokenizer, or a processor with a
+``.tokenizer``) decides about text:
+
+* **Prompts** (:meth:`ChainTokenizer.prompt`). A string prompt is used as is (the tokenizer's BOS token
+  is put in front when the tokenizer adds one by default) except in two cases, where it becomes one user
+  message: when the record has images or videos, the processing class is a processor with a chat
+  template and the string holds no media placeholder yet (the message's content is one
+  ``{"type": "image"}`` / ``{"type": "video"}`` entry per media item, then the text), and when the
+  completions are conversational. A processor without a chat template gets the media placeholders
+  (Qwen-style ``<|vision_start|><|video_pad|><|vision_end|>`` when the tokenizer has those tokens) put in
+  front of the string instead. A conversational prompt goes through the chat template with
+  ``add_generation_prompt=True``.
+* **Completions** (:meth:`ChainTokenizer.completion_ids`). A string completion is tokenised with
+  ``add_special_tokens=False`` and ends with the tokenizer's EOS token. A conversational completion's
+  text is what the chat template adds after the prompt: ``template(prompt + completion)`` minus
+  ``template(prompt, add_generation_prompt=True)`` (the template's own end-of-turn tokens end it; no EOS
+  is added).
+
+Chat-template texts and completion token ids are memoised (up to 200,000 entries each): a chain's
+captions repeat across epochs and reference passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .records import clean_messages, describe
+
+__all__ = ["MEDIA_KINDS", "ChainTokenizer"]
+
+_MEMO_LIMIT = 200_000
+#: A record's media fields and the kind of each item.
+MEDIA_KINDS = (("images", "image"), ("videos", "video"))
+
+
+class ChainTokenizer:
+    """The text side of one processing class (see the module docstring).
+
+    Attributes:
+        processing_class: what it was built from.
+        is_processor: whether that is a processor (it has a ``.tokenizer`` of its own).
+        tokenizer: the tokenizer (the processor's, or the processing class itself).
+        pad_id: the tokenizer's pad token id.
+    """
+
+    def __init__(self, processing_class: Any) -> None:
+        pc = processing_class
+        if pc is None or isinstance(pc, (str, os.PathLike)):
+            raise TypeError(
+                "processing_class must be a tokenizer or a processor object (e.g. "
+                f"AutoProcessor.from_pretrained(...)), got {describe(pc)}"
+            )
+        tokenizer = getattr(pc, "tokenizer", None)
+        self.processing_class = pc
+        self.is_processor: bool = tokenizer is not None and tokenizer is not pc
+        self.tokenizer: Any = tokenizer if self.is_processor else pc
+        if not callable(self.tokenizer) or not hasattr(self.tokenizer, "pad_token_id"):
+            raise TypeError(
+                "processing_class must be a tokenizer or a processor with a .tokenizer, got "
+                f"{type(pc).__name__}"
+            )
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                "processing_class's tokenizer has no pad token, so prompts and completions cannot be padded: "
+                "set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)"
+            )
+        self.pad_id: int = int(self.tokenizer.pad_token_id)
+        # Chat template: the processor's (it knows media entries), else its tokenizer's.
+        self.template_owner: Any = None
+        for owner in (pc, self.tokenizer):
+            if getattr(owner, "chat_template", None) and hasattr(owner, "apply_chat_template"):
+                self.template_owner = owner
+                break
+        # Media placeholders the processor expands (one per image / video in the prompt text).
+        self.placeholder: dict[str, str | None] = {
+            kind: (getattr(pc, f"{kind}_token", None) if self.is_processor else None)
+            for _, kind in MEDIA_KINDS
+        }
+        self._vision_start, self._vision_end = self._vision_wrappers()
+        self._bos_text = self._default_bos()
+        self._template_cache: dict[str, str] = {}
+        self._token_cache: dict[tuple[str, bool], list[int]] = {}
+
+    # -------------------------------------------------------------------------------------------------
+    def _vision_wrappers(self) -> tuple[str, str]:
+        if not self.is_processor:
+            return "", ""
+        tok = self.tokenizer
+        found = []
+        for attr, default in (
+            ("vision_start_token", "<|vision_start|>"),
+            ("vision_end_token", "<|vision_end|>"),
+        ):
+            value = getattr(tok, attr, None)
+            if not isinstance(value, str):
+                try:
+                    in_vocab = default in tok.get_vocab()
+                except Exception:
+                    in_vocab = False
+                value = default if in_vocab else ""
+            found.append(value)
+        return found[0], found[1]
+
+    def _default_bos(self) -> str:
+        """The BOS token's text when the tokenizer puts it in front of a text by default, else ``""``."""
+        tok = self.tokenizer
+        bos_id, bos = getattr(tok, "bos_token_id", None), getattr(tok, "bos_token", None)
+        if bos_id is None or not isinstance(bos, str):
+            return ""
+        try:
+            with_special = list(tok("a")["input_ids"])
+            without = list(tok("a", add_special_tokens=False)["input_ids"])
+        except Exception:
+            return ""
+        return bos if with_special[:1] == [bos_id] and without[:1] != [bos_id] else ""
+
+    def apply_template(self, messages: list[dict[str, Any]], where: str, *, generation: bool) -> str:
+        """The chat template's text of ``messages`` (memoised); ``where`` names them in errors."""
+        if self.template_owner is None:
+            raise ValueError(
+                f"{where} is conversational but processing_class has no chat template: give a string "
+                "prompt and string completions, or set processing_class.chat_template"
+            )
+        key = json.dumps([messages, generation], sort_keys=True, default=str)
+        text = self._template_cache.get(key)
+        if text is None:
+            text = self.template_owner.apply_chat_template(
+                messages, add_generation_prompt=generation, tokenize=False
+            )
+            if isinstance(text, (list, tuple)):  # some processors return one text per conversation
+                text = text[0]
+            if not isinstance(text, str):
+                raise TypeError(f"the chat template gave {type(text).__name__} for {where}, not a string")
+            if len(self._template_cache) < _MEMO_LIMIT:
+                self._template_cache[key] = text
+        return text
+
+    def token_ids(self, text: str, add_eos: bool) -> list[int]:
+        """Token ids of ``text`` (``add_special_tokens=False``), plus EOS when ``add_eos`` (memoised)."""
+        key = (text, add_eos)
+        ids = self._token_cache.get(key)
+        if ids is None:
+            ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            if add_eos:
+                ids.append(int(self.tokenizer.eos_token_id))
+            if len(self._token_cache) < _MEMO_LIMIT:
+                self._token_cache[key] = ids
+        return list(ids)
+
+    # -------------------------------------------------------------------------------------------------
+    def prompt(
+        self,
+        i: int,
+        rec: Mapping[str, Any],
+        n_images: int,
+        n_videos: int,
+        conversational: bool,
+        default_prompt: str,
+    ) -> tuple[str, list[dict[str, Any]] | None]:
+        """``records[i]``'s prompt text, and its messages when it is conversational (``None`` for a string
+        used as is); ``default_prompt`` when the record has neither ``prompt`` nor ``messages``."""
+        prompt, messages = rec.get("prompt"), rec.get("messages")
+        if prompt is not None and messages is not None:
+            raise ValueError(f"records[{i}] has both 'prompt' and 'messages': give one of them")
+        field_name = "messages" if messages is not None else "prompt"
+        value = messages if messages is not None else prompt
+        if value is None:
+            value = default_prompt
+        where = f"records[{i}]['{field_name}']"
+        if isinstance(value, str):
+            if field_name == "messages":
+                raise TypeError(f"{where} must be a list of messages, got {describe(value)}")
+            has_placeholders = any(
+                self.placeholder[kind] and self.placeholder[kind] in value for _, kind in MEDIA_KINDS
+            )
+            media = n_images + n_videos > 0
+            if conversational or (
+                media and self.is_processor and self.template_owner is not None and not has_placeholders
+            ):
+                content: Any = value
+                if self.is_processor:
+                    content = (
+                        [{"type": "image"}] * n_images
+                        + [{"type": "video"}] * n_videos
+                        + [{"type": "text", "text": value}]
+                    )
+                msgs = [{"role": "user", "content": content}]
+                return self.apply_template(msgs, where, generation=True), msgs
+            if media and not has_placeholders:
+                marks = "".join(
+                    f"{self._vision_start}{self.placeholder[kind] or ''}{self._vision_end}" * n
+                    for (_, kind), n in zip(MEDIA_KINDS, (n_images, n_videos))
+                )
+                value = marks + value
+            if self._bos_text and not value.startswith(self._bos_text):
+                value = self._bos_text + value
+            return value, None
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a string or a list of messages, got {describe(value)}")
+        msgs = clean_messages(value, where)
+        return self.apply_template(msgs, where, generation=True), msgs
+
+    def completion_ids(
+        self, where: str, completion: Any, prompt: str, prompt_messages: list[dict[str, Any]] | None
+    ) -> list[int]:
+        """A completion's token ids (see the module docstring): ``prompt`` and ``prompt_messages`` are what
+        :meth:`prompt` gave its record; ``where`` names the completion in errors."""
+        if isinstance(completion, str):
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError(
+                    "the tokenizer has no eos_token: string completions need an end token to learn to "
+                    "stop (give conversational completions, or set tokenizer.eos_token)"
+                )
+            tokens = self.token_ids(completion, add_eos=True)
+        else:
+            assert prompt_messages is not None  # conversational completions make the prompt messages
+            full = self.apply_template(
+                prompt_messages + clean_messages(completion, where), where, generation=False
+            )
+            if not full.startswith(prompt):
+                raise ValueError(
+                    f"{where}: the chat template's text for prompt + completion does not start with its "
+                    "text for the prompt alone (add_generation_prompt=True), so the completion's tokens "
+                    f"cannot be told apart: prompt {prompt[-120:]!r}, prompt + completion "
+                    f"{full[max(0, len(prompt) - 120) : len(prompt) + 80]!r}"
+                )
+            text = full[len(prompt) :]
+            if not text:
+                raise ValueError(f"{where}: the chat template adds no text for this completion")
+            tokens = self.token_ids(text, add_eos=False)
+        if not tokens:
+            raise ValueError(f"{where} has no tokens")
+        return tokens
+
+    def check_placeholders(self, i: int, text: str, counts: dict[str, int], cause: Exception) -> None:
+        """Raise ``ValueError`` (from ``cause``, the processor's refusal) naming ``records[i]`` when its
+        prompt ``text`` has another number of media placeholders than its media (``counts``)."""
+        for name, kind in MEDIA_KINDS:
+            token = self.placeholder[kind]
+            if not token:
+                continue
+            found, want = text.count(token), counts[kind]
+            if found != want:
+                raise ValueError(
+                    f"records[{i}]: the prompt has {found} {kind} placeholder(s) ({token!r}) for {want} "
+                    f"item(s) in '{name}': a conversational prompt needs one "
+                    f'{{"type": "{kind}"}} content entry per {kind} (prompt text: {text[:200]!r})'
+                ) from cause
