@@ -29,8 +29,8 @@ the largest gradient), then timed **interleaved** (``tree, full`` in even repeti
 in odd ones, so both sample the same machine load); the table gives medians (and minimums in the JSON),
 the speed-up ``full / tree`` by medians, and the peak memory of a step above what was allocated before
 it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident memory, ``VmHWM`` after
-resetting it through ``/proc/self/clear_refs``, with glibc's mmap threshold fixed so that freed tensors
-leave the resident set; measured on each path's first timed step, after its warm-up).
+resetting it through ``/proc/self/clear_refs``, with freed pages handed back by ``malloc_trim`` first;
+measured on each path's first timed step, after its warm-up).
 
 Besides times, each row has a FLOP model of the step (forward + backward = 3x the forward for the
 decoder, 4x with checkpointing's recompute; the chain loss's LM head costs ``8 N V D`` on the ``S L``
@@ -456,15 +456,14 @@ def _free(device: str) -> None:
 
 class CpuPeak:
     """The process's peak resident memory during a block, above its resident memory at the start (Linux:
-    ``VmHWM`` reset through ``/proc/self/clear_refs``; glibc's mmap threshold is fixed at 128 KiB so
-    that freed tensors leave the resident set instead of staying in malloc's free lists). ``bytes`` is
-    ``None`` where this cannot be read."""
+    ``VmHWM`` reset through ``/proc/self/clear_refs``; ``malloc_trim`` first hands the pages of freed
+    tensors back, so a block that reuses them counts them again). ``bytes`` is ``None`` where this
+    cannot be read."""
 
     def __init__(self) -> None:
         self.bytes: int | None = None
         try:
             self._libc = ctypes.CDLL("libc.so.6")
-            self._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic raise
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.ok = self._status("VmHWM") is not None
@@ -685,7 +684,7 @@ def run_profile(
 ) -> list[Row]:
     """Every shape of ``profile`` in order (the model is built once); ``on_row`` sees each row."""
     rows: list[Row] = []
-    peak = Peak(device)  # before the model is built: glibc's mmap threshold is fixed from here on
+    peak = Peak(device)
     if deadline - time.perf_counter() < 1.0:
         model = None
     else:
