@@ -372,8 +372,6 @@ def _groups(tree: ChainTree, device: torch.device) -> dict[str, Any]:
             k_valid = torch.cat([j[None, :] < plen[:, None], q_valid], 1)
             q_pos = plen[:, None] + t[None, :]
             k_pos = torch.cat([j[None, :].expand_as(p_rows), q_pos], 1)
-        # a query slot that is padding attends to every real key (its output is dropped; no empty row)
-        causal = k_pos[:, None, :] <= q_pos[:, :, None]
         groups[name] = {
             "q": q_rows.to(device),
             "k": k_rows.to(device),
@@ -381,7 +379,6 @@ def _groups(tree: ChainTree, device: torch.device) -> dict[str, Any]:
             "k_pos": k_pos.to(device),
             "q_valid": q_valid.to(device),
             "k_valid": k_valid.to(device),
-            "causal": (k_valid[:, None, :] & (causal | ~q_valid[:, :, None])).to(device),
         }
         flat = torch.arange(base, base + q_rows.numel()).view_as(q_rows)
         order.append(torch.stack([q_rows[q_valid], flat[q_valid]], 1))
@@ -395,12 +392,16 @@ def _groups(tree: ChainTree, device: torch.device) -> dict[str, Any]:
 
 
 def _group_mask(g: dict[str, Any], window: int | None) -> Tensor:
-    if window is None:
-        return g["causal"]
+    """A group's boolean mask ``[G, Wq, Wk]`` (built on first use, kept for the other layers): a real
+    query sees the real keys at or before it in its full sequence (and within ``window``); a query slot
+    that is padding sees every real key (its output is dropped; no softmax row is empty)."""
     key = ("mask", window)
     if key not in g:
-        near = (g["q_pos"][:, :, None] - g["k_pos"][:, None, :]) < window
-        g[key] = g["causal"] & (near | ~g["q_valid"][:, :, None])
+        q_pos, k_pos, q_pad = g["q_pos"][:, :, None], g["k_pos"][:, None, :], ~g["q_valid"][:, :, None]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed = allowed & (q_pos - k_pos < window)
+        g[key] = g["k_valid"][:, None, :] & (allowed | q_pad)
     return g[key]
 
 
@@ -430,13 +431,14 @@ def _grouped(
         qg = qt.index_select(0, g["q"].reshape(-1)).view(G, Wq, H, d).transpose(1, 2)
         kg = kt.index_select(0, g["k"].reshape(-1)).view(G, Wk, Hkv, d).transpose(1, 2)
         vg = vt.index_select(0, g["k"].reshape(-1)).view(G, Wk, Hkv, d).transpose(1, 2)
-        mask = _group_mask(g, window)[:, None]
         sdpa = dict(dropout_p=dropout, scale=scale, enable_gqa=Hkv != H)
         if name == "a" and window is None and not (eager or cap is not None):
             # prompts, right-padded in their group: plain causal attention is the tree rule for the real
-            # queries (they see no padding key), and it lets SDPA skip the blocks above the diagonal
+            # queries (they see no padding key); SDPA skips the blocks above the diagonal, and no
+            # [G, P, P] mask is built
             o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, **sdpa)
         elif eager or cap is not None:
+            mask = _group_mask(g, window)[:, None]
             if Hkv != H:
                 kg = kg.repeat_interleave(H // Hkv, dim=1)
                 vg = vg.repeat_interleave(H // Hkv, dim=1)
@@ -449,7 +451,7 @@ def _grouped(
                 p = F.dropout(p, p=dropout, training=True)
             o = torch.matmul(p, vg)
         else:
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, **sdpa)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=_group_mask(g, window)[:, None], **sdpa)
         outs.append(o.transpose(1, 2).reshape(G * Wq, H, d))
     out = torch.cat(outs).index_select(0, groups["source"])
     return out[None]
