@@ -137,6 +137,15 @@ def _chains_make(args: argparse.Namespace) -> int:
         }
     elif args.llm_model is not None:
         raise ValueError("--llm-model needs --engine llm")
+    if args.summary_json:  # written after the run: it may not be the input or a file of the output
+        from .chains.formats import check_not_same_file, writer_paths
+
+        check_not_same_file(
+            args.summary_json,
+            {"input": args.in_path, **writer_paths(args.out_path)},
+            "--summary-json file",
+            "give --summary-json a path of its own",
+        )
     summary = make_chains_file(
         args.in_path,
         args.out_path,

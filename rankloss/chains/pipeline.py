@@ -13,8 +13,11 @@ from .formats import (
     chain_record,
     check_encoding,
     check_input_file,
+    check_not_same_file,
     count_records,
+    input_index,
     iter_records,
+    writer_paths,
 )
 from .llm import LLMEngine
 from .progress import Progress
@@ -116,7 +119,15 @@ def make_chains_file(
         resume: continue an existing ``.partial`` output (``False``: start over). Only a partial output
             made with the same engine, length, seed, types, min_length and (``llm``) model and
             generation settings is resumed; other options raise ``ValueError`` naming the ones that
-            differ.
+            differ. It must also have been made from the same input: the options file records the
+            input's path, size, modification time and SHA-256, and an input with other bytes (an
+            edited file, another shard) raises ``ValueError`` naming the partial file and both
+            inputs; the same bytes under another path or modification time (a copy) resume. A partial
+            output whose options file predates the input record is resumed when every chain in it
+            belongs to a record of this input (same id, video and first caption), as is checked on
+            every resume; a chain that does not, a repeated id or a damaged line with more lines after
+            it raises ``ValueError`` naming ``file:line`` (a damaged or truncated *last* line is made
+            again).
         overwrite: replace a finished ``out_path``.
         min_length: chains shorter than this are not written (counted as dropped).
         max_chains: stop after writing this many *new* chains (the output stays ``.partial``; the next
@@ -126,6 +137,16 @@ def make_chains_file(
         encoding: the input's text encoding (default UTF-8, a byte-order mark skipped); a line with
             bytes that are not valid in it is a bad line.
         llm_options: passed to :class:`~rankloss.chains.LLMEngine`.
+
+    Every input record is accounted for in the summary: ``records_read == (chains_written -
+    chains_resumed) + records_done_before + lines_skipped + chains_dropped``, where
+    ``records_done_before`` counts the records whose chain an earlier run wrote; a complete run has
+    ``records_done_before == chains_resumed``. Records with a repeated id are written under a new,
+    unique id (``ids_renamed``; :func:`~rankloss.chains.formats.iter_records`).
+
+    The input may not be the output, nor any file the run writes or deletes (``<out>.partial``,
+    ``<out>.partial.options.json``), also through a symlink or hard link: ``ValueError`` naming both,
+    before anything is touched.
 
     Returns:
         the :class:`~rankloss.chains.ChainSummary` (``complete`` tells whether ``out_path`` is final).
@@ -144,6 +165,8 @@ def make_chains_file(
     check_input_file(in_path)
     if os.path.abspath(in_path) == os.path.abspath(out_path):
         raise ValueError(f"the output path must differ from the input path, got {out_path!r} for both")
+    check_not_same_file(in_path, writer_paths(out_path))
+    index = input_index(in_path, encoding=encoding)  # the unique ids, and what each chain starts from
     if isinstance(engine, str):
         engine = make_engine(engine, types=types, llm_model=llm_model, **llm_options)
     elif types is not None or llm_model is not None or llm_options:
@@ -163,6 +186,8 @@ def make_chains_file(
         overwrite=overwrite,
         on_resumed=lambda r: summary.add_chain(r, resumed=True),
         options=run_options(engine, length=length, seed=seed, min_length=min_length),
+        input_path=in_path,
+        input_records=index,
     )
     bar = Progress(
         count_records(in_path, encoding=encoding) if progress else None, "chains", enabled=progress
@@ -170,7 +195,7 @@ def make_chains_file(
     new = 0
     stopped = False
     try:
-        for item in iter_records(in_path, encoding=encoding):
+        for item in iter_records(in_path, encoding=encoding, ids=list(index)):
             if max_chains is not None and new >= max_chains:
                 stopped = True
                 break
@@ -184,6 +209,7 @@ def make_chains_file(
             if item.renamed_from is not None:
                 summary.add_renamed(item.renamed_from, item.id)
             if writer.is_done(item.id):
+                summary.records_done_before += 1
                 continue
             chain = engine.make_chain(item.caption, length, seed=seed, key=item.id)
             if len(chain.captions) < min_length:

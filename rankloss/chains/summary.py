@@ -22,6 +22,9 @@ class ChainSummary:
         records_read: input records seen (good and bad).
         chains_written: chains in the output, those of an earlier, resumed run included.
         chains_resumed: of those, chains already written by an earlier run.
+        records_done_before: input records read by this run whose chain an earlier run had written
+            (not made again). Every record read is counted once: ``records_read == chains_written -
+            chains_resumed + records_done_before + lines_skipped + chains_dropped``.
         lines_skipped: bad input records (each reported as ``file:line: reason`` in ``skipped``).
         chains_dropped: chains shorter than ``min_length``, not written (by reason in ``short``).
         edit_types: histogram of edit types over the written chains.
@@ -39,6 +42,7 @@ class ChainSummary:
     records_read: int = 0
     chains_written: int = 0
     chains_resumed: int = 0
+    records_done_before: int = 0
     lines_skipped: int = 0
     chains_dropped: int = 0
     skipped: list[str] = field(default_factory=list)
@@ -83,6 +87,7 @@ class ChainSummary:
             "records_read": self.records_read,
             "chains_written": self.chains_written,
             "chains_resumed": self.chains_resumed,
+            "records_done_before": self.records_done_before,
             "lines_skipped": self.lines_skipped,
             "skipped_examples": list(self.skipped),
             "ids_renamed": self.ids_renamed,
@@ -107,7 +112,8 @@ class ChainSummary:
         )
         if self.output:
             lines.append(f"output: {self.output}")
-        lines.append(f"input records: {self.records_read} read, {self.lines_skipped} skipped")
+        done = f", {self.records_done_before} done by an earlier run" if self.records_done_before else ""
+        lines.append(f"input records: {self.records_read} read, {self.lines_skipped} skipped{done}")
         for msg in self.skipped:
             lines.append(f"  skipped {msg}")
         if self.lines_skipped > len(self.skipped):
