@@ -468,7 +468,7 @@ def test_load_chain_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"3 video file\(s\) not found.*v0\.mp4"):
         with pytest.warns(UserWarning, match="skipped 1 chain"):
             load_chain_dataset(path, video_root=tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match="no chain with at least 2 captions"):
+    with pytest.raises(ValueError, match="no chain with at least 2 distinct captions"):
         with pytest.warns(UserWarning):
             load_chain_dataset([{"id": "a", "chain": ["one"]}])
     with pytest.raises(

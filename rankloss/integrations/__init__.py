@@ -35,6 +35,8 @@ key                        shape       meaning
                                        token that is not scored); aligned: the hidden state at
                                        ``[s, t]`` scores ``completion_labels[s, t]``
 ``chain_sizes``            ``[B]``     ``K_b``, completions of chain ``b`` (``>= 1``)
+``dropped_completions``    ``[B]``     optional: completions of chain ``b`` the collator dropped as
+                                       token-identical to a better-ranked one (not read by the model)
 ``ref_scores``             ``[S]``     optional: the reference model's summed log-probs
 ``chain_ids``              list of B   optional: the records' ids (not a tensor)
 ``chain_tree``                         optional: the batch as one packed row, each prompt once
@@ -79,6 +81,7 @@ CHAIN_KEYS = (
     "completion_input_ids",
     "completion_labels",
     "chain_sizes",
+    "dropped_completions",
     "ref_scores",
     "chain_ids",
     "chain_tree",

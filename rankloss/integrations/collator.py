@@ -13,8 +13,10 @@ through the processor (or tokenizer) once per batch, left-padded, one row per ch
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
@@ -50,6 +52,8 @@ __all__ = [
 
 #: Label of completion tokens that are not scored (padding).
 IGNORE_INDEX = -100
+#: What :class:`ChainCollator` does with a completion token-identical to a better-ranked one of its chain.
+DUPLICATES = ("drop", "error", "keep")
 
 
 @dataclass
@@ -73,6 +77,18 @@ class ChainCollator:
     truncated (cutting would drop media placeholder tokens or the instruction): a prompt longer than
     ``max_prompt_length`` (placeholders expanded) raises ``ValueError``.
 
+    **Identical completions.** Two completions of one chain with the same token ids (cut to the same
+    first ``max_completion_length`` tokens, the same text given twice, or texts the tokenizer maps to
+    the same tokens, e.g. all ``<unk>``) would ask the loss to rank a sequence above itself. With
+    ``duplicates="drop"`` (the default) the worse-ranked one is dropped, with its ``ref_scores`` entry:
+    the chain keeps its order (``c_1 > c_3`` still holds when ``c_2 == c_3`` is dropped), ``chain_sizes``
+    counts the completions kept, ``batch["dropped_completions"]`` counts the dropped ones per chain (the
+    trainer logs their sum), and the first drop in a process warns, naming the record.
+    ``duplicates="error"`` raises ``ValueError`` naming the record and the two completions instead;
+    ``duplicates="keep"`` keeps them (for scoring only: the reference pass scores every completion a
+    record gives). A chain left with one completion cannot be ranked (``mode="score"`` still scores it);
+    :meth:`check_record` tells how many distinct completions a record has without loading its media.
+
     Args:
         processing_class: a tokenizer (text-only LM) or a processor (VLM: it has ``.tokenizer``; images
             and videos go through it). Its tokenizer needs a pad token.
@@ -89,6 +105,8 @@ class ChainCollator:
         chain_tree: also lay the batch out as the packed chain tree the chain forward runs
             (``batch["chain_tree"]``, :func:`rankloss.integrations.layout.build_chain_tree`), here in the
             data loader's workers instead of at every step (default ``True``).
+        duplicates: ``"drop"`` (default), ``"error"`` or ``"keep"``: what to do with a completion
+            token-identical to a better-ranked one of its chain (see above).
 
     Returns (of a call on ``records``, a list of ``B`` records): the chain batch, a ``dict``:
 
@@ -97,7 +115,8 @@ class ChainCollator:
     * ``completion_input_ids`` ``[S, L]`` long, chain after chain, best first, right-padded with the pad
       id;
     * ``completion_labels`` ``[S, L]`` long, ``completion_input_ids`` with ``-100`` at padding;
-    * ``chain_sizes`` ``[B]`` long, ``K_b``;
+    * ``chain_sizes`` ``[B]`` long, ``K_b`` (completions kept);
+    * ``dropped_completions`` ``[B]`` long, the completions of each chain dropped as duplicates;
     * ``ref_scores`` ``[S]`` float32, when the records have ``ref_scores`` (all of them must);
     * ``chain_ids`` list of ``B`` strings, when the records have ``id`` (all of them must);
     * ``chain_tree``: the batch packed into one row, each prompt once (a
@@ -122,6 +141,7 @@ class ChainCollator:
     default_prompt: str = "Describe this video in detail."
     pad_to_multiple_of: int | None = None
     chain_tree: bool = True
+    duplicates: str = "drop"
     _fps_cache: dict[tuple[str, int], float] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -141,6 +161,9 @@ class ChainCollator:
                 raise ValueError(f"video_fps must be None or a positive number, got {self.video_fps!r}")
         if not isinstance(self.default_prompt, str):
             raise TypeError(f"default_prompt must be a string, got {describe(self.default_prompt)}")
+        if self.duplicates not in DUPLICATES:
+            raise ValueError(f"duplicates must be one of {DUPLICATES}, got {self.duplicates!r}")
+        self._warned_duplicates = False
         self._takes_video_metadata = self.is_processor and takes_video_metadata(self.processing_class)
 
     @property
@@ -165,8 +188,8 @@ class ChainCollator:
             rate = self._fps_cache[key] = sampled_fps(path, num_frames)
         return rate
 
-    def _media(self, i: int, rec: Mapping[str, Any]) -> tuple[list[Any], list[np.ndarray], list[float]]:
-        """``records[i]``'s images, video frames and the videos' frame rates."""
+    def _media_fields(self, i: int, rec: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+        """``records[i]``'s ``images`` and ``videos`` lists, checked (nothing loaded)."""
         images_in, videos_in = rec.get("images"), rec.get("videos")
         for name, value in (("images", images_in), ("videos", videos_in)):
             if value is not None and not isinstance(value, (list, tuple)):
@@ -182,6 +205,11 @@ class ChainCollator:
             raise ValueError(f"records[{i}] has images but processing_class has no image processor")
         if videos_in and getattr(self.processing_class, "video_processor", None) is None:
             raise ValueError(f"records[{i}] has videos but processing_class has no video processor")
+        return images_in, videos_in
+
+    def _media(self, i: int, rec: Mapping[str, Any]) -> tuple[list[Any], list[np.ndarray], list[float]]:
+        """``records[i]``'s images, video frames and the videos' frame rates."""
+        images_in, videos_in = self._media_fields(i, rec)
         images = [load_image(im, f"records[{i}]['images'][{j}]") for j, im in enumerate(images_in)]
         videos: list[np.ndarray] = []
         fps: list[float] = []
@@ -196,23 +224,93 @@ class ChainCollator:
             fps.append(rate if rates is None else rates[j])
         return images, videos, fps
 
+    def _text(
+        self, i: int, rec: Mapping[str, Any], n_images: int, n_videos: int, warn: bool = True
+    ) -> tuple[str, list[list[int]], list[float] | None, list[tuple[int, int]]]:
+        """``records[i]``'s prompt text, its completions' token ids (cut, duplicates handled as
+        ``duplicates`` says), their ``ref_scores`` and the ``(dropped, kept twin)`` index pairs."""
+        completions, conversational = record_completions(i, rec)
+        prompt, prompt_msgs = self.text.prompt(
+            i, rec, n_images, n_videos, conversational, self.default_prompt
+        )
+        refs = record_ref_scores(i, rec, len(completions))
+        ids: list[list[int]] = []
+        kept_refs: list[float] = []
+        dropped: list[tuple[int, int]] = []
+        seen: dict[tuple[int, ...], int] = {}
+        for k, c in enumerate(completions):
+            full = self.text.completion_ids(f"records[{i}]['completions'][{k}]", c, prompt, prompt_msgs)
+            tokens = full if self.max_completion_length is None else full[: self.max_completion_length]
+            key = tuple(tokens)
+            j = seen.get(key)
+            if j is None or self.duplicates == "keep":
+                seen.setdefault(key, k)
+                ids.append(tokens)
+                if refs is not None:
+                    kept_refs.append(refs[k])
+                continue
+            if self.duplicates == "error":
+                raise ValueError(
+                    f"records[{i}]{_id_note(rec)}: completions {j} and {k} are "
+                    f"{self._why_identical(completions, j, k)}, so the loss would rank a sequence above "
+                    "itself; remove the duplicate, raise max_completion_length, or pass "
+                    "ChainCollator(duplicates='drop') to drop the worse-ranked one"
+                )
+            dropped.append((k, j))
+        if dropped and warn and not self._warned_duplicates:
+            self._warned_duplicates = True
+            k, j = dropped[0]
+            warnings.warn(
+                f"ChainCollator: records[{i}]{_id_note(rec)}: completions {j} and {k} are "
+                f"{self._why_identical(completions, j, k)}; the worse-ranked {k} is dropped "
+                "(duplicates='drop'); batch['dropped_completions'] counts every drop and the "
+                "trainer logs their sum (this warning is shown once per process)",
+                stacklevel=3,
+            )
+        return prompt, ids, (kept_refs if refs is not None else None), dropped
+
+    def _why_identical(self, completions: list[Any], j: int, k: int) -> str:
+        if completions[j] == completions[k]:
+            return "the same text"
+        if self.max_completion_length is not None:
+            return f"token-identical after truncation to max_completion_length={self.max_completion_length}"
+        return "token-identical (the tokenizer maps their texts to the same tokens)"
+
     def _parse(self, i: int, rec: Any) -> ParsedRecord:
         """``records[i]`` checked, its media loaded, its prompt and completions tokenised."""
         if not isinstance(rec, Mapping):
             raise TypeError(f"records[{i}] must be a dict (a chain record), got {describe(rec)}")
-        completions, conversational = record_completions(i, rec)
+        record_completions(i, rec)  # a record without completions is named before its media load
         images, videos, fps = self._media(i, rec)
-        prompt, prompt_msgs = self.text.prompt(
-            i, rec, len(images), len(videos), conversational, self.default_prompt
-        )
-        ids = []
-        for k, c in enumerate(completions):
-            tokens = self.text.completion_ids(f"records[{i}]['completions'][{k}]", c, prompt, prompt_msgs)
-            if self.max_completion_length is not None:
-                tokens = tokens[: self.max_completion_length]
-            ids.append(tokens)
-        refs = record_ref_scores(i, rec, len(completions))
-        return ParsedRecord(prompt, images, videos, fps, ids, refs, record_id(rec))
+        prompt, ids, refs, dropped = self._text(i, rec, len(images), len(videos))
+        return ParsedRecord(prompt, images, videos, fps, ids, refs, record_id(rec), dropped)
+
+    def for_scoring(self) -> ChainCollator:
+        """This collator with ``duplicates="keep"``: every completion of a record gets a row (and a score),
+        as a reference pass or an evaluation that reads ``K`` scores per record needs. It shares this
+        collator's tokenizer memo."""
+        if self.duplicates == "keep":
+            return self
+        other = copy.copy(self)
+        other.duplicates = "keep"
+        return other
+
+    def check_record(self, rec: Any, i: int = 0) -> tuple[int, list[tuple[int, int]]]:
+        """Check ``rec`` (as ``records[i]``) without loading its media: its fields, its prompt and
+        completions through the tokenizer and chat template, truncation and duplicates.
+
+        Returns:
+            ``(K, dropped)``: the completions a batch would keep for it and the ``(dropped, kept twin)``
+            index pairs (empty unless ``duplicates="drop"``).
+
+        Raises:
+            TypeError, ValueError: as a call on ``[rec]`` would (media files are not opened).
+        """
+        if not isinstance(rec, Mapping):
+            raise TypeError(f"records[{i}] must be a dict (a chain record), got {describe(rec)}")
+        images, videos = self._media_fields(i, rec)
+        _, ids, _, dropped = self._text(i, rec, len(images), len(videos), warn=False)
+        return len(ids), dropped
 
     # -------------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -221,7 +319,7 @@ class ChainCollator:
             raise TypeError(f"records must be a list of chain records (dicts), got {describe(records)}")
         if not records:
             raise ValueError("records is empty: a batch needs at least one chain record")
-        parsed = [self._parse(i, rec) for i, rec in enumerate(records)]
+        parsed = [_naming_id(self._parse, i, rec) for i, rec in enumerate(records)]
         for name, present in (("ref_scores", [p.ref_scores is not None for p in parsed]),
                               ("id", [p.id is not None for p in parsed])):  # fmt: skip
             if any(present) and not all(present):
@@ -258,6 +356,7 @@ class ChainCollator:
         batch["completion_input_ids"] = completion_ids
         batch["completion_labels"] = labels
         batch["chain_sizes"] = torch.tensor([len(p.completions) for p in parsed], dtype=torch.long)
+        batch["dropped_completions"] = torch.tensor([len(p.dropped) for p in parsed], dtype=torch.long)
         if parsed[0].ref_scores is not None:
             batch["ref_scores"] = torch.tensor(
                 [r for p in parsed for r in (p.ref_scores or [])], dtype=torch.float32
@@ -326,3 +425,19 @@ class ChainCollator:
             if key not in ("input_ids", "attention_mask"):
                 batch[key] = value
         return batch
+
+
+def _id_note(rec: Mapping[str, Any]) -> str:
+    rid = record_id(rec)
+    return "" if rid is None else f" (id {rid!r})"
+
+
+def _naming_id(parse: Any, i: int, rec: Any) -> ParsedRecord:
+    """``parse(i, rec)``, its ``ValueError`` / ``TypeError`` naming the record's id too."""
+    try:
+        return parse(i, rec)
+    except (ValueError, TypeError) as exc:
+        note = _id_note(rec) if isinstance(rec, Mapping) else ""
+        if not note or type(exc) not in (ValueError, TypeError) or note in str(exc):
+            raise
+        raise type(exc)(f"{exc} [records[{i}]{note}]") from exc

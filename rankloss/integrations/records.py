@@ -34,7 +34,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,9 @@ class ParsedRecord:
     completions: list[list[int]]
     ref_scores: list[float] | None
     id: str | None
+    #: ``(k, j)`` for every completion ``k`` dropped as token-identical to the better-ranked ``j`` (the
+    #: indices in the record's ``completions``).
+    dropped: list[tuple[int, int]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -236,7 +239,8 @@ def read_chain_records(
     require_video: bool = False,
 ) -> tuple[list[ChainFileRecord], int]:
     """The ``rankloss chains make`` output (a chains JSONL file, or a list of its records), checked:
-    ``(records, skipped)`` where ``skipped`` counts chains left with fewer than 2 captions.
+    ``(records, skipped)`` where ``skipped`` counts chains left with fewer than 2 distinct
+    captions.
 
     The one reader of chains files: :func:`load_chain_dataset` and the example trainer's ``--data`` use it.
     Video paths are joined to ``video_root`` (default: the chains file's folder; for a list of records,
@@ -281,7 +285,7 @@ def read_chain_records(
             raise ValueError(f"{name(n)}: 'chain' must be a list of non-empty captions (best first)")
         if chain_length is not None:
             captions = captions[:chain_length]
-        if len(captions) < 2:
+        if len(set(captions)) < 2:  # nothing to rank (a repeated caption is dropped by the collator)
             short += 1
             continue
         video = rec.get("video")
@@ -331,7 +335,7 @@ def load_chain_dataset(
     "prompt": prompt, "videos": [video path] (or [] for a record without a video), "completions":
     chain}``. Video paths are joined to ``video_root`` (default: the chains file's folder; for a list of
     records, the paths are kept as they are). Chains are cut to ``chain_length`` captions when given;
-    chains left with fewer than 2 captions are skipped, with one warning that counts them.
+    chains left with fewer than 2 distinct captions are skipped, with one warning that counts them.
 
     Args:
         path_or_records: a chains JSONL file, or a list of chain records (dicts).
@@ -359,7 +363,7 @@ def load_chain_dataset(
     records, short = read_chain_records(path_or_records, video_root=video_root, chain_length=chain_length)
     if short:
         warnings.warn(
-            f"load_chain_dataset: skipped {short} chain(s) with fewer than 2 captions"
+            f"load_chain_dataset: skipped {short} chain(s) with fewer than 2 distinct captions"
             + (f" (after chain_length={chain_length})" if chain_length is not None else ""),
             stacklevel=2,
         )
@@ -369,7 +373,7 @@ def load_chain_dataset(
             if isinstance(path_or_records, (str, os.PathLike))
             else "path_or_records"
         )
-        raise ValueError(f"{label}: no chain with at least 2 captions")
+        raise ValueError(f"{label}: no chain with at least 2 distinct captions")
     check_videos_exist(records, video_root)
     rows = {
         "id": [r.id for r in records],

@@ -18,22 +18,27 @@
   ``template(prompt, add_generation_prompt=True)`` (the template's own end-of-turn tokens end it; no EOS
   is added).
 
-Chat-template texts and completion token ids are memoised (up to 200,000 entries each): a chain's
-captions repeat across epochs and reference passes.
+Chat-template texts and completion token ids are memoised (a chain's captions repeat across epochs and
+reference passes), within a budget of bytes (``memo_bytes``, default 64 MiB per cache; token ids are
+kept as 4-byte integers): once a cache is full, new entries are computed each time instead. Each data
+loader worker has its own copy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+from array import array
 from collections.abc import Mapping
 from typing import Any
 
 from .records import clean_messages, describe
 
-__all__ = ["MEDIA_KINDS", "ChainTokenizer"]
+__all__ = ["MEDIA_KINDS", "MEMO_BYTES", "ChainTokenizer"]
 
-_MEMO_LIMIT = 200_000
+#: Default byte budget of each memo (chat-template texts; completion token ids).
+MEMO_BYTES = 64 << 20
 #: A record's media fields and the kind of each item.
 MEDIA_KINDS = (("images", "image"), ("videos", "video"))
 
@@ -46,9 +51,13 @@ class ChainTokenizer:
         is_processor: whether that is a processor (it has a ``.tokenizer`` of its own).
         tokenizer: the tokenizer (the processor's, or the processing class itself).
         pad_id: the tokenizer's pad token id.
+        memo_bytes: the byte budget of each memo (about: keys, texts and 4-byte token ids counted).
     """
 
-    def __init__(self, processing_class: Any) -> None:
+    def __init__(self, processing_class: Any, *, memo_bytes: int = MEMO_BYTES) -> None:
+        if isinstance(memo_bytes, bool) or not isinstance(memo_bytes, int) or memo_bytes < 0:
+            raise ValueError(f"memo_bytes must be an int >= 0, got {memo_bytes!r}")
+        self.memo_bytes = memo_bytes
         pc = processing_class
         if pc is None or isinstance(pc, (str, os.PathLike)):
             raise TypeError(
@@ -84,7 +93,9 @@ class ChainTokenizer:
         self._vision_start, self._vision_end = self._vision_wrappers()
         self._bos_text = self._default_bos()
         self._template_cache: dict[str, str] = {}
-        self._token_cache: dict[tuple[str, bool], list[int]] = {}
+        self._token_cache: dict[tuple[str, bool], array] = {}
+        self._template_bytes = 0
+        self._token_bytes = 0
 
     # -------------------------------------------------------------------------------------------------
     def _vision_wrappers(self) -> tuple[str, str]:
@@ -129,28 +140,43 @@ class ChainTokenizer:
         key = json.dumps([messages, generation], sort_keys=True, default=str)
         text = self._template_cache.get(key)
         if text is None:
-            text = self.template_owner.apply_chat_template(
-                messages, add_generation_prompt=generation, tokenize=False
-            )
+            try:
+                text = self.template_owner.apply_chat_template(
+                    messages, add_generation_prompt=generation, tokenize=False
+                )
+            except Exception as exc:  # jinja's raise_exception (Gemma, Mistral: roles they refuse), ...
+                roles = [m.get("role") for m in messages]
+                raise ValueError(
+                    f"{where}: the chat template of {type(self.template_owner).__name__} refused the "
+                    f"messages (roles {roles}): {type(exc).__name__}: {exc}. Give the messages in a form "
+                    "this template accepts (many templates take only alternating user/assistant turns, "
+                    "some no system turn), or set processing_class.chat_template"
+                ) from exc
             if isinstance(text, (list, tuple)):  # some processors return one text per conversation
                 text = text[0]
             if not isinstance(text, str):
                 raise TypeError(f"the chat template gave {type(text).__name__} for {where}, not a string")
-            if len(self._template_cache) < _MEMO_LIMIT:
+            size = 2 * (len(key) + len(text)) + 200
+            if self._template_bytes + size <= self.memo_bytes:
                 self._template_cache[key] = text
+                self._template_bytes += size
         return text
 
     def token_ids(self, text: str, add_eos: bool) -> list[int]:
         """Token ids of ``text`` (``add_special_tokens=False``), plus EOS when ``add_eos`` (memoised)."""
         key = (text, add_eos)
-        ids = self._token_cache.get(key)
-        if ids is None:
-            ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
-            if add_eos:
-                ids.append(int(self.tokenizer.eos_token_id))
-            if len(self._token_cache) < _MEMO_LIMIT:
-                self._token_cache[key] = ids
-        return list(ids)
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            return cached.tolist()
+        ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        if add_eos:
+            ids.append(int(self.tokenizer.eos_token_id))
+        packed = array("i", ids)  # token ids fit in 4 bytes (vocabularies are far below 2**31)
+        size = sys.getsizeof(text) + packed.itemsize * len(packed) + 200  # key, array, dict entry
+        if self._token_bytes + size <= self.memo_bytes:
+            self._token_cache[key] = packed
+            self._token_bytes += size
+        return ids
 
     # -------------------------------------------------------------------------------------------------
     def prompt(

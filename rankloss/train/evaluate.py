@@ -99,6 +99,7 @@ def score_chains(
     """``{chain id: (scores [K], num_tokens [K])}`` for every chain (sum of token log-probs), computed by
     ``model(batch, mode="score")``; each process scores its shard and ``gather`` collects them."""
     part, real = _shard(chains, rank, world)
+    collator = collator.for_scoring()  # K scores per chain, duplicates or not
     local: list[tuple[str, list[float], list[int]]] = []
     for i in range(0, len(part), batch_size):
         chunk = part[i : i + batch_size]
