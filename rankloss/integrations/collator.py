@@ -364,7 +364,7 @@ class ChainCollator:
         if parsed[0].id is not None:
             batch["chain_ids"] = [p.id for p in parsed]
         if self.chain_tree:
-            check_chain_batch(batch)
+            check_chain_batch(batch, pad_id=self.pad_id)
             batch["chain_tree"] = build_chain_tree(batch, ignore_index=IGNORE_INDEX)
         return batch
 

@@ -41,11 +41,26 @@ from ..fused_losses import _segment_scores, fused_linear_chain_loss, sequence_sc
 from ..outputs import ChainLossOutput
 from .attention import ATTENTION_PATHS, active_tree, install_tree_attention, resolve_attention
 from .families import Family, LMHead, _unwrap, get_family, model_type_of, supported_model_types
-from .layout import ChainTree, build_chain_tree, check_chain_batch, check_prompt_batch
+from .layout import (
+    ChainTree,
+    build_chain_tree,
+    check_chain_batch,
+    check_chain_keys,
+    check_prompt_batch,
+    check_token_ids,
+)
 
 __all__ = ["ChainForward", "ChainRankModel", "ChainStates", "LMHead", "LossSpec", "chain_hidden_states"]
 
 IGNORE_INDEX = -100
+#: The integer keys of a chain batch, made ``torch.long`` by :meth:`ChainForward.prepare`.
+_LONG_KEYS = (
+    "prompt_input_ids",
+    "prompt_attention_mask",
+    "completion_input_ids",
+    "completion_labels",
+    "chain_sizes",
+)
 _WARNED: set[tuple[str, str]] = set()
 
 
@@ -298,28 +313,106 @@ class ChainForward:
         ).last_hidden_state
         return h[:, P - 1 : -1]
 
-    @staticmethod
-    def _check(batch: Mapping[str, Any]) -> None:
-        """A batch is checked where it is built: here unless the collator built (and checked) it."""
-        if not isinstance(batch, Mapping) or batch.get("chain_tree") is None:
-            check_chain_batch(batch)
+    def _vocab_sizes(self) -> tuple[int | None, int | None]:
+        """``(input vocabulary, LM head rows)``: the input embedding's ``num_embeddings`` and the head's
+        ``out_features`` (module attributes, right under sharding too); None where unknown."""
+        sizes: list[int | None] = []
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                module = getattr(self.model, getter)()
+            except (AttributeError, NotImplementedError):
+                module = None
+            n = getattr(module, "num_embeddings", None) or getattr(module, "out_features", None)
+            sizes.append(int(n) if isinstance(n, int) else None)
+        return sizes[0], sizes[1] or sizes[0]
 
-    def states(self, batch: Mapping[str, Any]) -> ChainStates:
-        """The scored final hidden states of ``batch`` and their labels (:class:`ChainStates`)."""
-        self._check(batch)
+    def _pad_id(self) -> int | None:
+        for cfg in (self.model.config, self.family.text_config(self.model)):
+            pad = getattr(cfg, "pad_token_id", None)
+            if isinstance(pad, int) and not isinstance(pad, bool):
+                return pad
+        return None
+
+    def prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """``batch`` checked, as a new dict with its integer keys as ``torch.long``.
+
+        The layout (:func:`~rankloss.integrations.layout.check_chain_batch`, with the model's pad id) is
+        checked where the batch is built: here unless the collator built (and checked) it, i.e. unless it
+        carries a ``chain_tree``; the dtypes (free) always; the ids and labels against the model's
+        vocabulary (:func:`~rankloss.integrations.layout.check_token_ids`: on CPU tensors always, on CUDA
+        tensors with ``RANKLOSS_VALIDATE=1``) always, since the collator does not know the model."""
+        if not isinstance(batch, Mapping) or batch.get("chain_tree") is None:
+            check_chain_batch(batch, pad_id=self._pad_id(), ignore_index=IGNORE_INDEX)
+        else:
+            check_chain_keys(batch, ignore_index=IGNORE_INDEX)
+        vocab, head_rows = self._vocab_sizes()
+        if vocab is not None:
+            check_token_ids(batch, vocab, label_vocab_size=head_rows, ignore_index=IGNORE_INDEX)
+        out = dict(batch)
+        for key in _LONG_KEYS:
+            out[key] = batch[key].long()
+        return out
+
+    def _states(self, batch: dict[str, Any]) -> ChainStates:
+        """:meth:`states` of a prepared batch."""
+        if batch["prompt_input_ids"].shape[0] == 0:
+            return ChainStates(
+                self._empty_hidden((0,)), batch["completion_labels"].new_zeros(0), self._cu0(batch)
+            )
         if self.uses_tree():
             tree, hidden = self._tree_states(batch)
-            return ChainStates(hidden, tree.labels, tree.cu_seqlens)
+            return ChainStates(hidden, tree.labels.long(), tree.cu_seqlens)
         return ChainStates(self._full_hidden_states(batch), batch["completion_labels"], None)
+
+    @staticmethod
+    def _cu0(batch: Mapping[str, Any]) -> Tensor:
+        return torch.zeros(1, dtype=torch.int32, device=batch["prompt_input_ids"].device)
+
+    def _empty_hidden(self, shape: tuple[int, ...]) -> Tensor:
+        """Hidden states ``[*shape, D]`` of an empty batch (``B = 0``), which runs no forward: zeros
+        connected to every trainable parameter of the model, so that ``backward()`` gives each a zero
+        gradient (a data-parallel step then does not wait for gradients that never come)."""
+        head = self.head().weight
+        zero = torch.zeros((), dtype=torch.float32, device=head.device)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                zero = zero + p.reshape(-1)[:0].sum().to(device=head.device, dtype=torch.float32)
+        return torch.zeros((*shape, head.shape[-1]), dtype=head.dtype, device=head.device) + zero.to(
+            head.dtype
+        )
+
+    def states(self, batch: Mapping[str, Any]) -> ChainStates:
+        """The scored final hidden states of ``batch`` and their labels (:class:`ChainStates`); an empty
+        batch (``B = 0``) gives ``[0, D]`` states connected to the model's parameters."""
+        return self._states(self.prepare(batch))
 
     def hidden_states(self, batch: Mapping[str, Any]) -> Tensor:
         """Final hidden states ``[S, L, D]``: ``[s, t]`` scores ``batch["completion_labels"][s, t]`` (zeros
         at positions the chain tree does not run: after a completion's last scored label)."""
-        self._check(batch)
+        batch = self.prepare(batch)
+        if batch["prompt_input_ids"].shape[0] == 0:
+            return self._empty_hidden(tuple(batch["completion_input_ids"].shape))
         if self.uses_tree():
             tree, hidden = self._tree_states(batch)
             return tree.to_padded(hidden)
         return self._full_hidden_states(batch)
+
+    @staticmethod
+    def _check_rankable(batch: Mapping[str, Any], sizes: list[int]) -> None:
+        """Every chain holds >= 2 completions (the chain losses rank them): else a ``ValueError`` naming
+        the chain (its index, and its id where the batch carries ``chain_ids``) and what to do."""
+        ids = batch.get("chain_ids")
+        for b, k in enumerate(sizes):
+            if k >= 2:
+                continue
+            named = ""
+            if isinstance(ids, Sequence) and not isinstance(ids, str) and len(ids) == len(sizes):
+                named = f" (batch['chain_ids'][{b}] = {ids[b]!r})"
+            raise ValueError(
+                f"batch['chain_sizes'][{b}] = {k}: chain {b}{named} has {k} completion(s), but a chain needs "
+                ">= 2 distinct completions to be ranked; filter such records out of the training data, or "
+                "score them with ChainRankModel(..., mode='score') / ChainForward.scores"
+            )
 
     def loss(
         self,
@@ -329,8 +422,16 @@ class ChainForward:
         impl: str | None = None,
         reduction: str = "mean",
     ) -> ChainLossOutput:
-        """The chain loss of ``batch`` (its ``ref_scores`` when present, else reference-free)."""
-        st = self.states(batch)
+        """The chain loss of ``batch`` (its ``ref_scores`` when present, else reference-free).
+
+        Every chain needs >= 2 completions (a ``ValueError`` names the first chain that has fewer, with its
+        ``chain_ids`` entry). An empty batch (``B = 0``, e.g. an uneven last micro-batch) runs no forward
+        and gives a zero loss connected to every trainable parameter (``backward()`` gives each a zero
+        gradient), with empty per-chain metrics."""
+        batch = self.prepare(batch)
+        sizes = batch["chain_sizes"].tolist()
+        self._check_rankable(batch, sizes)
+        st = self._states(batch)
         head = self.head()
         ref = batch.get("ref_scores")
         if ref is not None and spec.length_normalize:
@@ -340,7 +441,7 @@ class ChainForward:
             st.hidden,
             head.weight,
             st.labels,
-            batch["chain_sizes"].tolist(),
+            sizes,
             ref,
             loss=spec.loss,
             beta=spec.beta,
@@ -362,8 +463,10 @@ class ChainForward:
     @torch.no_grad()
     def scores(self, batch: Mapping[str, Any], *, impl: str | None = None) -> tuple[Tensor, Tensor]:
         """``(scores [S], num_tokens [S])``: each completion's summed token log-prob (float32, no gradient)
-        and its number of scored tokens; what a reference model's cache holds."""
-        st = self.states(batch)
+        and its number of scored tokens; what a reference model's cache holds. Chains of one completion
+        are scored too; an empty batch gives empty tensors."""
+        batch = self.prepare(batch)
+        st = self._states(batch)
         head = self.head()
         s = sequence_scores(
             st.hidden,
@@ -533,6 +636,7 @@ class ChainRankModel(nn.Module):
             from ..logprobs import linear_token_logprobs
 
             # only each chain's first (best) completion goes through the model
+            batch = cf.prepare(batch)
             sizes = batch["chain_sizes"]
             first = torch.cumsum(sizes, 0) - sizes
             best = {k: v for k, v in batch.items() if k not in ("ref_scores", "chain_tree")}
@@ -554,7 +658,9 @@ class ChainRankModel(nn.Module):
             )
             sums, n = _segment_scores(logps, st.labels, IGNORE_INDEX, st.cu_seqlens)
             nll = -sums / n.clamp(min=1).to(sums.dtype)
-            return {"loss": nll.mean(), "nll": nll.detach()}
+            # an empty batch: a zero loss, still connected to the parameters (see ChainForward.states)
+            loss = nll.mean() if nll.numel() else nll.sum()
+            return {"loss": loss, "nll": nll.detach()}
         raise ValueError(f"mode must be 'rank', 'sft', 'score' or 'generate', got {mode!r}")
 
     def _generation_ids(self) -> tuple[list[int], int]:

@@ -31,8 +31,9 @@ token's for ``t = 0`` and completion token ``t - 1``'s otherwise; :attr:`ChainTr
 them, chain after chain, into the packed ``cu_seqlens`` layout :func:`rankloss.fused_linear_chain_loss`
 takes (``labels [M]``, ``cu_seqlens [S + 1]``).
 
-:func:`check_chain_batch` validates a batch once, where its layout is built (shapes, sizes,
-left-padded prompts): in the collator, or in the chain forward for a batch built by hand.
+:func:`check_chain_batch` validates a batch once, where its layout is built (keys, dtypes, shapes, sizes,
+left-padded prompts, right-padded completions): in the collator, or in the chain forward for a batch built
+by hand; :func:`check_token_ids` checks the ids against the model's vocabulary (in the chain forward).
 """
 
 from __future__ import annotations
@@ -44,7 +45,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ChainTree", "build_chain_tree", "check_chain_batch", "check_prompt_batch"]
+from .._validation import INT_DTYPES, check_labels, values_checkable
+
+__all__ = [
+    "ChainTree",
+    "build_chain_tree",
+    "check_chain_batch",
+    "check_chain_keys",
+    "check_prompt_batch",
+    "check_token_ids",
+]
+
+IGNORE_INDEX = -100
 
 #: Keys of the chain batch the layout reads.
 _REQUIRED = (
@@ -56,68 +68,227 @@ _REQUIRED = (
 )
 
 
-def check_prompt_batch(batch: Mapping[str, Any]) -> None:
-    """The prompt keys of a chain batch: present, ``[B, P]``, left-padded (``ValueError`` / ``TypeError``
-    naming the key)."""
+def _check_present(batch: Any, keys: tuple[str, ...]) -> None:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
-    for key in ("prompt_input_ids", "prompt_attention_mask"):
+    for key in keys:
         if not isinstance(batch.get(key), Tensor):
             raise ValueError(
                 f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
             )
+
+
+def _check_dtypes(batch: Mapping[str, Any], keys: tuple[str, ...], ignore_index: int = IGNORE_INDEX) -> None:
+    """``keys`` of integer dtypes (the mask may be bool; the labels' dtype holds ``ignore_index``)."""
+    for key in keys:
+        dtype = batch[key].dtype
+        if key == "completion_labels":
+            check_labels(batch[key], ignore_index, name=f"batch[{key!r}]")
+        elif dtype not in INT_DTYPES and not (key == "prompt_attention_mask" and dtype == torch.bool):
+            kind = "an integer or bool" if key == "prompt_attention_mask" else "an integer"
+            raise TypeError(f"batch[{key!r}] must be {kind} tensor (torch.long), got {dtype}")
+
+
+def _raise_first(problems: list[tuple[Tensor, Any]], device: torch.device) -> None:
+    """One host sync for all the layout checks: raise the first problem whose flag is true (its message, a
+    string or a function that builds it, only then reads values)."""
+    if not problems:
+        return
+    flags = torch.stack([flag.reshape(()).to(device) for flag, _ in problems]).tolist()
+    for bad, (_, message) in zip(flags, problems):
+        if bad:
+            raise ValueError(message() if callable(message) else message)
+
+
+def _prompt_problems(ids: Tensor, mask: Tensor) -> list[tuple[Tensor, Any]]:
+    if ids.shape[0] == 0:
+        return []
+    m = mask.long()
+    problems: list[tuple[Tensor, Any]] = [
+        (
+            ((m != 0) & (m != 1)).any(),
+            "batch['prompt_attention_mask'] must hold 0 (padding) and 1 (real tokens) only",
+        )
+    ]
+    if ids.shape[1]:
+        problems.append(
+            (
+                (m[:, -1] == 0).any(),
+                "batch['prompt_attention_mask']: prompts must be left-padded (a row ends with padding)",
+            )
+        )
+    problems += [
+        (
+            (m[:, 1:] < m[:, :-1]).any(),
+            "batch['prompt_attention_mask']: prompts must be left-padded, with their real tokens "
+            "contiguous (a 0 follows a 1 in some row)",
+        ),
+        (
+            (m.sum(1) == 0).any(),
+            "batch['prompt_attention_mask']: a prompt has no tokens; the first completion token is scored "
+            "from the prompt's last token, so each prompt needs at least one",
+        ),
+    ]
+    return problems
+
+
+def check_chain_keys(batch: Mapping[str, Any], *, ignore_index: int = IGNORE_INDEX) -> None:
+    """The keys of a chain batch present, as tensors of integer dtypes (``prompt_attention_mask`` may be
+    bool; ``completion_labels`` of a dtype that holds ``ignore_index``): the free part of
+    :func:`check_chain_batch` (no host sync)."""
+    _check_present(batch, _REQUIRED)
+    _check_dtypes(batch, _REQUIRED, ignore_index)
+
+
+def check_prompt_batch(batch: Mapping[str, Any]) -> None:
+    """The prompt keys of a chain batch: present, integer tensors (the mask may be bool) ``[B, P]``, the
+    mask 0 / 1 and left-padded, every prompt at least one token (``ValueError`` / ``TypeError`` naming
+    the key). One host sync."""
+    keys = ("prompt_input_ids", "prompt_attention_mask")
+    _check_present(batch, keys)
     ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
         raise ValueError(
             f"batch['prompt_attention_mask'] must be [B, P] = {list(ids.shape)}, got {list(mask.shape)}"
         )
-    if ids.shape[0] == 0:
-        return
-    if ids.shape[1] and bool((mask[:, -1] == 0).any()):
-        raise ValueError(
-            "batch['prompt_attention_mask']: prompts must be left-padded (a row ends with padding)"
-        )
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError(
-            "batch['prompt_attention_mask']: prompts must be left-padded, with their real tokens "
-            "contiguous (a 0 follows a 1 in some row)"
-        )
-    if bool((mask.sum(1) == 0).any()):
-        raise ValueError(
-            "batch['prompt_attention_mask']: a prompt has no tokens; the first completion token is scored "
-            "from the prompt's last token, so each prompt needs at least one"
-        )
+    _check_dtypes(batch, keys)
+    _raise_first(_prompt_problems(ids, mask), ids.device)
 
 
-def check_chain_batch(batch: Mapping[str, Any]) -> None:
-    """Every key the chain forward reads: present, shapes consistent, ``chain_sizes`` summing to ``S``,
-    prompts left-padded (``ValueError`` / ``TypeError`` naming the key)."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict (a chain batch), got {type(batch).__name__}")
-    for key in _REQUIRED:
-        if not isinstance(batch.get(key), Tensor):
-            raise ValueError(
-                f"batch[{key!r}] is missing or not a tensor (see rankloss.integrations for the chain batch)"
-            )
-    check_prompt_batch(batch)
-    B = int(batch["prompt_input_ids"].shape[0])
-    comp = batch["completion_input_ids"]
+def check_chain_batch(
+    batch: Mapping[str, Any],
+    *,
+    pad_id: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> None:
+    """Every key the chain forward reads, checked (``ValueError`` / ``TypeError`` naming the key):
+
+    * present, integer tensors (``prompt_attention_mask`` may be bool; ``completion_labels`` of a dtype
+      that holds ``ignore_index``), ``prompt_* [B, P]``, ``completion_* [S, L]``, ``chain_sizes [B]``
+      each ``>= 1`` and summing to ``S``; ``ref_scores``, when present, a float tensor ``[S]``;
+    * prompts left-padded (:func:`check_prompt_batch`);
+    * completions **right**-padded. There is no completion attention mask: every column up to a
+      completion's last scored label (``completion_labels != ignore_index``) is a real token, attended
+      on both paths (the chain tree and full sequences) alike. So unscored tokens *inside* a
+      completion (a masked span) are allowed, and so is an unscored first token that is a real token;
+      but a completion whose first column is unscored and holds the pad id, before a scored label, is
+      left padding (its pads would be attended and change the scores) and is refused. The pad ids are
+      ``pad_id`` (the chain forward passes the model's) and the ids at the prompts' padding. A
+      completion without any scored label is allowed: it scores 0 (see the chain losses);
+    * with ``vocab_size``: the ids and labels in range (:func:`check_token_ids`).
+
+    One host sync for the layout (the value checks of ``vocab_size`` follow :func:`check_token_ids`).
+    """
+    _check_present(batch, _REQUIRED)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(
+            f"batch['prompt_attention_mask'] must be [B, P] = {list(ids.shape)}, got {list(mask.shape)}"
+        )
+    B = int(ids.shape[0])
+    comp, labels = batch["completion_input_ids"], batch["completion_labels"]
     if comp.dim() != 2:
         raise ValueError(f"batch['completion_input_ids'] must be [S, L], got {list(comp.shape)}")
     S, L = comp.shape
-    if tuple(batch["completion_labels"].shape) != (S, L):
-        raise ValueError(
-            f"batch['completion_labels'] must be [S, L] = {[S, L]}, "
-            f"got {list(batch['completion_labels'].shape)}"
-        )
+    if tuple(labels.shape) != (S, L):
+        raise ValueError(f"batch['completion_labels'] must be [S, L] = {[S, L]}, got {list(labels.shape)}")
     sizes = batch["chain_sizes"]
     if sizes.dim() != 1 or sizes.numel() != B:
         raise ValueError(f"batch['chain_sizes'] must be [B] = [{B}], got {list(sizes.shape)}")
-    if B and int(sizes.min()) < 1:
-        raise ValueError(f"batch['chain_sizes'] must be >= 1 (completions per chain), got {sizes.tolist()}")
-    if int(sizes.sum()) != S:
+    ref = batch.get("ref_scores")
+    if ref is not None:
+        if not isinstance(ref, Tensor) or not ref.is_floating_point():
+            raise TypeError(
+                f"batch['ref_scores'] must be a float tensor [S] = [{S}], got "
+                f"{ref.dtype if isinstance(ref, Tensor) else type(ref).__name__}"
+            )
+        if tuple(ref.shape) != (S,):
+            raise ValueError(f"batch['ref_scores'] must be [S] = [{S}], got {list(ref.shape)}")
+    if B == 0 and S:
+        raise ValueError(f"batch['chain_sizes'] is empty (no chains), but there are S = {S} completions")
+    _check_dtypes(batch, _REQUIRED, ignore_index)
+
+    device = ids.device
+    problems = _prompt_problems(ids, mask)
+    if B:
+        sizes_d = sizes.to(device)
+        problems += [
+            (
+                (sizes_d < 1).any(),
+                lambda: f"batch['chain_sizes'] must be >= 1 (completions per chain), got {sizes.tolist()}",
+            ),
+            (
+                sizes_d.long().sum() != S,
+                lambda: f"batch['chain_sizes'] sums to {int(sizes.sum())}, but there are S = {S} completions",
+            ),
+        ]
+    if S and L:
+        labels_d = labels.to(device)
+        comp_d = comp.to(device)
+        first = comp_d[:, 0]
+        # the pad ids: the model's, and the id at each padded prompt's first column
+        is_pad = (
+            ((first[:, None] == ids[None, :, 0]) & (mask[None, :, 0] == 0)).any(1) if ids.shape[1] else None
+        )
+        if pad_id is not None:
+            is_pad = (first == pad_id) if is_pad is None else (is_pad | (first == pad_id))
+        if is_pad is not None:
+            left = is_pad & (labels_d[:, 0] == ignore_index) & (labels_d != ignore_index).any(1)
+
+            def left_padded() -> str:
+                s = int(left.nonzero()[0, 0])
+                return (
+                    f"batch['completion_input_ids'][{s}] starts with the pad id "
+                    f"{int(comp[s, 0])} (label {ignore_index}) before its scored labels: completions must "
+                    "be right-padded (there is no completion attention mask, so leading pads would be "
+                    "attended and change the scores); pad them on the right, as the collator does"
+                )
+
+            problems.append((left.any(), left_padded))
+    _raise_first(problems, device)
+    if vocab_size is not None:
+        check_token_ids(batch, vocab_size, ignore_index=ignore_index)
+
+
+def check_token_ids(
+    batch: Mapping[str, Any],
+    vocab_size: int,
+    *,
+    label_vocab_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> None:
+    """``prompt_input_ids`` and ``completion_input_ids`` in ``[0, vocab_size)`` (padding too: the model
+    embeds it), ``completion_labels`` in ``[0, label_vocab_size)`` (default ``vocab_size``) or
+    ``ignore_index``: ``ValueError`` naming the key, the first bad element and what to do. A value
+    check: on CPU tensors always, on CUDA tensors only with ``RANKLOSS_VALIDATE=1`` (it costs a host
+    sync), never while ``torch.compile`` traces."""
+    label_vocab_size = vocab_size if label_vocab_size is None else label_vocab_size
+    for key, V in (
+        ("prompt_input_ids", vocab_size),
+        ("completion_input_ids", vocab_size),
+        ("completion_labels", label_vocab_size),
+    ):
+        t = batch[key]
+        if t.numel() == 0 or not values_checkable(t):
+            continue
+        v = t.long()
+        bad = (v < 0) | (v >= V)
+        if key == "completion_labels":
+            bad &= v != ignore_index
+        if not bool(bad.any()):
+            continue
+        where = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        what = "ids" if key != "completion_labels" else f"labels (other than {ignore_index})"
+        hint = (
+            "pad with the tokenizer's pad id (not -100), and check that the model's embeddings match the "
+            "tokenizer (model.resize_token_embeddings(len(tokenizer)))"
+            if key != "completion_labels"
+            else f"mark unscored tokens with {ignore_index}"
+        )
         raise ValueError(
-            f"batch['chain_sizes'] sums to {int(sizes.sum())}, but there are S = {S} completions"
+            f"batch[{key!r}] holds {int(bad.sum())} {what} outside the model's vocabulary [0, {V}), the "
+            f"first {key}[{', '.join(map(str, where))}] = {int(v[where])}; {hint}"
         )
 
 
