@@ -15,9 +15,15 @@ the ``Trainer``:
   ``forward`` runs each prompt (and its media) once per chain and scores the completions from the final
   hidden states with the fused chain loss; logits are never built.
 * **Reference scores** computed once before training (from ``ref_model``, or from the policy as it is
-  before the first step), split across processes and gathered, and cached on disk under a fingerprint of
-  model, data and collator (``ref_cache_dir``, default ``<output_dir>/rankloss-ref``), so a second run
-  or a resumed one does not recompute them. ``reference_free=True`` skips them.
+  before the first step), under the training's mixed precision (the Trainer's autocast, so the first
+  step's rewards are 0 with ``bf16=True`` and fp32 weights), split across processes and gathered, and
+  cached on disk under a fingerprint of the model, the data, the processor or tokenizer (every file its
+  ``save_pretrained`` writes: vocabulary, special tokens, image / video sizes, chat template), every
+  setting of the collator, the precision and the kernel (``ref_cache_dir``, default
+  ``<output_dir>/rankloss-ref``), so a second run or a resumed one does not recompute them. A cache file
+  that cannot be read, fails its checksum, or does not fit the dataset (records, completions per
+  record, non-finite values) is reported with a warning naming it, recomputed and rewritten atomically.
+  ``reference_free=True`` skips them.
 * **Gradient accumulation and several processes**: the loss of a micro-batch is its chains' summed loss
   divided by the number of chains in the whole optimizer step (all micro-batches, all processes), so
   GA=2 with half the batch, or two processes with half the batch each, give one process's update.
@@ -31,9 +37,14 @@ the ``Trainer``:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
+import struct
+import tempfile
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +109,13 @@ class ChainRankConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep False for chain records"})
 
     def __post_init__(self) -> None:
+        # transformers treats max_steps <= 0 as unset and still takes a step for max_steps=0
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"max_steps={self.max_steps}: transformers treats max_steps <= 0 as unset (max_steps=0 still "
+                "takes a step); pass max_steps=-1 to train for "
+                "num_train_epochs, or a positive number of optimizer steps"
+            )
         super().__post_init__()
         if self.loss not in ("plackett_luce", "dpo", "lipo"):
             raise ValueError(f"loss must be 'plackett_luce', 'dpo' or 'lipo', got {self.loss!r}")
@@ -187,6 +205,153 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def processing_fingerprint(processing_class: Any) -> str:
+    """A hash of every file ``processing_class.save_pretrained`` writes (vocabulary, special tokens, image
+    and video processor configs, chat template), or, where saving fails or writes nothing, of the
+    object's JSON-able state."""
+    h = hashlib.sha256()
+    h.update(f"{type(processing_class).__module__}.{type(processing_class).__qualname__}".encode())
+    if processing_class is None:
+        return h.hexdigest()[:16]
+    wrote = False
+    if callable(getattr(processing_class, "save_pretrained", None)):
+        try:
+            with tempfile.TemporaryDirectory(prefix="rankloss-fp-") as folder:
+                processing_class.save_pretrained(folder)
+                for root, dirs, files in os.walk(folder):
+                    dirs.sort()
+                    for name in sorted(files):
+                        file = os.path.join(root, name)
+                        h.update(os.path.relpath(file, folder).encode() + b"\0")
+                        with open(file, "rb") as f:
+                            data = f.read()
+                        if name == "tokenizer.json":
+                            data = _without_call_state(data)
+                        h.update(b"%d\0" % len(data) + data)
+                        wrote = True
+        except Exception:  # noqa: BLE001 - any failure falls back to the object's state
+            wrote = False
+    if not wrote:
+        h.update(b"state\0")
+        h.update(_state_json(processing_class).encode())
+    return h.hexdigest()[:16]
+
+
+def _without_call_state(data: bytes) -> bytes:
+    """A fast tokenizer's ``tokenizer.json`` without its ``padding`` and ``truncation``: the state its
+    last call left (each call sets them again), not what it makes of a text."""
+    try:
+        tok = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(tok, dict):
+        return data
+    tok.pop("padding", None)
+    tok.pop("truncation", None)
+    return json.dumps(tok, sort_keys=True).encode()
+
+
+def _state_json(obj: Any) -> str:
+    to_dict = getattr(obj, "to_dict", None)
+    state: Any = None
+    if callable(to_dict):
+        try:
+            state = to_dict()
+        except Exception:  # noqa: BLE001
+            state = None
+    if state is None:
+        state = getattr(obj, "__dict__", repr(obj))
+    return json.dumps(state, sort_keys=True, default=repr)
+
+
+def collator_fingerprint(collator: Any) -> str:
+    """A hash of the collator's class and of all its settings: every init field but ``processing_class``
+    of a dataclass, else its public non-callable attributes; a setting with ``save_pretrained`` (a
+    tokenizer or processor) is hashed as :func:`processing_fingerprint` does."""
+    cls = type(collator)
+    h = hashlib.sha256()
+    h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+    h.update(str(getattr(collator, "__qualname__", "")).encode())  # a plain function as the collator
+    if dataclasses.is_dataclass(collator) and not isinstance(collator, type):
+        settings = {
+            f.name: getattr(collator, f.name, None)
+            for f in dataclasses.fields(collator)
+            if f.init and f.name != "processing_class"
+        }
+    else:
+        try:
+            attrs = dict(vars(collator))
+        except TypeError:
+            attrs = {k: getattr(collator, k, None) for k in dir(collator)}
+        settings = {k: v for k, v in attrs.items() if not k.startswith("_") and not callable(v)}
+    for name in sorted(settings):
+        value = settings[name]
+        h.update(name.encode() + b"=")
+        if callable(getattr(value, "save_pretrained", None)):
+            h.update(processing_fingerprint(value).encode())
+        else:
+            h.update(repr(value).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _scores_checksum(scores: Sequence[Sequence[float]]) -> str:
+    h = hashlib.sha256()
+    h.update(b"%d;" % len(scores))
+    for row in scores:
+        h.update(struct.pack(f"<I{len(row)}d", len(row), *row))
+    return h.hexdigest()
+
+
+def _completion_counts(dataset: Any) -> list[int | None]:
+    """Each record's number of completions (``None`` where it has no list of them: the collator names
+    that record when it sees it)."""
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list) and "completions" in names:
+        try:  # a datasets.Dataset: one column, no media decoded
+            column = dataset["completions"]
+            return [len(c) if isinstance(c, (list, tuple)) else None for c in column]
+        except Exception:  # noqa: BLE001
+            pass
+    out: list[int | None] = []
+    for i in range(len(dataset)):
+        rec = dataset[i]
+        comps = rec.get("completions") if isinstance(rec, Mapping) else None
+        out.append(len(comps) if isinstance(comps, (list, tuple)) else None)
+    return out
+
+
+def _record_name(dataset: Any, i: int) -> str:
+    try:
+        rec = dataset[i]
+        rid = rec.get("id") if isinstance(rec, Mapping) else None
+    except Exception:  # noqa: BLE001
+        rid = None
+    return f"record {i}" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def _cache_problem(cached: Any, counts: list[int | None], dataset: Any) -> str | None:
+    """Why a loaded cache does not hold this dataset's reference scores, or ``None`` if it does."""
+    if not isinstance(cached, Mapping) or not isinstance(cached.get("scores"), list):
+        return "does not hold a list of scores (not a rankloss reference score cache, or damaged)"
+    scores = cached["scores"]
+    for i, row in enumerate(scores):
+        if not isinstance(row, list) or not all(
+            isinstance(x, (float, int)) and not isinstance(x, bool) for x in row
+        ):
+            return f"is damaged: the scores of record {i} are not a list of numbers"
+    if cached.get("checksum") != _scores_checksum(scores):
+        return "is damaged: its scores do not match their checksum"
+    if len(scores) != len(counts):
+        return f"holds the scores of {len(scores)} records but the dataset has {len(counts)}"
+    for i, (row, k) in enumerate(zip(scores, counts)):
+        if k is not None and len(row) != k:
+            return f"holds {len(row)} scores for {_record_name(dataset, i)}, which has {k} completions"
+        if not all(math.isfinite(x) for x in row):
+            return f"holds a non-finite score for {_record_name(dataset, i)}"
+    return None
+
+
 def data_fingerprint(dataset: Any) -> str:
     """``datasets.Dataset._fingerprint`` when there is one, else a hash of every record."""
     fp = getattr(dataset, "_fingerprint", None)
@@ -241,6 +406,12 @@ class ChainRankTrainer(Trainer):
             raise ValueError("processing_class is required: the tokenizer (text-only) or the processor (VLM)")
         if args.reference_free and ref_model is not None:
             raise ValueError("reference_free=True but a ref_model was given: drop one of them")
+        _refuse_empty(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            for key, value in eval_dataset.items():
+                _refuse_empty(value, f"eval_dataset[{key!r}]")
+        else:
+            _refuse_empty(eval_dataset, "eval_dataset")
         if data_collator is None:
             from .collator import ChainCollator
 
@@ -331,46 +502,85 @@ class ChainRankTrainer(Trainer):
                     "now, not as it was before training; pass eval datasets to "
                     "ChainRankTrainer(eval_dataset=...) or give a ref_model"
                 )
+            _refuse_empty(eval_dataset, "eval_dataset")
             eval_dataset = self._with_ref(eval_dataset, "eval")
         return super().get_eval_dataloader(eval_dataset)
 
     def _ref_cache_path(self, dataset: Any, scorer: nn.Module) -> str:
+        """The cache file of ``dataset``'s reference scores: a hash of everything that changes them (the
+        scorer's weights, the records, the tokens and pixels the model sees: processor or tokenizer and
+        every collator setting, the precision and the kernel)."""
         collator = self.data_collator
-        settings = {
-            k: getattr(collator, k, None)
-            for k in (
-                "max_prompt_length",
-                "max_completion_length",
-                "num_frames",
-                "video_fps",
-                "default_prompt",
-            )
-        }
+        processors = [self.processing_class]
+        own = getattr(collator, "processing_class", None)
+        if own is not None and own is not self.processing_class:
+            processors.append(own)
         h = hashlib.sha256()
         for part in (
             __version__,
             model_fingerprint(scorer),
             data_fingerprint(dataset),
-            json.dumps(settings, sort_keys=True, default=str),
+            collator_fingerprint(collator),
+            [processing_fingerprint(p) for p in processors],
             self.args.share_prefix,
+            self.args.impl,
+            str(self.accelerator.mixed_precision),
             getattr(self.processing_class, "chat_template", None),
         ):
             h.update(repr(part).encode())
         folder = self.args.ref_cache_dir or os.path.join(self.args.output_dir, "rankloss-ref")
         return os.path.join(folder, f"ref-scores-{h.hexdigest()[:20]}.pt")
 
+    def _load_ref_cache(self, path: str, dataset: Any) -> list[list[float]] | None:
+        """The cached scores at ``path`` if it holds this dataset's (checksum, records, completions per
+        record, finite values), else ``None`` after a warning naming the file and what is wrong."""
+        if not os.path.exists(path):
+            return None
+        problem: str | None
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, empty or overwritten: recompute
+            cached, problem = None, f"cannot be read ({type(exc).__name__}: {str(exc) or 'no message'})"
+        else:
+            try:
+                problem = _cache_problem(cached, _completion_counts(dataset), dataset)
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged file unpickled to
+                problem = f"is damaged ({type(exc).__name__}: {exc})"
+        if problem is None:
+            return cached["scores"]
+        warnings.warn(
+            f"ChainRankTrainer: the reference score cache {path} {problem}; recomputing the reference "
+            "scores and rewriting the file",
+            stacklevel=3,
+        )
+        return None
+
+    def _scoring_collator(self) -> Any:
+        """The collator for the reference pass: every completion a record gives is scored (a
+        ``ChainCollator`` that drops duplicate completions keeps them here)."""
+        collator = self.data_collator
+        if dataclasses.is_dataclass(collator) and not isinstance(collator, type):
+            names = {f.name for f in dataclasses.fields(collator) if f.init}
+            if "duplicates" in names and getattr(collator, "duplicates", None) != "keep":
+                return dataclasses.replace(collator, duplicates="keep")
+        return collator
+
     @torch.no_grad()
     def reference_scores(self, dataset: Any, name: str = "train") -> list[list[float]]:
         """Each record's reference scores (summed completion log-probs), computed once across processes
-        and cached on disk; ``[[s_1, ..., s_K], ...]`` in dataset order."""
+        under the training's mixed precision, and cached on disk; ``[[s_1, ..., s_K], ...]`` in dataset
+        order. A damaged or mismatched cache file warns, naming it, and is recomputed."""
         scorer = self.ref_model if self.ref_model is not None else self.policy
         path = self._ref_cache_path(dataset, scorer)
-        if os.path.isfile(path):
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if len(cached["scores"]) == len(dataset):
-                return cached["scores"]
+        cached = self._load_ref_cache(path, dataset)
         acc = self.accelerator
         device = acc.device
+        if acc.num_processes > 1:  # every process recomputes, or none does
+            hit = torch.tensor(int(cached is not None), device=device)
+            if int(acc.reduce(hit, "sum")) != acc.num_processes:
+                cached = None
+        if cached is not None:
+            return cached
         was_training = scorer.training
         scorer.eval()
         moved = False
@@ -378,17 +588,26 @@ class ChainRankTrainer(Trainer):
             scorer.to(device)
             moved = scorer is self.ref_model
         wrapper = ChainRankModel(scorer, share_prefix=self.args.share_prefix, impl=self.args.impl)
+        collator = self._scoring_collator()
         mine = list(range(acc.process_index, len(dataset), acc.num_processes))
         bs = self.args.ref_batch_size or self.args.per_device_eval_batch_size
         local: dict[int, list[float]] = {}
-        for start in range(0, len(mine), bs):
-            idx = mine[start : start + bs]
-            batch = self.data_collator([dataset[i] for i in idx])
-            batch = self._prepare_inputs(batch)
-            out = wrapper(batch, mode="score")
-            sizes = batch["chain_sizes"].tolist()
-            for i, s in zip(idx, torch.split(out["scores"].float().cpu(), sizes)):
-                local[i] = s.tolist()
+        try:
+            for start in range(0, len(mine), bs):
+                idx = mine[start : start + bs]
+                batch = collator([dataset[i] for i in idx])
+                batch = self._prepare_inputs(batch)
+                # the training step's precision: accelerate wraps the prepared model's forward in this
+                # autocast (compute_loss_context_manager adds the Trainer's own contexts, if any)
+                with self.compute_loss_context_manager(), acc.autocast():
+                    out = wrapper(batch, mode="score")
+                sizes = batch["chain_sizes"].tolist()
+                for i, s in zip(idx, torch.split(out["scores"].float().cpu(), sizes)):
+                    local[i] = s.tolist()
+        finally:
+            scorer.train(was_training)
+            if moved:
+                scorer.to("cpu")
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -396,14 +615,25 @@ class ChainRankTrainer(Trainer):
             for part in gather_object([local]):
                 merged.update(part)
             local = merged
-        scorer.train(was_training)
-        if moved:
-            scorer.to("cpu")
         scores = [local[i] for i in range(len(dataset))]
+        counts = _completion_counts(dataset)
+        for i, (row, k) in enumerate(zip(scores, counts)):
+            if k is not None and len(row) != k:
+                raise ValueError(
+                    f"the reference pass gave {len(row)} scores for {_record_name(dataset, i)} of "
+                    f"{name!r}, which has {k} completions: the data collator must score every "
+                    "completion of a record (ChainCollator scores them all)"
+                )
+            if not all(math.isfinite(x) for x in row):
+                raise ValueError(
+                    f"the reference model gives a non-finite score ({row}) to a completion of "
+                    f"{_record_name(dataset, i)} of {name!r}: check the reference model (its dtype, "
+                    "its weights) and that record's completions"
+                )
         if acc.is_main_process:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save({"scores": scores, "dataset": name}, tmp)
+            torch.save({"scores": scores, "dataset": name, "checksum": _scores_checksum(scores)}, tmp)
             os.replace(tmp, path)
         acc.wait_for_everyone()
         return scores
@@ -542,6 +772,21 @@ class ChainRankTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model=self.policy if model is None else model)
+
+
+def _refuse_empty(dataset: Any, what: str) -> None:
+    """``ValueError`` for a dataset with no records (the Trainer would fail later, in its sampler)."""
+    if dataset is None or isinstance(dataset, str):
+        return
+    try:
+        n = len(dataset)
+    except TypeError:  # an iterable dataset: its length is unknown
+        return
+    if n == 0:
+        raise ValueError(
+            f"{what} is empty (0 records): pass at least one chain record (a prompt and its ranked "
+            "completions), or leave it out"
+        )
 
 
 def _is_vlm_path(path: str) -> bool:
