@@ -293,3 +293,83 @@ def test_reference_pass_scores_duplicate_completions(tmp_path, tok):
         )
         assert [len(s) for s in trainer.train_dataset.scores] == [len(r["completions"]) for r in data]
         trainer.train()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. every record is checked before the reference pass; what cannot be ranked is skipped and counted
+
+
+def test_records_that_cannot_be_ranked_are_skipped_before_the_reference_pass(tmp_path, tok, score_calls):
+    """A K=1 record crashed training at step 3, after the whole reference pass, naming no record."""
+    data = records(6, seed=3)
+    data[2] = {**data[2], "completions": data[2]["completions"][:1]}  # K = 1
+    data[4] = {**data[4], "completions": [data[4]["completions"][0]] * 3}  # one distinct completion
+    logs = Logs()
+    match = (r"train_dataset: skipped 2 of 6 record\(s\) with fewer than 2 distinct "
+             r"completions.*2 \(id 'r2'\): 1, 4 \(id 'r4'\): 1")  # fmt: skip
+    with pytest.warns(UserWarning, match=match):
+        trainer = ChainRankTrainer(
+            tiny_lm(tok), config(tmp_path, max_steps=3, per_device_train_batch_size=2), train_dataset=data,
+            processing_class=tok, callbacks=[logs],
+        )  # fmt: skip
+    summary = trainer.record_summary["train_dataset"]
+    assert summary["records"] == 6 and summary["skipped_records"] == 2
+    assert summary["skipped"] == [(2, "r2"), (4, "r4")]
+    assert summary["dropped_completions"] == 0  # the skipped record's duplicates are not counted twice
+    assert len(trainer.train_dataset) == 4
+    assert sum(score_calls) == 4  # the reference pass scored the 4 records kept
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_a_bad_record_stops_the_run_before_the_reference_pass(tmp_path, tok, score_calls):
+    data = records(5, seed=4)
+    data[3] = {**data[3], "completions": [data[3]["completions"][0], 17]}
+    with pytest.raises(TypeError, match=r"train_dataset record 3 \(id 'r3'\) is not a usable chain record: "
+                       r"records\[3\]\['completions'\]\[1\] must be a non-empty string"):  # fmt: skip
+        ChainRankTrainer(tiny_lm(tok), config(tmp_path), train_dataset=data, processing_class=tok)
+    assert score_calls == []
+    with pytest.raises(ValueError, match=r"eval_dataset: none of its 1 records has 2 distinct completions"):
+        ChainRankTrainer(
+            tiny_lm(tok), config(tmp_path), train_dataset=records(2), processing_class=tok,
+            eval_dataset=[{"id": "e", "prompt": "describe:", "completions": ["a red", "a red"]}],
+        )  # fmt: skip
+
+
+def test_truncation_duplicates_are_dropped_counted_and_logged(tmp_path, tok):
+    """Cut to 2 tokens, completions that share their first words become one; the chain keeps its order,
+    the reference scores stay aligned, and the logs count the completions dropped."""
+    data = [
+        {"id": f"t{i}", "prompt": "describe: a red circle",
+         "completions": ["a red circle moves left", "a red square moves up", "a blue circle stops",
+                         "a blue square turns"]}
+        for i in range(4)
+    ]  # fmt: skip
+    logs = Logs()
+    match = (r"8 completion\(s\) of 4 record\(s\) are token-identical after "
+             r"max_completion_length=2.*record 0 \(id 't0'\): completion 1 = completion 0")  # fmt: skip
+    with pytest.warns(UserWarning, match=match):
+        trainer = ChainRankTrainer(
+            tiny_lm(tok), config(tmp_path, max_steps=1, max_completion_length=2), train_dataset=data,
+            processing_class=tok, callbacks=[logs],
+        )  # fmt: skip
+    assert [len(s) for s in trainer.train_dataset.scores] == [4] * 4  # every completion scored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    step = next(entry for entry in logs.logs if "dropped_completions" in entry)
+    assert step["dropped_completions"] == 8.0
+    assert step["chains"] == 4.0
+    # the rewards at the first step are 0: each kept completion's reference score is its own
+    assert abs(step["reward_pos1"]) < 1e-5 and abs(step["reward_pos2"]) < 1e-5
+
+
+def test_duplicates_error_is_a_config_option(tmp_path, tok):
+    data = [{"id": "d", "prompt": "describe:", "completions": ["a red circle", "a red circle", "a blue"]}]
+    with pytest.raises(
+        ValueError, match=r"train_dataset record 0 \(id 'd'\).*completions 0 and 1 are the same text"
+    ):
+        ChainRankTrainer(tiny_lm(tok), config(tmp_path, duplicates="error"), train_dataset=data,
+                         processing_class=tok)  # fmt: skip
+    with pytest.raises(ValueError, match="duplicates must be 'drop' or 'error', got 'keep'"):
+        config(tmp_path, duplicates="keep")

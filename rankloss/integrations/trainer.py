@@ -102,6 +102,13 @@ class ChainRankConfig(TrainingArguments):
     )
     max_prompt_length: int | None = field(default=None, metadata={"help": "refuse longer prompts"})
     max_completion_length: int | None = field(default=None, metadata={"help": "truncate completions"})
+    duplicates: str = field(
+        default="drop",
+        metadata={
+            "help": "a completion token-identical to a better-ranked one of its chain: drop (counted) or "
+            "error"
+        },
+    )
     num_frames: int | None = field(default=None, metadata={"help": "frames sampled from video files"})
     ref_cache_dir: str | None = field(default=None, metadata={"help": "reference score cache folder"})
     ref_batch_size: int | None = field(default=None, metadata={"help": "chains per reference batch"})
@@ -123,6 +130,11 @@ class ChainRankConfig(TrainingArguments):
             raise ValueError(
                 "remove_unused_columns=True would drop the chain records' columns before the collator "
                 "sees them; ChainRankTrainer needs remove_unused_columns=False"
+            )
+        if self.duplicates not in ("drop", "error"):
+            raise ValueError(
+                f"duplicates must be 'drop' or 'error', got {self.duplicates!r} (identical completions of "
+                "one chain would ask the loss to rank a sequence above itself)"
             )
         if self.vision_lr is not None and self.freeze_vision:
             raise ValueError("vision_lr is set but freeze_vision=True: the vision encoder does not train")
@@ -158,6 +170,20 @@ class ChainRankConfig(TrainingArguments):
             deterministic=self.deterministic,
             filter_eps=self.filter_eps_value(),
         )
+
+
+class _Subset(torch.utils.data.Dataset):
+    """The records ``indices`` of ``dataset`` (those a chain loss can rank)."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
 
 
 class _WithRefScores(torch.utils.data.Dataset):
@@ -420,7 +446,18 @@ class ChainRankTrainer(Trainer):
                 max_prompt_length=args.max_prompt_length,
                 max_completion_length=args.max_completion_length,
                 num_frames=args.num_frames,
+                duplicates=args.duplicates,
             )
+        # every record checked (text only, no media) before the reference pass and the first step
+        self.record_summary: dict[str, dict[str, Any]] = {}
+        train_dataset = self._check_records(train_dataset, "train_dataset", data_collator, args.should_log)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                k: self._check_records(v, f"eval_dataset[{k!r}]", data_collator, args.should_log)
+                for k, v in eval_dataset.items()
+            }
+        else:
+            eval_dataset = self._check_records(eval_dataset, "eval_dataset", data_collator, args.should_log)
         self.policy = model
         self.ref_model = ref_model
         wrapper = ChainRankModel(model, args.loss_spec(), share_prefix=args.share_prefix, impl=args.impl)
@@ -441,6 +478,94 @@ class ChainRankTrainer(Trainer):
             self.eval_dataset = {k: self._with_ref(v, f"eval-{k}") for k, v in self.eval_dataset.items()}
         else:
             self.eval_dataset = self._with_ref(self.eval_dataset, "eval")
+
+    # ------------------------------------------------------------------------------------------------
+    # records
+
+    def _check_records(self, dataset: Any, name: str, collator: Any, should_log: bool = True) -> Any:
+        """``dataset`` with every record checked by ``collator.check_record`` (fields, prompt and
+        completions through the tokenizer and chat template, truncation, duplicates; media not loaded).
+
+        A record that raises is named (``name``, index, id) and stops the run here, before the reference
+        pass. A record left with fewer than 2 distinct completions cannot be ranked: it is skipped, and
+        counted in one warning and in ``self.record_summary[name]``. Datasets without a length, and
+        collators without ``check_record``, are passed through unchecked.
+        """
+        check = getattr(collator, "check_record", None)
+        if dataset is None or isinstance(dataset, str) or check is None:
+            return dataset
+        try:
+            n = len(dataset)
+        except TypeError:  # an iterable dataset
+            return dataset
+        keep: list[int] = []
+        short: list[tuple[int, Any, int]] = []
+        dropped = dropped_records = 0
+        first_drop: tuple[int, Any, int, int] | None = None
+        bar = None
+        if n >= 2000:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"checking {name}", disable=not should_log)
+        for i in range(n):
+            if bar is not None:
+                bar.update()
+            rec = dataset[i]
+            rid = rec.get("id") if isinstance(rec, Mapping) else None
+            try:
+                k, pairs = check(rec, i)
+            except (ValueError, TypeError) as exc:
+                note = f" (id {rid!r})" if rid is not None else ""
+                raise type(exc)(
+                    f"{name} record {i}{note} is not a usable chain record: {exc}; fix or remove it"
+                ) from exc
+            if k < 2:
+                short.append((i, rid, k))
+                continue
+            keep.append(i)
+            if pairs:
+                dropped += len(pairs)
+                dropped_records += 1
+                if first_drop is None:
+                    first_drop = (i, rid, *pairs[0])
+        if bar is not None:
+            bar.close()
+        limit = getattr(collator, "max_completion_length", None)
+        cut = f" after max_completion_length={limit}" if limit is not None else ""
+        if dropped:
+            i, rid, k, j = first_drop  # type: ignore[misc]
+            warnings.warn(
+                f"ChainRankTrainer: {name}: {dropped} completion(s) of {dropped_records} record(s) are "
+                f"token-identical{cut} to a better-ranked completion of their chain and are dropped (e.g. "
+                f"record {i}{f' (id {rid!r})' if rid is not None else ''}: completion {k} = completion {j}); "
+                "the logs count them as dropped_completions",
+                stacklevel=3,
+            )
+        if short:
+            named = ", ".join(
+                f"{i}{f' (id {rid!r})' if rid is not None else ''}: {k}" for i, rid, k in short[:5]
+            ) + (f", ... ({len(short) - 5} more)" if len(short) > 5 else "")
+            if not keep:
+                raise ValueError(
+                    f"{name}: none of its {n} records has 2 distinct completions{cut}, so nothing can be "
+                    f"ranked (record: distinct completions: {named})"
+                )
+            warnings.warn(
+                f"ChainRankTrainer: {name}: skipped {len(short)} of {n} record(s) with fewer than 2 distinct "
+                f"completions{cut}, which cannot be ranked (record: distinct completions: {named})",
+                stacklevel=3,
+            )
+        self.record_summary[name] = {
+            "records": n,
+            "skipped_records": len(short),
+            "skipped": [(i, rid) for i, rid, _ in short],
+            "dropped_completions": dropped,
+        }
+        if not short:
+            return dataset
+        if hasattr(dataset, "select") and hasattr(dataset, "_fingerprint"):  # datasets.Dataset
+            return dataset.select(keep)
+        return _Subset(dataset, keep)
 
     # ------------------------------------------------------------------------------------------------
     # vision encoder
@@ -559,6 +684,8 @@ class ChainRankTrainer(Trainer):
         """The collator for the reference pass: every completion a record gives is scored (a
         ``ChainCollator`` that drops duplicate completions keeps them here)."""
         collator = self.data_collator
+        if callable(getattr(collator, "for_scoring", None)):
+            return collator.for_scoring()
         if dataclasses.is_dataclass(collator) and not isinstance(collator, type):
             names = {f.name for f in dataclasses.fields(collator) if f.init}
             if "duplicates" in names and getattr(collator, "duplicates", None) != "keep":
@@ -681,6 +808,8 @@ class ChainRankTrainer(Trainer):
             sums[key] = sums[key] + value if key in sums else value
 
         add("chains", torch.tensor(float(sizes.numel())))
+        if isinstance(inputs.get("dropped_completions"), Tensor):
+            add("dropped_completions", inputs["dropped_completions"].sum())
         add("chain_loss", chain.chain_losses.sum())
         for key in _METRICS:
             add(key, getattr(chain, key).sum())
@@ -727,6 +856,8 @@ class ChainRankTrainer(Trainer):
                 out[f"reward_pos{k + 1}"] = total / n
         out["chains"] = chains
         out["tokens"] = float(sums["tokens"])
+        if "dropped_completions" in sums:
+            out["dropped_completions"] = float(sums["dropped_completions"])
         return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
