@@ -317,7 +317,8 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
     """Create (or check, for ``--resume``) the run folder: ``config.json``, the train/held-out split, the
     locally trained tokenizer + processor (tiny model), decoded videos (``--data``). Returns notes to
     print."""
-    from rankloss.train.data import decode_videos, load_chains_file, split_by_video, synthetic_chains
+    from rankloss.train.data import decode_videos, load_chains_file, read_split, synthetic_chains
+    from rankloss.train.files import DamagedFileError
     from rankloss.train.model import build_tiny_processor, train_tokenizer
 
     notes: list[str] = []
@@ -327,8 +328,10 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
         if config.resume:
             if not os.path.exists(cfg_path):
                 raise SystemExit(f"error: --resume: no run to continue in {run_dir} (no config.json)")
-            with open(cfg_path, encoding="utf-8") as f:
-                saved = TrainConfig.from_dict(json.load(f))
+            try:
+                saved = TrainConfig.load(cfg_path)
+            except DamagedFileError as exc:
+                raise SystemExit(f"error: --resume: {exc}") from exc
             diff = saved.differences(config)
             if diff:
                 raise SystemExit(
@@ -349,14 +352,14 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
         chains = synthetic_chains(config)
     else:
         chains, notes = load_chains_file(config.data, config.video_root, config.chain_length)
-    if main and not os.path.exists(split_path):
-        train, held = split_by_video(chains, config.heldout, config.data_seed)
-        with open(split_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"train": [c.id for c in train], "heldout": [c.id for c in held]}, f)
-        os.replace(split_path + ".tmp", split_path)
-    accelerator.wait_for_everyone()
-    with open(split_path, encoding="utf-8") as f:
-        split = json.load(f)
+    try:
+        # made (or made again, when damaged) by the main process; the others read what it wrote
+        if main:
+            read_split(split_path, chains, config.heldout, config.data_seed)
+        accelerator.wait_for_everyone()
+        split = read_split(split_path, chains, config.heldout, config.data_seed, write=False)
+    except DamagedFileError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     proc_dir = os.path.join(run_dir, "processor")
     if main and config.model is None and not os.path.exists(os.path.join(proc_dir, "tokenizer.json")):
         train_ids = set(split["train"])

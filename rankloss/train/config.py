@@ -9,11 +9,13 @@ arm of the comparison (a ranking loss, optionally with the vision tower frozen, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from .files import DamagedFileError, read_json, seal, unseal
+from .files import write_json_atomic as _write_json_atomic
 
 __all__ = [
     "Arm",
@@ -69,12 +71,9 @@ _PAIR_TITLES = {
 
 
 def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
-    """``obj`` as JSON (sorted keys, a final newline) in ``path``: written to ``path.tmp``, then renamed."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """``obj`` as JSON (sorted keys, a final newline) in ``path``: written to a temporary file in the same
+    folder, ``fsync``'d, then renamed (:func:`rankloss.train.files.write_json_atomic`)."""
+    _write_json_atomic(path, obj, indent=indent)
 
 
 @dataclass(frozen=True)
@@ -521,7 +520,34 @@ class TrainConfig:
         return d
 
     def save(self, path: str) -> None:
-        write_json_atomic(path, self.to_dict(), indent=2)
+        """The settings as JSON in ``path`` (atomically, with their own checksum: :meth:`load` tells a
+        damaged file from settings that differ)."""
+        write_json_atomic(path, seal(self.to_dict()), indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> TrainConfig:
+        """The settings saved in a run folder's ``config.json`` (:meth:`save`).
+
+        Raises:
+            DamagedFileError: the file is empty, truncated or overwritten (not the JSON of a config);
+                the message names it and says what to do.
+        """
+        advice = (
+            "it holds the settings the run started with, which --resume checks the command against: "
+            "restore it from a copy of the run folder, or start the run over with --overwrite (this "
+            "deletes the run folder)"
+        )
+        try:
+            raw = read_json(path)
+        except DamagedFileError as exc:
+            raise DamagedFileError(path, exc.problem, advice) from exc
+        raw, problem = unseal(raw, [f.name for f in dataclasses.fields(cls)])
+        if raw is None:
+            raise DamagedFileError(path, f"{problem} (damaged)", advice)
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise DamagedFileError(path, f"does not hold valid settings ({exc})", advice) from exc
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

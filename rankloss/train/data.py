@@ -15,9 +15,11 @@ after the prompt ``+ t``.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 import random
+import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,17 @@ from ..integrations.layout import ChainTree
 from ..integrations.media import sampled_fps
 from ..synthetic import Scene, synthetic_record
 from .config import TrainConfig
+from .files import (
+    DamagedFileError,
+    DamagedFileWarning,
+    describe_error,
+    file_digest,
+    fsync_dir,
+    read_json,
+    seal,
+    unseal,
+    write_json_atomic,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -46,6 +59,7 @@ __all__ = [
     "synthetic_frames",
     "load_chains_file",
     "decode_videos",
+    "read_split",
     "split_by_video",
     "global_batch_indices",
     "SYNTHETIC_FPS",
@@ -179,34 +193,188 @@ def decode_videos(
     progress: Callable[[int], None] | None = None,
 ) -> FrameStore:
     """Decode every chain's video once into ``cache_dir/frames.npy`` (``uint8 [N, T, 3, size, size]``,
-    memory-mapped) with :func:`rankloss.video.load_video`; reused when it already holds these videos."""
+    memory-mapped) with :func:`rankloss.video.load_video`; reused when it already holds these videos.
+
+    ``frames.json`` next to it holds what was decoded (the video paths, ``num_frames``, ``size``), the
+    sampled frame rates and the size and CRC-32 of ``frames.npy``. The cache is a derived file: a damaged
+    one (either file empty, truncated, overwritten, or not matching the other) is reported with a
+    :class:`~rankloss.train.files.DamagedFileWarning` naming it and decoded again; a cache of other videos
+    or settings is decoded again without one. Both files are written atomically (unique temporary name,
+    ``fsync``, rename), so processes that decode at the same time do not collide.
+    """
     from ..video import load_video
 
     os.makedirs(cache_dir, exist_ok=True)
     frames_path, meta_path = os.path.join(cache_dir, "frames.npy"), os.path.join(cache_dir, "frames.json")
     key = {"videos": [c.video for c in chains], "num_frames": num_frames, "size": size}
-    if os.path.exists(frames_path) and os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("key") == key:
-            return FrameStore(np.load(frames_path, mmap_mode="r"), np.asarray(meta["fps"], dtype=np.float64))
-    tmp = frames_path + ".partial.npy"
-    arr = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.uint8, shape=(len(chains), num_frames, 3, size, size)
-    )
-    fps = []
-    for i, c in enumerate(chains):
-        arr[i] = load_video(c.video, num_frames, size=size)
-        fps.append(sampled_fps(c.video, num_frames))
-        if progress is not None:
-            progress(1)
-    arr.flush()
-    del arr
-    os.replace(tmp, frames_path)
-    with open(meta_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"key": key, "fps": fps}, f)
-    os.replace(meta_path + ".tmp", meta_path)
+    shape = (len(chains), num_frames, 3, size, size)
+    if os.path.exists(meta_path):
+        cached, problem = _cached_frames(frames_path, meta_path, key, shape)
+        if cached is not None:
+            return cached
+        if problem is not None:
+            warnings.warn(
+                f"{problem}; decoding the {len(chains)} videos again into {frames_path}",
+                DamagedFileWarning,
+                stacklevel=2,
+            )
+    fd, tmp = tempfile.mkstemp(prefix=".frames.", suffix=".partial.npy", dir=cache_dir)
+    os.close(fd)
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        fps = []
+        for i, c in enumerate(chains):
+            arr[i] = load_video(c.video, num_frames, size=size)
+            fps.append(sampled_fps(c.video, num_frames))
+            if progress is not None:
+                progress(1)
+        arr.flush()
+        del arr
+        nbytes, crc = _fsync_digest(tmp)
+        os.replace(tmp, frames_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(cache_dir)
+    write_json_atomic(meta_path, seal({"key": key, "fps": fps, "bytes": nbytes, "crc32": crc}), indent=None)
     return FrameStore(np.load(frames_path, mmap_mode="r"), np.asarray(fps, dtype=np.float64))
+
+
+def _fsync_digest(path: str) -> tuple[int, str]:
+    """``fsync`` ``path``, then its :func:`~rankloss.train.files.file_digest`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return file_digest(path)
+
+
+def _cached_frames(
+    frames_path: str, meta_path: str, key: dict[str, Any], shape: tuple[int, ...]
+) -> tuple[FrameStore | None, str | None]:
+    """``(store, None)`` when the cache holds these videos intact; ``(None, None)`` when it holds other
+    videos or settings (or ``frames.npy`` is missing: a decode that did not finish); ``(None, problem)``
+    when it is damaged, ``problem`` naming the file and what is wrong."""
+    try:
+        meta = read_json(meta_path)
+    except FileNotFoundError:
+        return None, None
+    except DamagedFileError as exc:
+        return None, str(exc)
+    meta, problem = unseal(meta, ("key", "fps"))
+    if meta is None:
+        return None, f"{meta_path} {problem} (damaged)"
+    if "key" not in meta:
+        return None, f"{meta_path} does not describe a frame cache (damaged)"
+    if meta["key"] != key:
+        return None, None  # other videos or settings: a cache miss, not damage
+    fps = meta.get("fps")
+    if (
+        not isinstance(fps, list)
+        or len(fps) != shape[0]
+        or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+            for x in fps
+        )
+    ):
+        return None, f"{meta_path} does not hold {shape[0]} positive frame rates (damaged)"
+    if not os.path.exists(frames_path):
+        return None, None
+    expected = meta.get("bytes"), meta.get("crc32")
+    if expected != (None, None):
+        if not isinstance(expected[0], int) or not isinstance(expected[1], str):
+            return None, f"{meta_path} holds no valid checksum of frames.npy (damaged)"
+        actual_size = os.path.getsize(frames_path)
+        if actual_size != expected[0]:
+            return (
+                None,
+                f"{frames_path} has {actual_size} bytes, written with {expected[0]} (truncated or damaged)",
+            )
+        if file_digest(frames_path)[1] != expected[1]:
+            return None, f"{frames_path} holds other bytes than were written (checksum mismatch: damaged)"
+    try:
+        frames = np.load(frames_path, mmap_mode="r")
+    except Exception as exc:  # noqa: BLE001 - a damaged header or a short file: decode again
+        return None, f"{frames_path} cannot be read ({describe_error(exc)})"
+    if frames.shape != shape or frames.dtype != np.uint8:
+        return (
+            None,
+            f"{frames_path} holds {frames.dtype} {list(frames.shape)}, not uint8 {list(shape)} (damaged)",
+        )
+    return FrameStore(frames, np.asarray(fps, dtype=np.float64)), None
+
+
+def read_split(
+    path: str, chains: Sequence[VideoChain], heldout: int, seed: int, *, write: bool = True
+) -> dict[str, list[str]]:
+    """The run's train/held-out split (``<run>/data/split.json``: ``{"train": [ids], "heldout": [ids]}``).
+
+    The split is a pure function of the chains (their order), ``heldout`` and ``seed``
+    (:func:`split_by_video`), so a missing file is made, and a damaged one (empty, truncated, not a split)
+    is made again; with ``write`` (the main process), the file is written and a damaged one reported with
+    a :class:`~rankloss.train.files.DamagedFileWarning` naming it.
+
+    Raises:
+        DamagedFileError: the file is a split, but not of these chains (an id the chains do not hold, an
+            id twice, or another number held out): the file was overwritten or ``--data`` changed since
+            the run started; the message names the file and the id and says what to do.
+    """
+    ids = [c.id for c in chains]
+
+    def make() -> dict[str, list[str]]:
+        train, held = split_by_video(chains, heldout, seed)
+        split = {"train": [c.id for c in train], "heldout": [c.id for c in held]}
+        if write:
+            write_json_atomic(path, split, indent=None)
+        return split
+
+    try:
+        raw = read_json(path)
+    except FileNotFoundError:
+        return make()
+    except DamagedFileError as exc:
+        problem = exc.problem
+    else:
+        problem = None
+        if not (
+            isinstance(raw, dict)
+            and all(
+                isinstance(raw.get(k), list) and all(isinstance(i, str) for i in raw[k])
+                for k in ("train", "heldout")
+            )
+        ):
+            problem = "is not a split (a JSON object with lists of ids 'train' and 'heldout')"
+    if problem is not None and write:
+        warnings.warn(
+            f"{path} {problem}; made it again from the chains, --heldout and --data-seed (the same split "
+            "as before when the chains file is unchanged)",
+            DamagedFileWarning,
+            stacklevel=2,
+        )
+    if problem is not None:
+        return make()
+    known, seen = set(ids), set()
+    advice = (
+        "the file was overwritten or the chains file (--data) changed since the run started: run with the "
+        f"chains file the run started with, or, if it is unchanged, delete {path} and it is made again"
+    )
+    for k in ("train", "heldout"):
+        for i in raw[k]:
+            if i not in known:
+                raise DamagedFileError(path, f"lists {k} id {i!r}, which the chains do not hold", advice)
+            if i in seen:
+                raise DamagedFileError(path, f"lists id {i!r} twice", advice)
+            seen.add(i)
+    if len(raw["heldout"]) != heldout or not raw["train"]:
+        raise DamagedFileError(
+            path,
+            f"holds {len(raw['train'])} training and {len(raw['heldout'])} held-out ids, but --heldout is "
+            f"{heldout}",
+            advice,
+        )
+    return {"train": list(raw["train"]), "heldout": list(raw["heldout"])}
 
 
 def split_by_video(

@@ -12,9 +12,15 @@ chain forward ``ChainRankTrainer`` uses; batches from :class:`~rankloss.integrat
 optimizer and the scheduler are prepared together; ``--batch-size`` is the *global* number of chains per
 optimizer step, split evenly over processes and then over ``--grad-accum`` micro-batches (so one process
 and two processes with the same batch size compute the same update). Batches are a pure function of
-``(seed, task, step)``. Checkpoints (``accelerator.save_state`` + the step) are written to a temporary
-folder and renamed into place; ``--resume`` loads the newest one and continues with the same batches,
-optimizer, scheduler and RNG state.
+``(seed, task, step)``. Checkpoints (``accelerator.save_state`` + the step and the size and CRC-32 of every
+file) are written to a temporary folder, ``fsync``'d and renamed into place; ``--resume`` loads the newest
+intact one and continues with the same batches, optimizer, scheduler and RNG state.
+
+Files read back on ``--resume`` that were damaged (truncated, emptied, overwritten; see
+:mod:`rankloss.train.files`) are never read as they are: a damaged checkpoint is set aside and the previous
+one used (or the task starts over), a damaged ``done.json`` or saved SFT model makes the task run again,
+damaged reference scores, split or processor are made again, a damaged ``metrics.jsonl`` line is skipped;
+each with a :class:`~rankloss.train.files.DamagedFileWarning` naming the file.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +52,7 @@ from .data import (
     global_batch_indices,
     load_chains_file,
     make_collator,
+    read_split,
     synthetic_chains,
     synthetic_frames,
 )
@@ -55,13 +65,29 @@ from .evaluate import (
     probe_set,
     score_chains,
 )
+from .files import (
+    DamagedFileError,
+    DamagedFileWarning,
+    atomic_write,
+    describe_error,
+    folder_manifest,
+    fsync_dir,
+    fsync_tree,
+    manifest_problem,
+    read_json,
+    seal,
+    torch_save_atomic,
+    unseal,
+)
 from .model import (
     build_tiny_model,
+    build_tiny_processor,
     load_pretrained,
     load_processor,
     pick_attn_implementation,
     set_vision_trainable,
     tiny_config,
+    train_tokenizer,
 )
 from .vision_pretrain import freeze_tower as freeze_tower_
 from .vision_pretrain import load_tower, run_vision_pretrain
@@ -218,17 +244,45 @@ def task_dir(run_dir: str, seed: int, task: str) -> str:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records (JSON objects, one a line) of a task's ``metrics.jsonl``; ``[]`` when there is none.
+
+    A last line without its newline that is not a record is the append an interrupted run cut short: it
+    is dropped silently. Any other line that is not a record (the file was damaged: overwritten bytes,
+    zeros after a crash) is skipped with one :class:`~rankloss.train.files.DamagedFileWarning` naming
+    ``file:line`` of each (up to 5) and how many records were kept; the lines after it are kept.
+    """
     if not os.path.exists(path):
         return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a half-written last line of an interrupted run
-                    break
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DamagedFileError(path, f"cannot be read ({describe_error(exc)})") from exc
+    lines = data.split(b"\n")
+    out: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        elif number < len(lines):  # (the last piece has no newline: a cut-short append, dropped)
+            bad.append(number)
+    if bad:
+        where = ", ".join(f"{path}:{n}" for n in bad[:5]) + (
+            f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        )
+        warnings.warn(
+            f"{where}: not a JSON record (the file is damaged); skipped {len(bad)} line(s) and kept the "
+            f"{len(out)} other record(s), later ones included (resuming the task rewrites the file "
+            "without the damaged lines)",
+            DamagedFileWarning,
+            stacklevel=2,
+        )
     return out
 
 
@@ -237,20 +291,27 @@ def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars would cut through the run's own
-    with open(os.path.join(run_dir, "data", "split.json"), encoding="utf-8") as f:
-        split = json.load(f)
     if config.synthetic:
         chains = synthetic_chains(config)
         frames = synthetic_frames(config)
     else:
         chains, _ = load_chains_file(config.data, config.video_root, config.chain_length)
         frames = decode_videos(chains, os.path.join(run_dir, "data"), config.frames, config.frame_size)
+    # (a damaged split is made again: it is a function of the chains, --heldout and --data-seed)
+    split = read_split(
+        os.path.join(run_dir, "data", "split.json"),
+        chains,
+        config.heldout,
+        config.data_seed,
+        write=bool(accelerator.is_main_process),
+    )
     by_id = {c.id: c for c in chains}
     train = [by_id[i] for i in split["train"]]
     heldout = [by_id[i] for i in split["heldout"]]
-    processor = load_processor(
-        config.model if config.model is not None else os.path.join(run_dir, "processor")
-    )
+    if config.model is not None:
+        processor = load_processor(config.model)
+    else:
+        processor = _run_processor(config, run_dir, train, bool(accelerator.is_main_process))
     attn = pick_attn_implementation(config.attn_implementation, accelerator.device)
     if config.model is None:
         model_config = tiny_config(
@@ -280,6 +341,51 @@ def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter:
     )
 
 
+def _run_processor(config: TrainConfig, run_dir: str, train: list[VideoChain], main: bool) -> Any:
+    """The run's own processor (``<run>/processor``: the tokenizer trained on the training captions). When
+    it cannot be loaded (a damaged file), it is copied back from a model this run saved (every saved model
+    holds it) or, failing that, trained again (deterministic: the same captions and ``--vocab-size`` give
+    the same tokenizer), with a :class:`~rankloss.train.files.DamagedFileWarning` naming it, and rewritten
+    (main process)."""
+    path = os.path.join(run_dir, "processor")
+    try:
+        return load_processor(path)
+    except Exception as exc:  # noqa: BLE001 - any damaged file of the folder: made again below
+        problem = f"cannot be loaded ({describe_error(exc)})"
+    source: Any = None
+    how = "trained the tokenizer again on the training captions"
+    for seed in config.seed_list:
+        copy = os.path.join(task_dir(run_dir, seed, "sft"), "model")
+        if os.path.isdir(copy) and _model_folder_problem(copy) is None:
+            try:
+                source, how = load_processor(copy), f"copied it back from {copy}"
+                break
+            except Exception:  # noqa: BLE001 - try the next copy, then train it again
+                continue
+    if source is None:
+        tokenizer = train_tokenizer([t for c in train for t in c.captions], config.vocab_size)
+        source = build_tiny_processor(tokenizer, config.frame_size)
+    if main:
+        warnings.warn(f"{path} {problem}; {how} and rewrote it", DamagedFileWarning, stacklevel=3)
+    tmp = f"{path}.tmp{os.getpid()}"  # (each process its own: CPU workers may do this at the same time)
+    shutil.rmtree(tmp, ignore_errors=True)
+    source.save_pretrained(tmp)
+    processor = load_processor(tmp)  # as a run reads it back
+    if main:
+        fsync_tree(tmp)
+        aside = f"{path}.damaged{os.getpid()}"
+        try:
+            if os.path.exists(path):
+                os.replace(path, aside)
+            os.replace(tmp, path)
+            fsync_dir(run_dir)
+        except OSError:  # another worker put its (identical) copy in place first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return processor
+
+
 # ------------------------------------------------------------------------------------------------------
 # Metrics log
 
@@ -295,37 +401,140 @@ class MetricsLog:
         if not self.enabled:
             return
         keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode("utf-8"))
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line (``fsync``'d); after a last line an interrupted run left without its newline,
+        on a line of its own."""
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**self.base, **record}) + "\n")
+        line = (json.dumps({**self.base, **record}) + "\n").encode("utf-8")
+        with open(self.path, "ab+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
 def _checkpoints(directory: str) -> list[tuple[int, str]]:
+    """``(step, folder)`` of the task's checkpoints, oldest first: every ``checkpoints/step-<n>`` folder
+    (a folder is renamed into place only once written; ``.tmp`` and set-aside ``.damaged`` ones are not
+    listed). Whether one is intact is :func:`_checkpoint_problem`'s business."""
     root = os.path.join(directory, "checkpoints")
     if not os.path.isdir(root):
         return []
     out = []
     for name in os.listdir(root):
-        if name.startswith("step-") and not name.endswith(".tmp"):
-            path = os.path.join(root, name)
-            if os.path.exists(os.path.join(path, "trainer_state.json")):
-                out.append((int(name[5:]), path))
+        m = _STEP_DIR.fullmatch(name)
+        path = os.path.join(root, name)
+        if m is not None and os.path.isdir(path):
+            out.append((int(m.group(1)), path))
     return sorted(out)
 
 
+def _checkpoint_problem(path: str, step: int) -> tuple[str | None, int]:
+    """``(problem, tokens)``: what is wrong with the checkpoint in ``path`` (``None`` when it is as written:
+    its ``trainer_state.json`` is intact and every file it lists has its size and CRC-32), and the tokens
+    it records."""
+    state_path = os.path.join(path, "trainer_state.json")
+    if not os.path.exists(state_path):
+        return "has no trainer_state.json (incomplete)", 0
+    try:
+        state = read_json(state_path)
+    except DamagedFileError as exc:
+        return f"has a damaged trainer_state.json ({exc.problem})", 0
+    state, problem = unseal(state, ("step", "tokens"))
+    if state is None:
+        return f"has a damaged trainer_state.json ({problem})", 0
+    if (
+        not isinstance(state, dict)
+        or state.get("step") != step
+        or not isinstance(state.get("tokens", 0), int)
+        or isinstance(state.get("step"), bool)
+    ):
+        return f"has a trainer_state.json that does not describe step {step} (damaged)", 0
+    tokens = int(state.get("tokens", 0))
+    if "files" not in state:
+        return None, tokens  # written before checkpoints listed their files: loaded as it is
+    problem = manifest_problem(path, state["files"])
+    return (f"{problem} (damaged)" if problem is not None else None), tokens
+
+
+def _lists_its_files(path: str) -> bool:
+    try:
+        state = read_json(os.path.join(path, "trainer_state.json"))
+    except (OSError, DamagedFileError):
+        return False
+    return isinstance(state, dict) and "files" in state
+
+
+def _set_aside(path: str) -> str:
+    aside = path + ".damaged"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    fsync_dir(os.path.dirname(path))
+    return aside
+
+
+def _main_decides(ctx: Context, decide: Any) -> Any:
+    """``decide()`` on the main process, its (picklable) value on every process."""
+    if ctx.accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    box = [decide() if ctx.main else None]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def _resume_point(ctx: Context, directory: str, seed: int, task: str) -> tuple[int, str | None, int, bool]:
+    """``(step, folder, tokens, had_checkpoints)`` of the newest intact checkpoint (``(0, None, 0, ...)``
+    when none is). Each newer damaged one is set aside as ``<folder>.damaged`` (deleted with the task's
+    other checkpoints when it finishes) with a :class:`~rankloss.train.files.DamagedFileWarning` naming
+    it. Decided by the main process."""
+
+    def decide() -> tuple[int, str | None, int, bool]:
+        found = _checkpoints(directory)
+        damaged, chosen = [], (0, None, 0)
+        for step, path in reversed(found):
+            problem, tokens = _checkpoint_problem(path, step)
+            if problem is None:
+                chosen = (step, path, tokens)
+                break
+            damaged.append((path, problem))
+        then = (
+            f"seed {seed} {task} resumes from {chosen[1]} (step {chosen[0]})"
+            if chosen[1] is not None
+            else f"no intact checkpoint is left: seed {seed} {task} starts over from step 0"
+        )
+        for path, problem in damaged:
+            aside = _set_aside(path)
+            warnings.warn(
+                f"checkpoint {path} {problem}; set it aside as {aside}; {then}",
+                DamagedFileWarning,
+                stacklevel=4,
+            )
+        return (*chosen, bool(found))
+
+    point = _main_decides(ctx, decide)
+    ctx.accelerator.wait_for_everyone()
+    return point
+
+
 def _save_checkpoint(ctx: Context, directory: str, step: int, tokens: int = 0) -> None:
+    """``accelerator.save_state`` into ``step-<n>.tmp``, then ``trainer_state.json`` (step, tokens, and the
+    size and CRC-32 of every file, each ``fsync``'d), then the rename into ``step-<n>``; older ones past
+    ``--keep-checkpoints`` are deleted."""
     acc = ctx.accelerator
     final = os.path.join(directory, "checkpoints", f"step-{step:06d}")
     tmp = final + ".tmp"
@@ -336,9 +545,13 @@ def _save_checkpoint(ctx: Context, directory: str, step: int, tokens: int = 0) -
     acc.save_state(tmp)
     acc.wait_for_everyone()
     if ctx.main:
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"), {"step": step, "tokens": tokens})
+        files = folder_manifest(tmp, exclude=("trainer_state.json",))
+        write_json_atomic(
+            os.path.join(tmp, "trainer_state.json"), seal({"step": step, "tokens": tokens, "files": files})
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(os.path.dirname(final))
         for _, old in _checkpoints(directory)[: -ctx.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -532,15 +745,29 @@ def setup_stage(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(optimizer, cfg.lr_scheduler, steps, cfg.warmup_ratio)
     wrapper, optimizer, scheduler = acc.prepare(wrapper, optimizer, scheduler)
-    start = tokens = 0
-    ckpts = _checkpoints(directory)
-    if ckpts:
-        start, path = ckpts[-1]
-        acc.load_state(path)
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            tokens = int(json.load(f).get("tokens", 0))
-        log.truncate_after(start)
+    start, path, tokens, had_checkpoints = _resume_point(ctx, directory, seed, task)
+    if path is not None:
+        try:
+            acc.load_state(path)
+        except Exception as exc:
+            if _lists_its_files(path):  # intact (checked above): not damage, so left where it is
+                raise RuntimeError(
+                    f"checkpoint {path} is as it was written but cannot be loaded ({describe_error(exc)}): "
+                    "it was written by another version of the model code, transformers or accelerate; "
+                    f"continue with that version, or delete {path} to resume from an earlier checkpoint"
+                ) from exc
+            # (a checkpoint from before checkpoints listed their files, damaged: the model may be partly
+            # loaded, so this process cannot start the task over)
+            aside = _main_decides(ctx, lambda: _set_aside(path))
+            raise DamagedFileError(
+                path,
+                f"cannot be loaded ({describe_error(exc)})",
+                f"it was set aside as {aside}: run the same command again (with --resume) to continue "
+                f"seed {seed} {task} from the previous checkpoint, or from its start when there is none",
+            ) from exc
         ctx.reporter.message(f"seed {seed} {task}: resumed from {path} (step {start})")
+    if had_checkpoints:
+        log.truncate_after(start)  # (records past the step the task continues from)
     return Stage(wrapper, optimizer, scheduler, params, start, steps, tokens)
 
 
@@ -659,8 +886,13 @@ def _unwrapped_state(ctx: Context, wrapper: Any) -> dict[str, torch.Tensor]:
     return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
 
 
+#: The file of a saved model folder listing its other files' sizes and CRC-32 (:func:`_model_folder_problem`).
+MODEL_MANIFEST = "rankloss_files.json"
+
+
 def _save_model(ctx: Context, wrapper: Any, path: str) -> None:
-    """``save_pretrained`` of the trained model plus its processor, loadable with ``--model path``."""
+    """``save_pretrained`` of the trained model plus its processor, loadable with ``--model path``, and
+    :data:`MODEL_MANIFEST`; written to ``<path>.tmp``, ``fsync``'d, renamed into place."""
     acc = ctx.accelerator
     state = _unwrapped_state(ctx, wrapper)
     if ctx.main:
@@ -669,22 +901,210 @@ def _save_model(ctx: Context, wrapper: Any, path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         ctx.processor.save_pretrained(tmp)
+        write_json_atomic(os.path.join(tmp, MODEL_MANIFEST), seal({"files": folder_manifest(tmp)}))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     acc.wait_for_everyone()
 
 
-def _load_done(directory: str) -> dict[str, Any] | None:
+def _model_folder_problem(path: str) -> str | None:
+    """What is wrong with a model folder this run saved (missing, or a file not as written: see
+    :data:`MODEL_MANIFEST`), ``None`` when it is intact or predates the manifest."""
+    if not os.path.isdir(path):
+        return "is missing"
+    manifest_path = os.path.join(path, MODEL_MANIFEST)
+    if not os.path.exists(manifest_path):
+        return None  # saved before model folders listed their files
+    try:
+        raw = read_json(manifest_path)
+    except DamagedFileError as exc:
+        return f"has a damaged {MODEL_MANIFEST} ({exc.problem})"
+    raw, problem = unseal(raw)  # (always sealed)
+    if raw is None:
+        return f"has a damaged {MODEL_MANIFEST} ({problem})"
+    problem = manifest_problem(path, raw.get("files"))
+    return f"{problem} (damaged)" if problem is not None else None
+
+
+def _load_done(ctx: Context, directory: str, seed: int, task: str) -> dict[str, Any] | None:
+    """The task's result when it is finished (``done.json``), else ``None``. A damaged ``done.json``
+    (not this task's result) is deleted with a :class:`~rankloss.train.files.DamagedFileWarning` naming
+    it, and the task is done again. Decided by the main process."""
     path = os.path.join(directory, "done.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return None
+
+    def decide() -> dict[str, Any] | None:
+        if not os.path.exists(path):
+            return None
+        try:
+            raw = read_json(path)
+        except DamagedFileError as exc:
+            problem = exc.problem
+        else:
+            raw, problem = unseal(raw, ("seed", "task", "final", "seconds", "model", "vision_pretrain"))
+            if raw is None:
+                _redo(path, str(problem), seed, task)
+                return None
+            if raw.get("seed") == seed and raw.get("task") == task and isinstance(raw.get("final"), dict):
+                return raw
+            problem = f"does not hold the result of seed {seed} {task} (damaged)"
+        _redo(path, problem, seed, task)
+        return None
+
+    return _main_decides(ctx, decide)
+
+
+def _redo(done_path: str, problem: str, seed: int, task: str, what: str | None = None) -> None:
+    """Delete a finished task's ``done.json`` (main process) so that it is done again, with a warning."""
+    with_ = f"{what} {problem}" if what is not None else f"{done_path} {problem}"
+    warnings.warn(
+        f"{with_}; deleted {done_path}: seed {seed} {task} is done again (it writes its result again when "
+        "it finishes)",
+        DamagedFileWarning,
+        stacklevel=4,
+    )
+    if os.path.exists(done_path):
+        os.remove(done_path)
+        fsync_dir(os.path.dirname(done_path))
+
+
+#: ``format`` of ``seed<k>/ref_scores.pt`` (``{"format", "scores": {chain id: (scores [K], num_tokens
+#: [K])}, "crc32"}``); a bare ``{chain id: ...}`` is the format before it (no checksum).
+REF_SCORES_FORMAT = "rankloss.train.ref_scores/1"
+
+
+def _ref_scores_checksum(scores: dict[str, Any]) -> str:
+    crc = 0
+    for cid in sorted(scores):
+        s, n = scores[cid]
+        crc = zlib.crc32(cid.encode("utf-8"), crc)
+        crc = zlib.crc32(s.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), crc)
+        crc = zlib.crc32(n.detach().to("cpu", torch.int64).contiguous().numpy().tobytes(), crc)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def save_ref_scores(path: str, scores: dict[str, Any]) -> None:
+    """``scores`` (``{chain id: (scores [K], num_tokens [K])}``) in ``path`` with a checksum, atomically."""
+    torch_save_atomic(
+        {"format": REF_SCORES_FORMAT, "scores": scores, "crc32": _ref_scores_checksum(scores)}, path
+    )
+
+
+def read_ref_scores(path: str, chains: list[Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """``(scores, None)`` when ``path`` holds intact reference scores of every chain in ``chains`` (``K``
+    finite scores and token counts each), else ``(None, what is wrong)``."""
+    if not os.path.exists(path):
+        return None, "is missing"
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated or overwritten: the caller recomputes
+        return None, f"cannot be read ({describe_error(exc)})"
+    checksum = None
+    if isinstance(obj, dict) and obj.get("format") == REF_SCORES_FORMAT:
+        obj, checksum = obj.get("scores"), obj.get("crc32")
+    if not isinstance(obj, dict):
+        return None, "does not hold reference scores (damaged)"
+    for c in chains:
+        entry = obj.get(c.id)
+        k = len(c.captions)
+        if not (
+            isinstance(entry, (tuple, list))
+            and len(entry) == 2
+            and all(isinstance(t, torch.Tensor) and t.shape == (k,) for t in entry)
+            and entry[0].is_floating_point()
+            and not entry[1].is_floating_point()
+        ):
+            return None, f"holds no {k} scores of chain {c.id!r} (damaged, or not this run's chains)"
+        if not bool(torch.isfinite(entry[0]).all()):
+            return None, f"holds a non-finite score of chain {c.id!r} (damaged)"
+    if checksum is not None and checksum != _ref_scores_checksum(
+        {
+            k: v
+            for k, v in obj.items()
+            if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(t, torch.Tensor) for t in v)
+        }
+    ):
+        return None, "holds other scores than were written (checksum mismatch: damaged)"
+    return obj, None
+
+
+def _ref_chains(ctx: Context) -> list[Any]:
+    probes = ctx.probes()
+    return ctx.train + ctx.heldout + (list(probes.chains) if probes is not None else [])
+
+
+def _load_sft_model(ctx: Context, seed: int) -> nn.Module:
+    path = _sft_model_path(ctx, seed)
+    try:
+        return ctx.load_model(path)
+    except Exception as exc:
+        if path == ctx.config.model:
+            raise
+        done = os.path.join(task_dir(ctx.run_dir, seed, "sft"), "done.json")
+        raise DamagedFileError(
+            path,
+            f"(seed {seed}'s SFT model) cannot be loaded ({describe_error(exc)})",
+            f"delete {done} and run the same command with --resume: the SFT task is done again",
+        ) from exc
+
+
+def _seed_ref_scores(ctx: Context, seed: int) -> dict[str, Any]:
+    """Seed ``seed``'s cached reference scores; when the file is missing or damaged, a
+    :class:`~rankloss.train.files.DamagedFileWarning` names it and they are computed again with the SFT
+    model (and rewritten)."""
+    path = os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt")
+    chains = _ref_chains(ctx)
+    problem = _main_decides(ctx, lambda: read_ref_scores(path, chains)[1])
+    if problem is None:
+        ref, again = read_ref_scores(path, chains)
+        if ref is None:
+            raise DamagedFileError(path, str(again), "run the same command again")
+        return ref
+    if ctx.main:
+        warnings.warn(
+            f"{path} {problem}; computing seed {seed}'s reference scores again with its SFT model "
+            f"{_sft_model_path(ctx, seed)}",
+            DamagedFileWarning,
+            stacklevel=3,
+        )
+    model = _load_sft_model(ctx, seed)
+    wrapper = ctx.accelerator.prepare(
+        ChainRankModel(model, share_prefix=None if ctx.config.share_prefix else False)
+    )
+    ref = _reference_scores(ctx, wrapper, "sft")
+    if ctx.main:
+        save_ref_scores(path, ref)
+    del wrapper, model
+    ctx.accelerator.free_memory()
+    ctx.accelerator.wait_for_everyone()
+    return ref
+
+
+def _sft_done(ctx: Context, seed: int, directory: str) -> dict[str, Any] | None:
+    """Seed ``seed``'s finished SFT result, or ``None`` (not finished, or done again: its ``done.json``
+    or saved model is damaged). Its reference scores are checked (computed again when damaged)."""
+    done = _load_done(ctx, directory, seed, "sft")
+    if done is None:
+        return None
+    cfg = ctx.config
+    model = os.path.join(directory, "model")
+    expected = cfg.sft_steps > 0 or cfg.model is None or cfg.vision_pretrain == "proxy"
+
+    def decide() -> bool:
+        problem = _model_folder_problem(model) if expected or os.path.isdir(model) else None
+        if problem is not None:
+            _redo(os.path.join(directory, "done.json"), problem, seed, "sft", what=f"{model} (its model)")
+        return problem is None
+
+    if not _main_decides(ctx, decide):
+        return None
+    _seed_ref_scores(ctx, seed)
+    return done
 
 
 def _finish_task(ctx: Context, directory: str, result: dict[str, Any]) -> dict[str, Any]:
     if ctx.main:
-        write_json_atomic(os.path.join(directory, "done.json"), result)
+        write_json_atomic(os.path.join(directory, "done.json"), seal(result))
         shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
     ctx.accelerator.wait_for_everyone()
     return result
@@ -694,7 +1114,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
     """Seed ``seed``'s SFT stage: evaluate the start model, SFT, evaluate, save, cache reference scores."""
     cfg, acc = ctx.config, ctx.accelerator
     directory = task_dir(ctx.run_dir, seed, "sft")
-    done = _load_done(directory)
+    done = _sft_done(ctx, seed, directory)
     if done is not None:
         return done
     if ctx.main:
@@ -767,9 +1187,7 @@ def run_sft_task(ctx: Context, seed: int) -> dict[str, Any]:
         _save_model(ctx, stage.wrapper, os.path.join(directory, "model"))
     ref = _reference_scores(ctx, stage.wrapper, "sft")
     if ctx.main:
-        tmp = os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt.tmp")
-        torch.save(ref, tmp)
-        os.replace(tmp, os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt"))
+        save_ref_scores(os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt"), ref)
     acc.free_memory()
     result = {"seed": seed, "task": "sft", "final": res.metrics, "seconds": time.perf_counter() - t0}
     if stage0 is not None:
@@ -788,7 +1206,7 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
     """One arm of seed ``seed``: from the SFT model, ``rank_steps`` steps of the arm's loss; evaluate."""
     cfg, acc = ctx.config, ctx.accelerator
     directory = task_dir(ctx.run_dir, seed, arm.name)
-    done = _load_done(directory)
+    done = _load_done(ctx, directory, seed, arm.name)
     if done is not None:
         return done
     if ctx.main:
@@ -801,8 +1219,8 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
     if not _checkpoints(directory) and ctx.main and os.path.exists(log.path):
         os.remove(log.path)
     t0 = time.perf_counter()
-    model = ctx.load_model(_sft_model_path(ctx, seed))
-    ref = torch.load(os.path.join(ctx.run_dir, f"seed{seed}", "ref_scores.pt"), weights_only=True)
+    ref = _seed_ref_scores(ctx, seed)
+    model = _load_sft_model(ctx, seed)
     options = cfg.loss_options(arm)
     spec = LossSpec(length_normalize=cfg.length_normalize, **options) if stage == "rank" else None
     st = setup_stage(

@@ -16,6 +16,7 @@ from typing import Any
 
 from .claims import CLAIM_TITLES, claim_results, claims_report
 from .config import TrainConfig
+from .files import atomic_write
 from .loop import read_jsonl, task_dir
 
 __all__ = [
@@ -408,20 +409,15 @@ def write_reports(config: TrainConfig, run_dir: str) -> dict[str, str]:
     records = collect_records(config, run_dir)
     out: dict[str, str] = {}
     path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
     out["metrics"] = path
     out["summary"] = os.path.join(run_dir, "summary.md")
-    with open(out["summary"], "w", encoding="utf-8") as f:
-        f.write(summary_table(config, records))
+    atomic_write(out["summary"], summary_table(config, records).encode("utf-8"))
     for p in plot_curves(config, records, run_dir):
         out[os.path.splitext(os.path.basename(p))[0]] = p
     if config.compare:
         out["comparison"] = os.path.join(run_dir, "comparison.md")
-        with open(out["comparison"], "w", encoding="utf-8") as f:
-            f.write(comparison_table(config, records))
+        atomic_write(out["comparison"], comparison_table(config, records).encode("utf-8"))
         out["comparison_plot"] = plot_comparison(config, records, os.path.join(run_dir, "comparison.png"))
         claims_plot = plot_claims(config, records, os.path.join(run_dir, "claims.png"))
         if claims_plot is not None:

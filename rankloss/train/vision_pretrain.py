@@ -15,7 +15,8 @@ embedding and the blocks); the merger (the projector into the LLM) keeps its ini
 trained in SFT, where the tower is frozen (:func:`freeze_tower`).
 
 The result is cached per seed in ``<run>/seed<k>/vision_pretrain/`` (``tower.pt``, the tower's state dict,
-then ``done.json`` with the held-out proxy metrics, both written atomically): ``--resume`` and every arm of
+then ``done.json`` with the held-out proxy metrics and the tower file's size and CRC-32, both written
+atomically; a damaged one is reported and the stage trained again): ``--resume`` and every arm of
 the seed reuse it. The stage is short (~30 s at the default sizes) and is not checkpointed: an interrupted
 stage 0 starts again from its first step, with the same result (batches are a function of seed and step).
 """
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,16 @@ from torch import nn
 
 from ..synthetic import COLOURS, SHAPES, SIZES, Scene, _state
 from .config import write_json_atomic
+from .files import (
+    DamagedFileError,
+    DamagedFileWarning,
+    describe_error,
+    file_digest,
+    read_json,
+    seal,
+    torch_save_atomic,
+    unseal,
+)
 
 __all__ = [
     "PROXY_CLASSES",
@@ -366,11 +378,54 @@ def pretrain_dir(run_dir: str, seed: int) -> str:
     return os.path.join(run_dir, f"seed{seed}", "vision_pretrain")
 
 
-def _read_done(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, "done.json")
-    if os.path.exists(path) and os.path.exists(os.path.join(directory, "tower.pt")):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+#: The keys of stage 0's ``done.json`` before it was sealed.
+_STAGE0_KEYS = ("seed", "task", "heldout", "train_loss_first", "train_loss_last", "steps", "seconds")
+
+
+def _read_done(directory: str, *, warn: bool = True) -> dict[str, Any] | None:
+    """Stage 0's record when it finished and its tower is intact, else ``None`` (train it). A damaged
+    ``done.json`` or ``tower.pt`` (empty, truncated, overwritten: the size and CRC-32 in ``done.json``, or,
+    without them, a ``tower.pt`` that does not load) is reported with a
+    :class:`~rankloss.train.files.DamagedFileWarning` naming it (``warn``): the stage is trained again
+    (it is deterministic)."""
+    path, tower_path = os.path.join(directory, "done.json"), os.path.join(directory, "tower.pt")
+    if not os.path.exists(path):
+        return None
+    problem = None
+    try:
+        done = read_json(path)
+    except DamagedFileError as exc:
+        done, problem = None, str(exc)
+    if problem is None:
+        done, why = unseal(done, _STAGE0_KEYS)
+        if done is None:
+            problem = f"{path} {why} (damaged)"
+    if problem is None and not isinstance(done.get("heldout"), dict):
+        problem = f"{path} does not hold stage 0's record (damaged)"
+    if problem is None and not os.path.exists(tower_path):
+        problem = f"{tower_path} is missing"
+    if problem is None:
+        expected = done.get("tower_file")
+        if expected is not None:
+            if list(file_digest(tower_path)) != expected:
+                problem = f"{tower_path} holds other bytes than were written (size or checksum: damaged)"
+        else:  # written before done.json held the tower's checksum: check that it loads
+            try:
+                state = torch.load(tower_path, weights_only=True)
+                if not isinstance(state, dict) or not all(
+                    isinstance(v, torch.Tensor) for v in state.values()
+                ):
+                    problem = f"{tower_path} does not hold the tower's weights (damaged)"
+            except Exception as exc:  # noqa: BLE001 - damaged: trained again
+                problem = f"{tower_path} cannot be read ({describe_error(exc)})"
+    if problem is None:
+        return done
+    if warn:
+        warnings.warn(
+            f"{problem}; pretraining the vision tower again (stage 0 is deterministic: the same tower)",
+            DamagedFileWarning,
+            stacklevel=3,
+        )
     return None
 
 
@@ -382,7 +437,7 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
     cfg, acc = ctx.config, ctx.accelerator
     directory = pretrain_dir(ctx.run_dir, seed)
     tower_path = os.path.join(directory, "tower.pt")
-    done = _read_done(directory)
+    done = _read_done(directory) if ctx.main else None
     if done is None and ctx.main:
         os.makedirs(directory, exist_ok=True)
         task = "vision_pretrain"
@@ -390,7 +445,7 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
         model = ctx.new_model(seed)
         model.to(ctx.device)
         ctx.reporter.start(task, cfg.vision_pretrain_steps)
-        log_path = os.path.join(directory, "metrics.jsonl")
+        log_path = os.path.join(directory, "metrics.jsonl")  # (a record of the stage, not read back)
         log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
         running: list[float] = []
         last = [time.perf_counter()]
@@ -447,9 +502,7 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
         finally:
             log.close()
             ctx.reporter.finish(task)
-        tmp = tower_path + ".tmp"
-        torch.save(tower_state(model), tmp)
-        os.replace(tmp, tower_path)
+        tower_file = list(torch_save_atomic(tower_state(model), tower_path))
         done = {
             "seed": seed,
             "task": task,
@@ -458,8 +511,9 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
             "train_loss_last": out["train_loss_last"],
             "steps": cfg.vision_pretrain_steps,
             "seconds": time.perf_counter() - t0,
+            "tower_file": tower_file,  # size and CRC-32 of tower.pt
         }
-        write_json_atomic(os.path.join(directory, "done.json"), done)
+        write_json_atomic(os.path.join(directory, "done.json"), seal(done))
         ctx.reporter.message(
             f"seed {seed} vision pretrain: held-out proxy F1 {out['heldout'].get('f1', float('nan')):.3f} "
             f"(colour {out['heldout'].get('colour_f1', float('nan')):.3f}, shape "
@@ -469,8 +523,20 @@ def run_vision_pretrain(ctx: Any, seed: int) -> tuple[dict[str, Any], dict[str, 
         done = {**done, "cached": False}
     acc.wait_for_everyone()
     if done is None:  # another process trained it
-        done = _read_done(directory)
-        assert done is not None, f"stage 0 of seed {seed} left no done.json in {directory}"
+        done = _read_done(directory, warn=False)
+        if done is None:
+            raise DamagedFileError(
+                os.path.join(directory, "done.json"),
+                "is missing or damaged after the main process wrote it",
+                f"delete {directory} and run the same command again with --resume",
+            )
     done.setdefault("cached", True)
-    state = torch.load(tower_path, weights_only=True)
+    try:
+        state = torch.load(tower_path, weights_only=True)
+    except Exception as exc:
+        raise DamagedFileError(
+            tower_path,
+            f"cannot be read ({describe_error(exc)})",
+            f"delete {directory} and run the same command again with --resume: stage 0 is trained again",
+        ) from exc
     return done, state
