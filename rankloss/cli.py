@@ -5,6 +5,9 @@
     rankloss chains make --in captions.jsonl --out chains.jsonl --length 6 --seed 0 [--engine rules|llm
                          --llm-model PATH] [--types ...] [--strict] [--encoding utf-8] [--no-resume]
                          [--overwrite]
+    rankloss chains make --in captions.jsonl --out chains.jsonl --engine openai
+                         --base-url http://localhost:8000/v1 --model NAME [--concurrency 32]
+                         [--timeout 60] [--request-retries 5] [--api-key-env OPENAI_API_KEY]
     rankloss chains summary chains.jsonl [--json]
     rankloss chains show chains.jsonl [-n 3]
     rankloss synthetic make --out DIR --n 100 --length 6 --seed 0 [--frames 16 --size 64 --no-mp4]
@@ -46,6 +49,16 @@ def _size(text: str) -> int | tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected a positive SIZE or HxW, got {text!r}")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rankloss", description="rankloss tools: caption chains, synthetic videos, video files."
@@ -63,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed (each chain depends only on seed and record id)"
     )
     mk.add_argument(
-        "--engine", choices=("rules", "llm"), default="rules", help="degradation engine (default rules)"
+        "--engine",
+        choices=("rules", "llm", "openai"),
+        default="rules",
+        help="degradation engine (default rules; openai: a served model, see --base-url)",
     )
     mk.add_argument("--llm-model", default=None, help="local transformers causal LM directory (--engine llm)")
     mk.add_argument("--types", default=None, help="comma-separated edit types to use (default: all)")
@@ -93,6 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.add_argument("--device", default=None, help="llm: device (default cuda if available, else cpu)")
     mk.add_argument("--dtype", default=None, help="llm: torch dtype name, e.g. bfloat16")
+    mk.add_argument(
+        "--base-url", default=None, help="openai: the server's API root, e.g. http://localhost:8000/v1"
+    )
+    mk.add_argument("--model", default=None, help="openai: the served model's name")
+    mk.add_argument(
+        "--api-key-env",
+        default=None,
+        help="openai: environment variable holding the API key (default OPENAI_API_KEY, if set)",
+    )
+    mk.add_argument(
+        "--concurrency", type=_positive_int, default=8, help="openai: records in flight (default 8)"
+    )
+    mk.add_argument(
+        "--timeout", type=_positive_float, default=60.0, help="openai: seconds per request (default 60)"
+    )
+    mk.add_argument(
+        "--request-retries",
+        type=int,
+        default=5,
+        help="openai: resends of a request on 429/5xx/timeout/connection error (default 5)",
+    )
+    mk.add_argument(
+        "--backoff", type=float, default=1.0, help="openai: first retry delay in s, doubling (default 1)"
+    )
+    mk.add_argument("--max-backoff", type=float, default=30.0, help="openai: longest retry delay, s")
+    mk.add_argument(
+        "--temperature", type=_positive_float, default=0.7, help="llm/openai: sampling temperature of retries"
+    )
+    mk.add_argument("--top-p", type=float, default=0.95, help="openai: top_p of the sampling retries")
+    mk.add_argument("--max-tokens", type=_positive_int, default=1024, help="openai: max_tokens per request")
+    mk.add_argument(
+        "--no-seed", dest="send_seed", action="store_false", help="openai: do not send a seed per request"
+    )
 
     sm = csub.add_parser("summary", help="summarise an existing chains JSONL file")
     sm.add_argument("path")
@@ -134,7 +183,29 @@ def _chains_make(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens,
             "device": args.device,
             "dtype": args.dtype,
+            "temperature": args.temperature,
         }
+    elif args.engine == "openai":
+        if args.llm_model is not None:
+            raise ValueError("--llm-model is for --engine llm; --engine openai takes --model NAME")
+        if not args.base_url or not args.model:
+            raise ValueError("--engine openai needs --base-url URL and --model NAME")
+        llm_options = {
+            "base_url": args.base_url,
+            "model": args.model,
+            "concurrency": args.concurrency,
+            "timeout": args.timeout,
+            "request_retries": args.request_retries,
+            "backoff": args.backoff,
+            "max_backoff": args.max_backoff,
+            "max_retries": args.max_retries,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_tokens": args.max_tokens,
+            "send_seed": args.send_seed,
+        }
+        if args.api_key_env is not None:
+            llm_options["api_key_env"] = args.api_key_env
     elif args.llm_model is not None:
         raise ValueError("--llm-model needs --engine llm")
     if args.summary_json:  # written after the run: it may not be the input or a file of the output

@@ -221,3 +221,26 @@ def test_tiny_random_model_falls_back_and_is_counted(tiny_model_dir: str, tmp_pa
     assert sum(s.llm_rejections.values()) == 4
     assert "4 fallbacks to rules" in s.format()
     assert [r["llm_fallbacks"] for r in read_chains(tmp_path / "out.jsonl")] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("etype", "old", "new", "kind"),
+    [
+        ("action", "walks a brown dog", "swims a brown dog", None),  # a man may swim: accepted
+        ("object", "a white house", "a white swimming pool", None),
+        ("action", "The dog barks.", "The dog barks. A small blue cup swims.", "verb_subject"),
+        ("attribute", "a green car", "a white and white car", "relation"),
+    ],
+)
+def test_verification_rejects_self_contradictions(etype: str, old: str, new: str, kind: str | None) -> None:
+    """An LLM edit that makes the caption contradict itself (spotted without the video) is rejected with
+    the contradiction's kind as its reason, so it is retried and counted (issue 22)."""
+    state = _state_after_one_edit()
+    engine = LLMEngine(generate_fn=colour_editor)
+    if etype == "action" and kind is not None:
+        etype = "insertion"
+    verdict = engine.verify(state, state.text.replace(old, new), etype)
+    if kind is None:
+        assert isinstance(verdict, tuple), verdict
+    else:
+        assert isinstance(verdict, str) and verdict.startswith(kind), verdict

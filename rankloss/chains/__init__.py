@@ -7,6 +7,11 @@ each recorded as an :class:`Edit` (type, before, after, step) so it can be audit
   deterministic per seed, no model, thousands of captions per second on one core.
 * :class:`LLMEngine` (``"llm"``): a local transformers causal LM adds each error; every answer is
   verified, retried a bounded number of times, and the step falls back to ``rules`` when it fails.
+* :class:`ServedEngine` (``"openai"``): the same, from a model served over the OpenAI-compatible
+  chat-completions API (vLLM, SGLang, TGI, llama.cpp, Ollama), several records concurrently.
+
+Both kinds refuse an edit that makes the caption contradict itself (:func:`contradiction`: such an error
+can be spotted without the video).
 
 :func:`make_chains_file` turns a captions JSONL file into a chains JSONL file (atomic, resumable); the
 ``rankloss chains make`` command wraps it. Formats: :mod:`rankloss.chains.formats`. The taxonomy and
@@ -27,7 +32,9 @@ from .formats import (
 )
 from .llm import LLMEngine, build_prompt, clean_output
 from .pipeline import ENGINES, make_chains_file, make_engine
+from .plausibility import contradiction
 from .rules import RulesEngine
+from .served import ServedEngine
 from .summary import ChainSummary, summarize_chains
 from .taxonomy import EDIT_TYPE_DESCRIPTIONS, EDIT_TYPES
 
@@ -44,12 +51,14 @@ __all__ = [
     "InputError",
     "LLMEngine",
     "RulesEngine",
+    "ServedEngine",
     "TextState",
     "build_prompt",
     "caption_rng",
     "caption_seed",
     "chain_record",
     "clean_output",
+    "contradiction",
     "iter_records",
     "make_chain",
     "make_chains_file",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .core import SHORT_NO_SPANS, Chain, TextState, caption_rng, caption_seed, split_sentences
+from .plausibility import contradiction
 from .rules import RulesEngine, check_length
 from .taxonomy import EDIT_TYPE_DESCRIPTIONS, check_types
 
@@ -319,6 +320,10 @@ class LLMEngine:
             return "undoes an earlier edit"
         # An inserted sentence is marked so that no later swap moves it (as in the rules engine).
         subtype = "sentence" if edit_type == "insertion" and re.search(r"[.!?]", after) else ""
+        # An edit that makes the caption contradict itself can be spotted without the video.
+        why = contradiction(prev, cand, (p, before, after))
+        if why is not None:
+            return why
         return ("replace", p, e_p, after, edit_type, subtype)
 
     @staticmethod
@@ -341,4 +346,7 @@ class LLMEngine:
             or state.swap_crosses(a1, b1, a2, b2)
         ):
             return "touches an earlier edit"
+        why = contradiction(prev, cand)
+        if why is not None:
+            return why
         return ("swap", a1, b1, a2, b2, "sentence")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from .core import Chain
@@ -26,7 +29,7 @@ from .summary import ChainSummary
 
 __all__ = ["ChainEngine", "make_engine", "make_chains_file", "run_options", "ENGINES"]
 
-ENGINES = ("rules", "llm")
+ENGINES = ("rules", "llm", "openai")
 
 
 class ChainEngine(Protocol):
@@ -44,10 +47,12 @@ def make_engine(
     llm_model: str | None = None,
     **llm_options: Any,
 ) -> ChainEngine:
-    """Build an engine by name: ``"rules"`` or ``"llm"`` (which needs ``llm_model``, a local model directory).
+    """Build an engine by name: ``"rules"``, ``"llm"`` (which needs ``llm_model``, a local model directory)
+    or ``"openai"`` (a served model: needs ``base_url`` and ``model``).
 
     ``llm_options`` go to :class:`~rankloss.chains.LLMEngine` (``max_retries``, ``max_new_tokens``,
-    ``device``, ``dtype``, ``generate_fn``, ...).
+    ``device``, ``dtype``, ``generate_fn``, ...) or to :class:`~rankloss.chains.served.ServedEngine`
+    (``base_url``, ``model``, ``concurrency``, ``timeout``, ``request_retries``, ...).
     """
     if engine == "rules":
         if llm_model is not None or llm_options:
@@ -59,12 +64,20 @@ def make_engine(
                 "engine='llm' needs llm_model (a local transformers model directory, --llm-model PATH)"
             )
         return LLMEngine(llm_model, types=types, **llm_options)
+    if engine == "openai":
+        if llm_model is not None:
+            raise ValueError("engine='openai' takes model (the served model's name), not llm_model")
+        from .served import ServedEngine
+
+        return ServedEngine(types=types, **llm_options)
     raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
 
 
 # Settings of an engine that change the chains it makes (beyond its name and types).
-_ENGINE_SETTINGS = ("model_path", "max_retries", "max_new_tokens", "temperature", "max_edit_chars",
-                    "max_edit_fraction")  # fmt: skip
+# ``openai``: the served model's name and its generation settings (not the URL, the key, the concurrency,
+# timeouts or request retries, which change how the answers arrive, not what they are).
+_ENGINE_SETTINGS = ("model_path", "model", "max_retries", "max_new_tokens", "max_tokens", "temperature",
+                    "top_p", "send_seed", "max_edit_chars", "max_edit_fraction")  # fmt: skip
 
 
 def run_options(engine: ChainEngine, *, length: int, seed: int, min_length: int) -> dict[str, Any]:
@@ -80,7 +93,7 @@ def run_options(engine: ChainEngine, *, length: int, seed: int, min_length: int)
     for name in _ENGINE_SETTINGS:
         value = getattr(engine, name, None)
         if value is not None:
-            options[name] = value if isinstance(value, (int, float)) else str(value)
+            options[name] = value if isinstance(value, (bool, int, float)) else str(value)
     return options
 
 
@@ -180,6 +193,7 @@ def make_chains_file(
 
     summary = ChainSummary(requested_length=length)
     rejections_before = dict(getattr(engine, "rejections", {}))
+    stats_before = _served_stats(engine)
     writer = ChainWriter(
         out_path,
         resume=resume,
@@ -192,48 +206,113 @@ def make_chains_file(
     bar = Progress(
         count_records(in_path, encoding=encoding) if progress else None, "chains", enabled=progress
     )
-    new = 0
+    workers = getattr(engine, "concurrency", 1)
+    workers = workers if isinstance(workers, int) and not isinstance(workers, bool) and workers > 1 else 1
+    # Concurrent engines: chains of up to ``workers`` records are made at once, and at most
+    # ``2 * workers`` records wait here, consumed (counted, written) strictly in input order.
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="chains") if workers > 1 else None
+    window = 2 * workers
+    pending: deque[tuple[Any, Future[Chain] | None, bool]] = deque()
+    new = new_edits = 0
     stopped = False
+    last_postfix = 0.0
+
+    def consume(item: Any, future: Future[Chain] | None, done: bool) -> bool:
+        """Count and write one record in input order; ``False`` when ``max_chains`` stops the run."""
+        nonlocal new, new_edits, last_postfix
+        if max_chains is not None and new >= max_chains:
+            return False
+        summary.records_read += 1
+        bar.update()
+        if isinstance(item, InputError):
+            if strict:
+                raise item
+            summary.add_skipped(str(item))
+            return True
+        if item.renamed_from is not None:
+            summary.add_renamed(item.renamed_from, item.id)
+        if done:
+            summary.records_done_before += 1
+            return True
+        if future is None:
+            chain = engine.make_chain(item.caption, length, seed=seed, key=item.id)
+        else:
+            chain = future.result()
+        if len(chain.captions) < min_length:
+            summary.chains_dropped += 1
+            summary.short[chain.short_reason or "too short"] += 1
+            return True
+        record = chain_record(item, chain)
+        writer.write(record)
+        summary.add_chain(record)
+        new += 1
+        new_edits += len(chain.edits)
+        if on_chain is not None:
+            on_chain(record)
+        now = time.monotonic()
+        if new % 256 == 0 or (pool is not None and now - last_postfix >= 0.5):
+            last_postfix = now
+            bar.set_postfix(_postfix(summary, new_edits, engine, stats_before, bar.elapsed()))
+        return True
+
     try:
         for item in iter_records(in_path, encoding=encoding, ids=list(index)):
-            if max_chains is not None and new >= max_chains:
-                stopped = True
+            future, done = None, not isinstance(item, InputError) and writer.is_done(item.id)
+            if pool is not None and not isinstance(item, InputError) and not done:
+                future = pool.submit(engine.make_chain, item.caption, length, seed=seed, key=item.id)
+            pending.append((item, future, done))
+            while len(pending) > (window if pool is not None else 0):
+                if not consume(*pending.popleft()):
+                    stopped = True
+                    break
+            if stopped:
                 break
-            summary.records_read += 1
-            bar.update()
-            if isinstance(item, InputError):
-                if strict:
-                    raise item
-                summary.add_skipped(str(item))
-                continue
-            if item.renamed_from is not None:
-                summary.add_renamed(item.renamed_from, item.id)
-            if writer.is_done(item.id):
-                summary.records_done_before += 1
-                continue
-            chain = engine.make_chain(item.caption, length, seed=seed, key=item.id)
-            if len(chain.captions) < min_length:
-                summary.chains_dropped += 1
-                summary.short[chain.short_reason or "too short"] += 1
-                continue
-            record = chain_record(item, chain)
-            writer.write(record)
-            summary.add_chain(record)
-            new += 1
-            if on_chain is not None:
-                on_chain(record)
-            if new % 256 == 0:
-                bar.set_postfix(f"written={summary.chains_written} skipped={summary.lines_skipped}")
+        while pending and not stopped:
+            if not consume(*pending.popleft()):
+                stopped = True
         if not stopped:
             summary.output = writer.finish()
             summary.complete = True
         else:
             summary.output = writer.partial_path
     finally:
+        if pool is not None:
+            if hasattr(engine, "cancel") and (pending or not summary.complete):
+                engine.cancel()  # stopping early: the requests still queued fail at once
+            pool.shutdown(wait=True, cancel_futures=True)
+        if hasattr(engine, "close"):
+            engine.close()
         writer.close()
         bar.close()
         after = getattr(engine, "rejections", {})
         for k, v in after.items():
             if v - rejections_before.get(k, 0):
                 summary.llm_rejections[k] = v - rejections_before.get(k, 0)
+        stats_after = _served_stats(engine)
+        if stats_after is not None and stats_before is not None:
+            summary.requests = stats_after[0] - stats_before[0]
+            for dst, i in ((summary.request_retries, 1), (summary.request_failures, 2),
+                           (summary.llm_fallback_reasons, 3)):  # fmt: skip
+                for k, v in stats_after[i].items():
+                    if v - stats_before[i].get(k, 0):
+                        dst[k] = v - stats_before[i].get(k, 0)
     return summary
+
+
+def _served_stats(engine: Any) -> tuple[int, Counter[str], Counter[str], Counter[str]] | None:
+    if not hasattr(engine, "request_failures"):
+        return None
+    return (
+        int(engine.requests),
+        Counter(engine.request_retries_by_reason),
+        Counter(engine.request_failures),
+        Counter(engine.fallback_reasons),
+    )
+
+
+def _postfix(summary: ChainSummary, new_edits: int, engine: Any, before: Any, elapsed: float) -> str:
+    """The progress bar's counters (its own rate is records/s)."""
+    text = f"edits/s={new_edits / max(elapsed, 1e-9):.1f} fallbacks={summary.llm_fallbacks}"
+    if before is not None:
+        text += f" retries={sum(engine.request_retries_by_reason.values()) - sum(before[1].values())}"
+    return text + f" skipped={summary.lines_skipped}"

@@ -12,6 +12,9 @@ __all__ = ["Progress"]
 class Progress:
     """``update(n)`` / ``set_postfix(text)`` / ``close()`` over ``total`` items (``None``: unknown).
 
+    The rate shown is records/s; :func:`~rankloss.chains.make_chains_file` adds edits/s, fallbacks and
+    (served engine) request retries as the postfix.
+
     Args:
         total: the number of items, if known.
         desc: a label.
@@ -54,6 +57,10 @@ class Progress:
         if now - self._last >= self.interval:
             self._last = now
             self._print(now)
+
+    def elapsed(self) -> float:
+        """Seconds since the bar started."""
+        return time.monotonic() - self._start
 
     def set_postfix(self, text: str) -> None:
         self._postfix = text

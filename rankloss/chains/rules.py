@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from .core import SHORT_NO_SPANS, Chain, Edit, TextState, caption_rng, split_sentences
+from .plausibility import check_candidate, subject_category, verb_fits
 from .taxonomy import (
     ACTION_INDEX,
     ACTION_RE,
@@ -75,6 +76,11 @@ _NEAR_COLOURS = {
     "pink": {"magenta"},
     "navy": {"blue", "black"},
 }
+_GENDER = {"man": "m", "boy": "m", "woman": "f", "girl": "f"}
+_PRONOUNS = {
+    "m": re.compile(r"(?<![\w'-])(?:he|him|his|himself)(?![\w'-])", re.IGNORECASE),
+    "f": re.compile(r"(?<![\w'-])(?:she|her|hers|herself)(?![\w'-])", re.IGNORECASE),
+}
 _MATERIAL_SYNONYMS = {"metal": {"metallic"}, "metallic": {"metal"}}
 _INSERTION_CATEGORIES = ("animal", "vehicle", "furniture", "container", "device", "food", "clothing", "item")
 _DETERMINER_BEFORE = re.compile(r"(?<![\w'-])(?:a|an|the|his|her|their|its|this|that|one)\s+$", re.IGNORECASE)
@@ -94,6 +100,20 @@ _SUBJECT_START = re.compile(
     re.IGNORECASE,
 )
 _KEEP_CAPITAL = re.compile(r"^(?:I\b|[A-Z]{2,}|[A-Z][a-z]+[A-Z])")
+
+
+#: Types whose finders do not all go through ``_first_valid`` (which runs the check itself).
+_CHECK_AGAIN = frozenset({"order", "insertion", "omission"})
+
+
+def _contradicts(text: str, cand: _Candidate) -> bool:
+    """Whether applying ``cand`` makes ``text`` contradict itself (:mod:`~rankloss.chains.plausibility`)."""
+    if cand[0] == "swap":
+        _, a1, b1, a2, b2, _sub = cand
+        new = text[a2:b2] + text[b1:a2] + text[a1:b1]
+        return check_candidate(text, a1, b2, new) is not None
+    _, start, end, new = cand[:4]
+    return check_candidate(text, start, end, new) is not None
 
 
 def check_length(length: object, name: str = "length") -> int:
@@ -249,6 +269,8 @@ class RulesEngine:
         order = sorted(pool, key=lambda t: (t != prefer, used[t], rng.random()))
         for etype in order:
             cand = self._finders[etype](state, rng)
+            if cand is not None and etype in _CHECK_AGAIN and _contradicts(state.text, cand):
+                cand = None  # a sentence/clause operation that would make the caption contradict itself
             if cand is not None:
                 return self.apply(state, cand, step)
         return None
@@ -287,6 +309,8 @@ class RulesEngine:
             _, start, end, new = cand[:4]
             if new == state.text[start:end] or state.blocked(start, end):
                 continue
+            if check_candidate(state.text, start, end, new) is not None:
+                continue  # the edit would make the caption contradict itself: try another place
             return cand
         return None
 
@@ -296,7 +320,7 @@ class RulesEngine:
         text = state.text
 
         def make(m: re.Match[str]) -> _Candidate | None:
-            got = pick(m.group(), text)
+            got = pick(m.group(), text, m)
             if got is None:
                 return None
             repl, subtype = got
@@ -307,22 +331,32 @@ class RulesEngine:
         return self._first_valid(state, rng, list(regex.finditer(text)), make)
 
     def _find_object(self, state: TextState, rng: random.Random) -> _Candidate | None:
-        def pick(word: str, text: str):
+        def pick(word: str, text: str, m: re.Match[str]):
             cat, i, num = OBJECT_INDEX[_norm(word)]
             lower = text.lower()
             options = [p[num] for j, p in enumerate(OBJECTS[cat]) if j != i]
+            gender = _GENDER.get(OBJECTS[cat][i][0])
+            if gender is not None and _PRONOUNS[gender].search(text) is not None:
+                # keep the gender that the caption's pronouns refer to ("man" -> "boy", not "woman")
+                options = [o for o in options if _GENDER.get(OBJECTS[cat][OBJECT_INDEX[o][1]][0]) == gender]
+                if not options:
+                    return None
             fresh = [o for o in options if o not in lower]
             return rng.choice(fresh or options), cat
 
         return self._lexical(state, rng, OBJECT_RE, pick, "object")
 
     def _find_attribute(self, state: TextState, rng: random.Random) -> _Candidate | None:
-        def pick(word: str, text: str):
+        def pick(word: str, text: str, m: re.Match[str]):
             key = _norm(word)
             sub = ATTRIBUTE_SUBTYPE[key]
             if sub == "colour":
                 near = _NEAR_COLOURS.get(key, set())
-                options = [c for c in _TARGET_COLOURS if c != key and c not in near]
+                # not a colour next to it ("black and white" -> "white and white")
+                around = text[max(0, m.start() - 20) : m.end() + 20].lower()
+                options = [c for c in _TARGET_COLOURS if c != key and c not in near and c not in around]
+                if not options:
+                    return None
             elif sub == "size":
                 options = list(SIZE_ANTONYMS[key])
             else:
@@ -333,7 +367,7 @@ class RulesEngine:
         return self._lexical(state, rng, ATTRIBUTE_RE, pick, "attribute")
 
     def _find_count(self, state: TextState, rng: random.Random) -> _Candidate | None:
-        def pick(word: str, text: str):
+        def pick(word: str, text: str, m: re.Match[str]):
             key = _norm(word)
             if key in FREQUENCY_WORDS:
                 return rng.choice(FREQUENCY_WORDS[key]), "frequency"
@@ -348,16 +382,19 @@ class RulesEngine:
         return self._lexical(state, rng, COUNT_RE, pick, "count")
 
     def _find_action(self, state: TextState, rng: random.Random) -> _Candidate | None:
-        def pick(word: str, text: str):
+        def pick(word: str, text: str, m: re.Match[str]):
             cat, i, form = ACTION_INDEX[_norm(word)]
             options = [v[form] for j, v in enumerate(ACTIONS[cat]) if j != i and v[form] != word.lower()]
+            subject = subject_category(text, m.start(), word)
+            if subject is not None:  # a verb that fits the subject ("a cup rolls" -> "slides", not "swims")
+                options = [o for o in options if verb_fits(o, subject)]
             return (rng.choice(options), cat) if options else None
 
         return self._lexical(state, rng, ACTION_RE, pick, "action")
 
     def _find_spatial(self, state: TextState, rng: random.Random) -> _Candidate | None:
         return self._lexical(
-            state, rng, SPATIAL_RE, lambda w, t: (SPATIAL_PAIRS[_norm(w)], "relation"), "spatial"
+            state, rng, SPATIAL_RE, lambda w, t, m: (SPATIAL_PAIRS[_norm(w)], "relation"), "spatial"
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -371,7 +408,7 @@ class RulesEngine:
                 cand = self._clause_swap(state, rng)
             else:
                 cand = self._lexical(
-                    state, rng, TEMPORAL_RE, lambda w, t: (TEMPORAL_PAIRS[_norm(w)], "connective"), "order"
+                    state, rng, TEMPORAL_RE, lambda w, t, m: (TEMPORAL_PAIRS[_norm(w)], "connective"), "order"
                 )
             if cand is not None:
                 return cand

@@ -32,7 +32,13 @@ class ChainSummary:
         short: chains shorter than asked, by reason.
         llm_fallbacks: steps where the ``llm`` engine fell back to ``rules``.
         llm_edits: edits made by the LLM.
-        llm_rejections: why LLM answers were rejected (this run only).
+        llm_rejections: why LLM answers were rejected (this run only); a request to a served model
+            (``openai`` engine) that failed after its retries counts as ``request failed: <reason>``.
+        llm_fallback_reasons: ``openai`` engine: why each fallback step fell back (the last attempt's
+            rejection: a failed request or a rejected answer; this run only).
+        requests, request_retries, request_failures: ``openai`` engine: HTTP requests sent, requests
+            sent again by reason (429, 5xx, timeout, connection error, malformed answer), and requests
+            that failed after their retries by reason (this run only).
         ids_renamed: records whose id repeated an earlier one's and got a ``#2``, ``#3``... suffix
             (examples in ``renamed``, as ``"old -> new"``).
         complete: whether the whole input was processed and the output file is final.
@@ -52,6 +58,10 @@ class ChainSummary:
     llm_fallbacks: int = 0
     llm_edits: int = 0
     llm_rejections: Counter[str] = field(default_factory=Counter)
+    llm_fallback_reasons: Counter[str] = field(default_factory=Counter)
+    requests: int = 0
+    request_retries: Counter[str] = field(default_factory=Counter)
+    request_failures: Counter[str] = field(default_factory=Counter)
     ids_renamed: int = 0
     renamed: list[str] = field(default_factory=list)
     complete: bool = False
@@ -99,6 +109,10 @@ class ChainSummary:
             "llm_edits": self.llm_edits,
             "llm_fallbacks": self.llm_fallbacks,
             "llm_rejections": dict(self.llm_rejections),
+            "llm_fallback_reasons": dict(self.llm_fallback_reasons),
+            "requests": self.requests,
+            "request_retries": dict(self.request_retries),
+            "request_failures": dict(self.request_failures),
             "complete": self.complete,
             "output": self.output,
         }
@@ -148,6 +162,17 @@ class ChainSummary:
             lines.append(f"llm: {self.llm_edits} edits by the model, {self.llm_fallbacks} fallbacks to rules")
             for reason, n in self.llm_rejections.most_common():
                 lines.append(f"  rejected {n} x {reason}")
+            for reason, n in self.llm_fallback_reasons.most_common():
+                lines.append(f"  fell back {n} x after: {reason}")
+        if self.requests:
+            lines.append(
+                f"server: {self.requests} requests, {sum(self.request_retries.values())} retried, "
+                f"{sum(self.request_failures.values())} failed after their retries"
+            )
+            for reason, n in self.request_retries.most_common():
+                lines.append(f"  retried {n} x {reason}")
+            for reason, n in self.request_failures.most_common():
+                lines.append(f"  failed {n} x {reason}")
         return "\n".join(lines)
 
 
