@@ -14,6 +14,10 @@ with ``--model PATH`` (a local checkpoint of any supported family) and ``--data 
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import transformers
@@ -29,6 +33,12 @@ class ScriptArgs:
     eval_data: str | None = field(default=None, metadata={"help": "held-out chains JSONL"})
     num_videos: int = field(default=24, metadata={"help": "synthetic videos (without --data)"})
     chain_length: int | None = field(default=None, metadata={"help": "cut chains to this many captions"})
+    prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "instruction after the video (--data records); default: the collator's default prompt"
+        },
+    )
 
 
 def synthetic_setup(n: int, seed: int = 0):
@@ -45,30 +55,125 @@ def synthetic_setup(n: int, seed: int = 0):
     return model, processor, data
 
 
+#: option names in messages of LossSpec / ChainRankConfig -> the ChainRankConfig flag
+_LOSS_FLAGS = {
+    "loss": "loss",
+    "beta": "beta",
+    "pairs": "pairs",
+    "dpo_loss_type": "loss_type",
+    "loss_type": "loss_type",
+    "top_k": "top_k",
+    "sft_weight": "sft_weight",
+    "filter_eps": "filter_eps",
+    "length_normalize": "length_normalize",
+    "deterministic": "deterministic",
+}
+
+
+def _typed(flag: str, argv: Sequence[str]) -> str:
+    """``--flag`` as the user typed it (``--loss_type`` or ``--loss-type``)."""
+    spellings = {f"--{flag}", f"--{flag.replace('_', '-')}"}
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in spellings:
+            return name
+    return f"--{flag}"
+
+
+def _flag_message(message: str, argv: Sequence[str]) -> str:
+    """A LossSpec / ChainRankConfig message with the option it starts with written as the flag."""
+    m = re.match(r"(\w+)\b", message)
+    if m and m.group(1) in _LOSS_FLAGS:
+        return _typed(_LOSS_FLAGS[m.group(1)], argv) + message[m.end() :]
+    return message
+
+
+def _check_records(parser, data, what: str, args, argv: Sequence[str]) -> None:
+    """Record-level requirements the collator would only meet at the first batch (after the model is
+    loaded and the reference scored): video files need ``--num_frames``."""
+    if data is None or args.num_frames is not None:
+        return
+    n, first = 0, None
+    for rec in data:
+        files = [v for v in (rec.get("videos") or []) if isinstance(v, (str, os.PathLike))]
+        if files:
+            n += 1
+            first = first or (rec.get("id"), files[0])
+    if n:
+        parser.error(
+            f"{_typed('num_frames', argv)} is required: {n} record(s) of {what} have video files (e.g. "
+            f"record {first[0]!r}: {first[1]!r}), and the frames sampled from each must be set (e.g. "
+            f"{_typed('num_frames', argv)} 16)"
+        )
+
+
+def _resume_target(parser, args, argv: Sequence[str]) -> str | bool | None:
+    """``--resume_from_checkpoint`` as ``Trainer.train`` takes it: a checkpoint folder, or ``True`` for the
+    last checkpoint in ``--output_dir`` (``true`` / ``last``); checked now, not after the model is loaded."""
+    value = args.resume_from_checkpoint
+    if value is None or value == "":
+        return None
+    flag = _typed("resume_from_checkpoint", argv)
+    if str(value).strip().lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not os.path.isdir(args.output_dir) or get_last_checkpoint(args.output_dir) is None:
+            parser.error(f"{flag} {value}: no checkpoint-* folder in --output_dir {args.output_dir!r}")
+        return True
+    if not os.path.isdir(value):
+        parser.error(f"{flag} {value!r}: no such checkpoint folder")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = transformers.HfArgumentParser((ScriptArgs, ChainRankConfig))
-    if argv is None:
-        script, args = parser.parse_args_into_dataclasses()
-    else:
-        script, args = parser.parse_args_into_dataclasses(args=argv)
+    typed = list(sys.argv[1:] if argv is None else argv)
+    # Every option and record requirement is checked here, before any model is loaded or any reference
+    # score computed; an error names the flag as it was typed and exits with status 2.
+    try:
+        script, args = parser.parse_args_into_dataclasses(args=typed)
+    except ValueError as exc:  # ChainRankConfig / TrainingArguments.__post_init__
+        parser.error(_flag_message(str(exc), typed))
+    try:
+        args.loss_spec()  # loss, beta, pairs, loss_type, top_k, sft_weight, filter_eps
+    except (TypeError, ValueError) as exc:
+        parser.error(_flag_message(str(exc), typed))
     if script.model is not None and script.data is None:
         parser.error("--model needs --data (a chains JSONL): the synthetic data only fits the tiny model")
-    eval_data = None
+    if script.model is None and script.prompt is not None:
+        parser.error("--prompt applies to --model checkpoints; the tiny default model has its own prompt")
+    resume = _resume_target(parser, args, typed)
+    eval_data = data = None
+    try:
+        if script.data is not None:
+            data = load_chain_dataset(
+                script.data,
+                prompt=script.prompt,
+                video_root=script.video_root,
+                chain_length=script.chain_length,
+            )
+        if script.eval_data is not None:
+            eval_data = load_chain_dataset(
+                script.eval_data, prompt=script.prompt, video_root=script.video_root
+            )
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    _check_records(parser, data, "--data", args, typed)
+    _check_records(parser, eval_data, "--eval_data", args, typed)
     if script.model is None:
-        model, processor, data = synthetic_setup(script.num_videos + 8)
-        data, eval_data = data[:-8], data[-8:]
+        model, processor, synthetic = synthetic_setup(script.num_videos + 8)
+        if data is None:
+            data = synthetic[:-8]
+            if eval_data is None:
+                eval_data = synthetic[-8:]
     else:
         processor = transformers.AutoProcessor.from_pretrained(script.model, local_files_only=True)
         model = script.model  # ChainRankTrainer loads it (AutoModelForImageTextToText or ForCausalLM)
-    if script.data is not None:
-        data = load_chain_dataset(script.data, video_root=script.video_root, chain_length=script.chain_length)
-    if script.eval_data is not None:
-        eval_data = load_chain_dataset(script.eval_data, video_root=script.video_root)
     trainer = ChainRankTrainer(
         model, args, train_dataset=data, eval_dataset=eval_data, processing_class=processor
     )
     before = trainer.evaluate() if eval_data is not None else {}
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     after = trainer.evaluate() if eval_data is not None else {}
     if after and trainer.is_world_process_zero():
@@ -79,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "eval_kendall_tau",
             "eval_best_logp_per_token",
         ):
-            print(f"{key:<28}{before[key]:>10.4f}{after[key]:>10.4f}")
+            if key in before and key in after:
+                print(f"{key:<28}{before[key]:>10.4f}{after[key]:>10.4f}")
     return after
 
 

@@ -317,7 +317,13 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
     """Create (or check, for ``--resume``) the run folder: ``config.json``, the train/held-out split, the
     locally trained tokenizer + processor (tiny model), decoded videos (``--data``). Returns notes to
     print."""
-    from rankloss.train.data import decode_videos, load_chains_file, read_split, synthetic_chains
+    from rankloss.train.data import (
+        decode_videos,
+        load_chains_file,
+        read_split,
+        record_split,
+        synthetic_chains,
+    )
     from rankloss.train.files import DamagedFileError
     from rankloss.train.model import build_tiny_processor, train_tokenizer
 
@@ -352,6 +358,17 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
         chains = synthetic_chains(config)
     else:
         chains, notes = load_chains_file(config.data, config.video_root, config.chain_length)
+        try:
+            by_record = record_split(chains)
+        except ValueError as exc:
+            raise SystemExit(f"error: --data {config.data}: {exc}") from exc
+        if by_record is not None:
+            if "heldout" in config.given:
+                raise SystemExit(
+                    "error: --heldout does not apply: the records of --data carry a 'split' field, which "
+                    "makes the train/held-out split"
+                )
+            notes.append("split: from the records' 'split' field")
     try:
         # made (or made again, when damaged) by the main process; the others read what it wrote
         if main:

@@ -98,6 +98,27 @@ class LossSpec:
     deterministic: bool = False
     filter_eps: float | str | None = "auto"
 
+    def __post_init__(self) -> None:
+        # The checks the loss makes at its first call, made here so that a bad option fails when the spec
+        # (or a ChainRankConfig, which builds one) is made: before a model is loaded or a reference scored.
+        from .. import _validation as V
+        from ..losses import CHAIN_LOSSES, _check_only_for, _check_top_k
+        from ..reference import losses as ref
+
+        V.check_choice(self.loss, "loss", CHAIN_LOSSES)
+        V.check_positive_float(self.beta, "beta")
+        _check_only_for(self.loss, top_k=self.top_k, pairs=self.pairs, dpo_loss_type=self.dpo_loss_type)
+        if self.pairs is not None:
+            V.check_choice(self.pairs, "pairs", ref.PAIR_STRATEGIES)
+        if self.dpo_loss_type is not None:
+            V.check_choice(self.dpo_loss_type, "dpo_loss_type", ref.DPO_LOSS_TYPES)
+        _check_top_k(self.top_k)
+        V.check_finite_float(self.sft_weight, "sft_weight")
+        for name in ("length_normalize", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        V.check_filter_eps(self.filter_eps)
+
 
 @dataclass(frozen=True)
 class ChainStates:

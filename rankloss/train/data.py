@@ -60,6 +60,8 @@ __all__ = [
     "load_chains_file",
     "decode_videos",
     "read_split",
+    "record_split",
+    "HELDOUT_SPLITS",
     "split_by_video",
     "global_batch_indices",
     "SYNTHETIC_FPS",
@@ -87,6 +89,8 @@ class VideoChain:
         scene: the true :class:`~rankloss.synthetic.Scene` when known (synthetic data, or a chains file
             whose records carry ``source.scene``): generated captions are then scored fact by fact.
         index: row of the video in its :class:`FrameStore`.
+        split: the record's ``split`` field (``"train"``, or a held-out name: see :data:`HELDOUT_SPLITS`),
+            ``None`` when it has none.
     """
 
     id: str
@@ -94,6 +98,45 @@ class VideoChain:
     video: str | None = None
     scene: Scene | None = None
     index: int = 0
+    split: str | None = None
+
+
+#: record ``split`` values that put a video in the held-out set (``"train"`` puts it in training)
+HELDOUT_SPLITS = ("heldout", "held_out", "test", "val", "valid", "validation", "eval", "dev")
+
+
+def record_split(chains: Sequence[VideoChain]) -> tuple[list[VideoChain], list[VideoChain]] | None:
+    """``(train, heldout)`` from the records' ``split`` fields, or ``None`` when no record has one.
+
+    Raises:
+        ValueError: some records have a ``split`` and others not, an unknown value, or a side left empty.
+    """
+    tagged = [c for c in chains if c.split is not None]
+    if not tagged:
+        return None
+    if len(tagged) != len(chains):
+        first = next(c for c in chains if c.split is None)
+        raise ValueError(
+            f"{len(tagged)} of {len(chains)} records have a 'split' field but record {first.id!r} has none: "
+            "give every record a split, or none (then --heldout videos are drawn at random)"
+        )
+    train, held = [], []
+    for c in chains:
+        value = str(c.split).strip().lower()
+        if value == "train":
+            train.append(c)
+        elif value in HELDOUT_SPLITS:
+            held.append(c)
+        else:
+            raise ValueError(
+                f"record {c.id!r}: split={c.split!r}; use 'train' or one of {HELDOUT_SPLITS} (held out)"
+            )
+    if not train or not held:
+        raise ValueError(
+            f"the records' 'split' fields give {len(train)} training and {len(held)} held-out videos; "
+            "both sides need at least one"
+        )
+    return train, held
 
 
 @dataclass
@@ -180,7 +223,10 @@ def load_chains_file(
             if isinstance(src, dict) and isinstance(src.get("scene"), dict)
             else None
         )
-        chains.append(VideoChain(r.id, r.captions, r.video, scene, len(chains)))
+        split = r.record.get("split")
+        chains.append(
+            VideoChain(r.id, r.captions, r.video, scene, len(chains), None if split is None else str(split))
+        )
     notes = [f"skipped {short} chain(s) with fewer than 2 captions"] if short else []
     return chains, notes
 
@@ -323,8 +369,12 @@ def read_split(
     """
     ids = [c.id for c in chains]
 
+    by_record = record_split(chains)
+    if by_record is not None:  # the records' own split: --heldout and --data-seed do not apply
+        heldout = len(by_record[1])
+
     def make() -> dict[str, list[str]]:
-        train, held = split_by_video(chains, heldout, seed)
+        train, held = by_record if by_record is not None else split_by_video(chains, heldout, seed)
         split = {"train": [c.id for c in train], "heldout": [c.id for c in held]}
         if write:
             write_json_atomic(path, split, indent=None)
