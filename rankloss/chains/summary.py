@@ -42,6 +42,10 @@ class ChainSummary:
         ids_renamed: records whose id repeated an earlier one's and got a ``#2``, ``#3``... suffix
             (examples in ``renamed``, as ``"old -> new"``).
         complete: whether the whole input was processed and the output file is final.
+        from_file: a summary of an existing chains file (:func:`summarize_chains`), not of a run: it has
+            no input, so its chains are counted as read from ``output``: ``format`` prints
+            ``chains read: N`` and no input-records line, and ``to_dict`` gives ``chains_read`` (and
+            ``chains_written``, the same number, kept for old readers) without the input's counts.
     """
 
     requested_length: int = 0
@@ -66,6 +70,7 @@ class ChainSummary:
     renamed: list[str] = field(default_factory=list)
     complete: bool = False
     output: str | None = None
+    from_file: bool = False
 
     def add_chain(self, record: dict[str, Any], *, resumed: bool = False) -> None:
         """Count one written chain record."""
@@ -92,7 +97,7 @@ class ChainSummary:
             self.renamed.append(f"{old_id} -> {new_id}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "requested_length": self.requested_length,
             "records_read": self.records_read,
             "chains_written": self.chains_written,
@@ -116,18 +121,32 @@ class ChainSummary:
             "complete": self.complete,
             "output": self.output,
         }
+        if self.from_file:  # no input: chains read; the input's counts (all 0) are left out
+            for key in ("records_read", "records_done_before", "lines_skipped", "skipped_examples",
+                        "ids_renamed", "renamed_examples", "chains_dropped"):  # fmt: skip
+                del out[key]
+            out = {"chains_read": self.chains_written, "from_file": True, **out}
+        return out
 
     def format(self) -> str:
         """A human-readable multi-line summary."""
         lines = []
-        state = "complete" if self.complete else "INCOMPLETE (run again with the same arguments to resume)"
-        lines.append(
-            f"chains: {self.chains_written} written ({self.chains_resumed} from an earlier run), {state}"
-        )
-        if self.output:
-            lines.append(f"output: {self.output}")
-        done = f", {self.records_done_before} done by an earlier run" if self.records_done_before else ""
-        lines.append(f"input records: {self.records_read} read, {self.lines_skipped} skipped{done}")
+        if self.from_file:
+            state = "complete" if self.complete else "INCOMPLETE (a .partial file of an unfinished run)"
+            lines.append(f"chains read: {self.chains_written}, {state}")
+            if self.output:
+                lines.append(f"file: {self.output}")
+        else:
+            state = (
+                "complete" if self.complete else "INCOMPLETE (run again with the same arguments to resume)"
+            )
+            lines.append(
+                f"chains: {self.chains_written} written ({self.chains_resumed} from an earlier run), {state}"
+            )
+            if self.output:
+                lines.append(f"output: {self.output}")
+            done = f", {self.records_done_before} done by an earlier run" if self.records_done_before else ""
+            lines.append(f"input records: {self.records_read} read, {self.lines_skipped} skipped{done}")
         for msg in self.skipped:
             lines.append(f"  skipped {msg}")
         if self.lines_skipped > len(self.skipped):
@@ -180,7 +199,9 @@ def summarize_chains(path: str | os.PathLike[str]) -> ChainSummary:
     """The summary of an existing chains JSONL file (finished or ``.partial``)."""
     from .formats import read_chains
 
-    summary = ChainSummary(complete=not os.fspath(path).endswith(".partial"), output=os.fspath(path))
+    summary = ChainSummary(
+        complete=not os.fspath(path).endswith(".partial"), output=os.fspath(path), from_file=True
+    )
     for rec in read_chains(path):
         summary.add_chain(rec)
         summary.requested_length = max(summary.requested_length, int(rec.get("requested_length", 0)))

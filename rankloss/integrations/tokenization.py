@@ -17,6 +17,22 @@
   text is what the chat template adds after the prompt: ``template(prompt + completion)`` minus
   ``template(prompt, add_generation_prompt=True)`` (the template's own end-of-turn tokens end it; no EOS
   is added).
+* **The prompt/completion boundary** (``boundary``). ``"separate"`` (the default) tokenises the
+  completion's text alone, as above, so a completion's tokens never depend on its prompt (and a chain's
+  captions share their token prefixes). ``"joint"`` is TRL's ``DPOTrainer`` convention: the completion's
+  tokens are those of ``tokenizer(prompt + completion)`` after the first ``len(tokenizer(prompt))``
+  (then EOS for a string completion), so they can start with a token that also holds the end of the
+  prompt. The two agree unless the tokenizer merges across the boundary (e.g. ``"clip:"`` +
+  ``"the dog"`` with no separator, ``"clip: "`` + ``"the dog"`` with a byte-level or Metaspace BPE whose
+  words start at a space, or a SentencePiece tokenizer that puts ``"▁"`` in front of a text
+  tokenised alone). Such a completion is counted in :attr:`ChainTokenizer.boundary_merges`; with
+  ``"separate"`` the first one in the process also warns (naming it), since the model is then scored
+  on other tokens than TRL would score: put a separator at the boundary (a space at the start of the
+  completion, or a newline at the end of the prompt) or pass
+  ``boundary="joint"``. With ``"joint"`` a warning is given (once) only where TRL would warn too: the
+  prompt's tokens are not a prefix of prompt + completion's. The check looks at the text around the
+  boundary (the prompt's last and the completion's first ``BOUNDARY_WINDOW`` characters) and is
+  memoised per such pair.
 
 Chat-template texts and completion token ids are memoised (a chain's captions repeat across epochs and
 reference passes), within a budget of bytes (``memo_bytes``, default 64 MiB per cache; token ids are
@@ -29,18 +45,26 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from array import array
 from collections.abc import Mapping
 from typing import Any
 
 from .records import clean_messages, describe
 
-__all__ = ["MEDIA_KINDS", "MEMO_BYTES", "ChainTokenizer"]
+__all__ = ["BOUNDARIES", "BOUNDARY_WINDOW", "MEDIA_KINDS", "MEMO_BYTES", "ChainTokenizer"]
 
 #: Default byte budget of each memo (chat-template texts; completion token ids).
 MEMO_BYTES = 64 << 20
 #: A record's media fields and the kind of each item.
 MEDIA_KINDS = (("images", "image"), ("videos", "video"))
+#: The prompt/completion boundary conventions (see the module docstring).
+BOUNDARIES = ("separate", "joint")
+#: Characters of text on each side of the prompt/completion boundary the merge check tokenises.
+BOUNDARY_WINDOW = 32
+_BOUNDARY_MEMO_MAX = 1 << 16  # (prompt tail, completion head) pairs kept
+#: Whether this process has warned about a prompt/completion boundary merge (warned once per process).
+_warned_boundary = False
 
 
 class ChainTokenizer:
@@ -52,12 +76,23 @@ class ChainTokenizer:
         tokenizer: the tokenizer (the processor's, or the processing class itself).
         pad_id: the tokenizer's pad token id.
         memo_bytes: the byte budget of each memo (about: keys, texts and 4-byte token ids counted).
+        boundary: ``"separate"`` (default) or ``"joint"`` (TRL's convention); see the module docstring.
+        boundary_merges: how many completions (calls of :meth:`completion_ids`) the tokenizer merged with
+            the end of their prompt (their tokens differ between the two conventions). Counted in this
+            object only: each data loader worker counts its own.
     """
 
-    def __init__(self, processing_class: Any, *, memo_bytes: int = MEMO_BYTES) -> None:
+    def __init__(
+        self, processing_class: Any, *, memo_bytes: int = MEMO_BYTES, boundary: str = "separate"
+    ) -> None:
         if isinstance(memo_bytes, bool) or not isinstance(memo_bytes, int) or memo_bytes < 0:
             raise ValueError(f"memo_bytes must be an int >= 0, got {memo_bytes!r}")
+        if boundary not in BOUNDARIES:
+            raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
         self.memo_bytes = memo_bytes
+        self.boundary = boundary
+        self.boundary_merges = 0
+        self._merge_memo: dict[tuple[str, str], bool] = {}
         pc = processing_class
         if pc is None or isinstance(pc, (str, os.PathLike)):
             raise TypeError(
@@ -93,7 +128,7 @@ class ChainTokenizer:
         self._vision_start, self._vision_end = self._vision_wrappers()
         self._bos_text = self._default_bos()
         self._template_cache: dict[str, str] = {}
-        self._token_cache: dict[tuple[str, bool], array] = {}
+        self._token_cache: dict[tuple[Any, ...], array] = {}
         self._template_bytes = 0
         self._token_bytes = 0
 
@@ -242,7 +277,7 @@ class ChainTokenizer:
                     "the tokenizer has no eos_token: string completions need an end token to learn to "
                     "stop (give conversational completions, or set tokenizer.eos_token)"
                 )
-            tokens = self.token_ids(completion, add_eos=True)
+            tokens = self._completion_tokens(where, prompt, completion, add_eos=True)
         else:
             assert prompt_messages is not None  # conversational completions make the prompt messages
             full = self.apply_template(
@@ -258,9 +293,92 @@ class ChainTokenizer:
             text = full[len(prompt) :]
             if not text:
                 raise ValueError(f"{where}: the chat template adds no text for this completion")
-            tokens = self.token_ids(text, add_eos=False)
+            tokens = self._completion_tokens(where, prompt, text, add_eos=False)
         if not tokens:
             raise ValueError(f"{where} has no tokens")
+        return tokens
+
+    # -------------------------------------------------------------------------------------------------
+    def merges_at_boundary(self, prompt: str, text: str, text_ids: list[int] | None = None) -> bool:
+        """Whether the tokenizer joins the end of ``prompt`` and the start of ``text`` (a completion's text)
+        into other tokens than each gets alone: ``tok(tail + head) != tok(tail) + tok(head)`` for the
+        prompt's last and the text's first :data:`BOUNDARY_WINDOW` characters (memoised per pair).
+        ``text_ids``: the text's own ids when known (used when the window holds the whole text: no second
+        tokenisation)."""
+        tail, head = prompt[-BOUNDARY_WINDOW:], text[:BOUNDARY_WINDOW]
+        if not tail or not head:
+            return False
+        key = (tail, head)
+        merged = self._merge_memo.get(key)
+        if merged is None:
+            head_ids = text_ids if text_ids is not None and head == text else self._plain_ids(head)
+            merged = self._plain_ids(tail + head) != self._plain_ids(tail) + head_ids
+            if len(self._merge_memo) < _BOUNDARY_MEMO_MAX:
+                self._merge_memo[key] = merged
+        return merged
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def joint_ids(self, prompt: str, text: str, add_eos: bool) -> list[int]:
+        """TRL's convention: the ids of ``prompt + text`` after the first ``len(ids(prompt))``, plus EOS
+        when ``add_eos`` (memoised; ``add_special_tokens=False``: the prompt text already holds any BOS)."""
+        key = (text, add_eos, prompt)
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            return cached.tolist()
+        prompt_ids = self.token_ids(prompt, add_eos=False)
+        full = self._plain_ids(prompt + text)
+        ids = full[len(prompt_ids) :]
+        if add_eos:
+            ids.append(int(self.tokenizer.eos_token_id))
+        packed = array("i", ids)
+        size = sys.getsizeof(text) + sys.getsizeof(prompt) + packed.itemsize * len(packed) + 200
+        if self._token_bytes + size <= self.memo_bytes:
+            self._token_cache[key] = packed
+            self._token_bytes += size
+        return ids
+
+    def _completion_tokens(self, where: str, prompt: str, text: str, add_eos: bool) -> list[int]:
+        """The completion ``text``'s token ids under :attr:`boundary`, counting (and once per process
+        warning about) a merge across the prompt/completion boundary."""
+        global _warned_boundary
+        if self.boundary == "separate":
+            tokens = self.token_ids(text, add_eos=add_eos)
+            merged = self.merges_at_boundary(prompt, text, tokens[:-1] if add_eos else tokens)
+            if merged:
+                self.boundary_merges += 1
+            if merged and not _warned_boundary:
+                _warned_boundary = True
+                warnings.warn(
+                    f"{where}: the tokenizer merges the end of the prompt with the start of the completion "
+                    f"(...{prompt[-24:]!r} + {text[:24]!r}...): rankloss tokenises a completion alone "
+                    "(boundary='separate'), so it scores other tokens here than TRL's DPOTrainer, which "
+                    "tokenises prompt + completion together. Put a separator at the boundary (with most BPE "
+                    "tokenizers a space at the start of the completion, not at the end of the prompt, or "
+                    "a newline at the end of the prompt), or use TRL's convention "
+                    "(ChainCollator(boundary='joint')). Warned once per process; every such completion is "
+                    "counted in ChainTokenizer.boundary_merges",
+                    stacklevel=3,
+                )
+            return tokens
+        merged = self.merges_at_boundary(prompt, text)
+        if merged:
+            self.boundary_merges += 1
+        tokens = self.joint_ids(prompt, text, add_eos)
+        if merged and not _warned_boundary:
+            prompt_ids = self.token_ids(prompt, add_eos=False)
+            if self._plain_ids(prompt + text)[: len(prompt_ids)] != prompt_ids:
+                _warned_boundary = True
+                warnings.warn(
+                    f"{where}: the prompt's tokens are not a prefix of prompt + completion's "
+                    f"(...{prompt[-24:]!r} + {text[:24]!r}...); as in TRL, the completion's tokens are "
+                    "those after the prompt's length, so the model sees a sequence no text tokenises to. "
+                    "Put a separator at the boundary (a space at the start of the completion, or a newline "
+                    "at the end of the prompt). Warned once per process; "
+                    "every merge is counted in ChainTokenizer.boundary_merges",
+                    stacklevel=3,
+                )
         return tokens
 
     def check_placeholders(self, i: int, text: str, counts: dict[str, int], cause: Exception) -> None:

@@ -257,36 +257,48 @@ def _mean_curve(series: list[list[tuple[int, float]]]) -> list[tuple[int, float]
 
 def plot_curves(config: TrainConfig, records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     """``training_loss.png`` (one panel per task, one line per seed) and ``eval_curves.png`` (held-out
-    metrics against the global step: SFT steps, then each arm's steps; mean over seeds). Returns paths."""
+    metrics against the global step: SFT steps, then each arm's steps; mean over seeds). Returns paths.
+
+    Empty plots are not written: a task with no training steps logged (``--sft-steps 0``) gets no panel,
+    and a plot with no panel at all (nothing trained, or no evaluation) is left out of the paths."""
     plt = _pyplot()
-    tasks = ["sft"] + [a.name for a in config.arm_list]
     titles = {"sft": "SFT"} | {a.name: a.title(config.pairs) for a in config.arm_list}
-    paths = []
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for seed in config.seed_list:
-            pts = [
+    losses = {
+        task: {
+            seed: [
                 (r["step"], r["loss"])
                 for r in records
                 if r.get("event") == "train" and r["task"] == task and r["seed"] == seed
             ]
-            if pts:
-                ax.plot(*zip(*pts), label=f"seed {seed}", lw=1.2)
-        ax.set_title(titles[task], fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training loss")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "training_loss.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+            for seed in config.seed_list
+        }
+        for task in ["sft"] + [a.name for a in config.arm_list]
+    }
+    tasks = [t for t, by_seed in losses.items() if any(by_seed.values())]
+    paths = []
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for seed, pts in losses[task].items():
+                if pts:
+                    ax.plot(*zip(*pts), label=f"seed {seed}", lw=1.2)
+            ax.set_title(titles[task], fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("training loss")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "training_loss.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     keys = [
         k
         for k in ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1")
         if any(k in r.get("metrics", {}) for r in records if r.get("event") == "eval")
     ]
+    if not keys:
+        return paths
     fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         sft = _mean_curve(
@@ -325,7 +337,7 @@ def plot_curves(config: TrainConfig, records: Sequence[dict[str, Any]], out_dir:
         ax.set_xlabel("step (SFT, then the arm)")
         ax.axvline(config.sft_steps, color="grey", lw=0.6, ls="--")
         ax.grid(alpha=0.3)
-    if keys:
+    if any(ax.get_legend_handles_labels()[0] for ax in axes[0][:1]):
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "eval_curves.png"))
@@ -334,8 +346,9 @@ def plot_curves(config: TrainConfig, records: Sequence[dict[str, Any]], out_dir:
     return paths
 
 
-def plot_comparison(config: TrainConfig, records: Sequence[dict[str, Any]], path: str) -> str:
-    """Bar charts of the final held-out metrics per arm with standard-error bars (``comparison.png``)."""
+def plot_comparison(config: TrainConfig, records: Sequence[dict[str, Any]], path: str) -> str | None:
+    """Bar charts of the final held-out metrics per arm with standard-error bars (``comparison.png``);
+    ``None`` (nothing written) when there is no final metric to show."""
     plt = _pyplot()
     rows = final_metrics(config, records)
     keys = [
@@ -343,6 +356,8 @@ def plot_comparison(config: TrainConfig, records: Sequence[dict[str, Any]], path
         for k in ("pair_acc", "reward_pair_acc", "best_logp_tok", "gen_f1", "gen_word_f1")
         if k in _columns(rows)
     ]
+    if not keys:
+        return None
     names = ["@sft"] + [a.name for a in config.arm_list]
     labels = ["after SFT"] + [a.title(config.pairs).replace(", ", ",\n") for a in config.arm_list]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.9 * len(keys), 3.6), squeeze=False)
@@ -418,7 +433,9 @@ def write_reports(config: TrainConfig, run_dir: str) -> dict[str, str]:
     if config.compare:
         out["comparison"] = os.path.join(run_dir, "comparison.md")
         atomic_write(out["comparison"], comparison_table(config, records).encode("utf-8"))
-        out["comparison_plot"] = plot_comparison(config, records, os.path.join(run_dir, "comparison.png"))
+        comparison_plot = plot_comparison(config, records, os.path.join(run_dir, "comparison.png"))
+        if comparison_plot is not None:
+            out["comparison_plot"] = comparison_plot
         claims_plot = plot_claims(config, records, os.path.join(run_dir, "claims.png"))
         if claims_plot is not None:
             out["claims_plot"] = claims_plot
