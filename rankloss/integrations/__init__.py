@@ -37,6 +37,10 @@ key                        shape       meaning
 ``chain_sizes``            ``[B]``     ``K_b``, completions of chain ``b`` (``>= 1``)
 ``dropped_completions``    ``[B]``     optional: completions of chain ``b`` the collator dropped as
                                        token-identical to a better-ranked one (not read by the model)
+``completion_index``       ``[S]``     optional: each completion's index in its record (not read
+                                       by the model)
+``chain_edit_types``       list of B   optional: per chain, per completion, the type of the edit
+                                       that made it (``None``: first or unknown; not a tensor)
 ``ref_scores``             ``[S]``     optional: the reference model's summed log-probs
 ``chain_ids``              list of B   optional: the records' ids (not a tensor)
 ``chain_tree``                         optional: the batch as one packed row, each prompt once
@@ -82,6 +86,8 @@ CHAIN_KEYS = (
     "completion_labels",
     "chain_sizes",
     "dropped_completions",
+    "completion_index",
+    "chain_edit_types",
     "ref_scores",
     "chain_ids",
     "chain_tree",

@@ -35,6 +35,7 @@ from .records import (
     load_chain_dataset,
     read_chain_records,
     record_completions,
+    record_edit_types,
     record_id,
     record_ref_scores,
     record_video_fps,
@@ -107,6 +108,9 @@ class ChainCollator:
             data loader's workers instead of at every step (default ``True``).
         duplicates: ``"drop"`` (default), ``"error"`` or ``"keep"``: what to do with a completion
             token-identical to a better-ranked one of its chain (see above).
+        boundary: ``"separate"`` (default: each string completion tokenised alone) or ``"joint"`` (TRL's
+            DPOTrainer convention: the tokens of prompt + completion after the prompt's); see
+            :class:`~rankloss.integrations.tokenization.ChainTokenizer`.
 
     Returns (of a call on ``records``, a list of ``B`` records): the chain batch, a ``dict``:
 
@@ -117,6 +121,11 @@ class ChainCollator:
     * ``completion_labels`` ``[S, L]`` long, ``completion_input_ids`` with ``-100`` at padding;
     * ``chain_sizes`` ``[B]`` long, ``K_b`` (completions kept);
     * ``dropped_completions`` ``[B]`` long, the completions of each chain dropped as duplicates;
+    * ``completion_index`` ``[S]`` long, each kept completion's index in its record's ``completions``
+      (``0, 1, ..., K_b - 1`` unless duplicates were dropped);
+    * ``chain_edit_types`` list of ``B`` lists, one entry per kept completion: the type of the edit that
+      made it from the record's previous completion (the record's ``edit_types`` or ``edits`` at step
+      ``completion_index``), ``None`` for the first completion and where the record gives none;
     * ``ref_scores`` ``[S]`` float32, when the records have ``ref_scores`` (all of them must);
     * ``chain_ids`` list of ``B`` strings, when the records have ``id`` (all of them must);
     * ``chain_tree``: the batch packed into one row, each prompt once (a
@@ -142,12 +151,13 @@ class ChainCollator:
     pad_to_multiple_of: int | None = None
     chain_tree: bool = True
     duplicates: str = "drop"
+    boundary: str = "separate"
     _fps_cache: dict[tuple[str, int], float] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
-        self.text = ChainTokenizer(self.processing_class)
+        self.text = ChainTokenizer(self.processing_class, boundary=self.boundary)
         check_optional_int(self.max_prompt_length, "max_prompt_length", 1)
         check_optional_int(self.max_completion_length, "max_completion_length", 1)
         check_optional_int(self.num_frames, "num_frames", 1)
@@ -226,9 +236,10 @@ class ChainCollator:
 
     def _text(
         self, i: int, rec: Mapping[str, Any], n_images: int, n_videos: int, warn: bool = True
-    ) -> tuple[str, list[list[int]], list[float] | None, list[tuple[int, int]]]:
+    ) -> tuple[str, list[list[int]], list[float] | None, list[tuple[int, int]], list[int]]:
         """``records[i]``'s prompt text, its completions' token ids (cut, duplicates handled as
-        ``duplicates`` says), their ``ref_scores`` and the ``(dropped, kept twin)`` index pairs."""
+        ``duplicates`` says), their ``ref_scores``, the ``(dropped, kept twin)`` index pairs and the
+        record's index of each kept completion."""
         completions, conversational = record_completions(i, rec)
         prompt, prompt_msgs = self.text.prompt(
             i, rec, n_images, n_videos, conversational, self.default_prompt
@@ -237,6 +248,7 @@ class ChainCollator:
         ids: list[list[int]] = []
         kept_refs: list[float] = []
         dropped: list[tuple[int, int]] = []
+        kept: list[int] = []
         seen: dict[tuple[int, ...], int] = {}
         for k, c in enumerate(completions):
             full = self.text.completion_ids(f"records[{i}]['completions'][{k}]", c, prompt, prompt_msgs)
@@ -246,6 +258,7 @@ class ChainCollator:
             if j is None or self.duplicates == "keep":
                 seen.setdefault(key, k)
                 ids.append(tokens)
+                kept.append(k)
                 if refs is not None:
                     kept_refs.append(refs[k])
                 continue
@@ -267,7 +280,7 @@ class ChainCollator:
                 "trainer logs their sum (this warning is shown once per process)",
                 stacklevel=3,
             )
-        return prompt, ids, (kept_refs if refs is not None else None), dropped
+        return prompt, ids, (kept_refs if refs is not None else None), dropped, kept
 
     def _why_identical(self, completions: list[Any], j: int, k: int) -> str:
         if completions[j] == completions[k]:
@@ -282,8 +295,9 @@ class ChainCollator:
             raise TypeError(f"records[{i}] must be a dict (a chain record), got {describe(rec)}")
         record_completions(i, rec)  # a record without completions is named before its media load
         images, videos, fps = self._media(i, rec)
-        prompt, ids, refs, dropped = self._text(i, rec, len(images), len(videos))
-        return ParsedRecord(prompt, images, videos, fps, ids, refs, record_id(rec), dropped)
+        prompt, ids, refs, dropped, kept = self._text(i, rec, len(images), len(videos))
+        types = record_edit_types(i, rec, len(record_completions(i, rec)[0]))
+        return ParsedRecord(prompt, images, videos, fps, ids, refs, record_id(rec), dropped, kept, types)
 
     def for_scoring(self) -> ChainCollator:
         """This collator with ``duplicates="keep"``: every completion of a record gets a row (and a score),
@@ -309,7 +323,8 @@ class ChainCollator:
         if not isinstance(rec, Mapping):
             raise TypeError(f"records[{i}] must be a dict (a chain record), got {describe(rec)}")
         images, videos = self._media_fields(i, rec)
-        _, ids, _, dropped = self._text(i, rec, len(images), len(videos), warn=False)
+        _, ids, _, dropped, _ = self._text(i, rec, len(images), len(videos), warn=False)
+        record_edit_types(i, rec, len(record_completions(i, rec)[0]))
         return len(ids), dropped
 
     # -------------------------------------------------------------------------------------------------
@@ -357,6 +372,11 @@ class ChainCollator:
         batch["completion_labels"] = labels
         batch["chain_sizes"] = torch.tensor([len(p.completions) for p in parsed], dtype=torch.long)
         batch["dropped_completions"] = torch.tensor([len(p.dropped) for p in parsed], dtype=torch.long)
+        batch["completion_index"] = torch.tensor([k for p in parsed for k in p.kept], dtype=torch.long)
+        batch["chain_edit_types"] = [
+            [p.edit_types[k - 1] if p.edit_types is not None and k >= 1 else None for k in p.kept]
+            for p in parsed
+        ]
         if parsed[0].ref_scores is not None:
             batch["ref_scores"] = torch.tensor(
                 [r for p in parsed for r in (p.ref_scores or [])], dtype=torch.float32

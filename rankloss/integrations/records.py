@@ -19,6 +19,11 @@ key              value
                  overrides the collator's ``video_fps``
 ``ref_scores``   optional ``K`` floats: the reference model's summed log-probs of the completions
 ``id``           optional: the record's id (becomes ``chain_ids``)
+``edit_types``   optional ``K - 1`` strings: entry ``k - 1`` is the type of the edit that turned completion
+                 ``k - 1`` into completion ``k`` (``object``, ``count``, ... as ``rankloss chains make``
+                 records them), ``None`` or ``""`` where unknown; or ``edits``: the chains file's
+                 ``[{"step": k, "type": ...}, ...]``. The trainer's per-edit-type metrics read them
+                 (``batch["chain_edit_types"]``)
 ===============  ==========================================================================================
 
 The checks name the record and the field (``records[3]['completions'][1] is an empty string``), so a bad
@@ -52,6 +57,7 @@ __all__ = [
     "record_completions",
     "record_id",
     "record_ref_scores",
+    "record_edit_types",
     "record_video_fps",
 ]
 
@@ -132,6 +138,10 @@ class ParsedRecord:
     #: ``(k, j)`` for every completion ``k`` dropped as token-identical to the better-ranked ``j`` (the
     #: indices in the record's ``completions``).
     dropped: list[tuple[int, int]] = field(default_factory=list)
+    #: the index in the record's ``completions`` of each kept completion (``completions`` minus ``dropped``).
+    kept: list[int] = field(default_factory=list)
+    #: the record's edit types (:func:`record_edit_types`), ``None`` when it gives none.
+    edit_types: list[str | None] | None = None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -208,6 +218,50 @@ def record_ref_scores(i: int, rec: Mapping[str, Any], num_completions: int) -> l
     if len(refs) != num_completions:
         raise ValueError(f"{where} has {len(refs)} scores for {num_completions} completions")
     return [float(r) for r in refs]
+
+
+def _edits_to_types(where: str, edits: Any, num_completions: int) -> list[str | None]:
+    """A chains file's ``edits`` (``[{"step": k, "type": t, ...}]``) as ``K - 1`` types by step."""
+    if not isinstance(edits, (list, tuple)):
+        raise TypeError(
+            f"{where} must be a list of edits ({{'step': k, 'type': ...}}), got {describe(edits)}"
+        )
+    types: list[str | None] = [None] * max(num_completions - 1, 0)
+    for j, e in enumerate(edits):
+        if not isinstance(e, Mapping) or "step" not in e or "type" not in e:
+            raise TypeError(f"{where}[{j}] must be a dict with 'step' and 'type', got {describe(e)}")
+        step, etype = e["step"], e["type"]
+        if not is_int(step) or step < 1:
+            raise ValueError(f"{where}[{j}]['step'] must be an int >= 1, got {step!r}")
+        if etype is not None and not isinstance(etype, str):
+            raise TypeError(f"{where}[{j}]['type'] must be a string, got {describe(etype)}")
+        if step <= len(types):  # edits past a chain cut to fewer captions are not in it
+            types[step - 1] = etype or None
+    return types
+
+
+def record_edit_types(i: int, rec: Mapping[str, Any], num_completions: int) -> list[str | None] | None:
+    """``records[i]``'s edit types by step: ``K - 1`` entries, entry ``k - 1`` the type of the edit that
+    turned completion ``k - 1`` into completion ``k`` (``None`` where unknown), from its ``edit_types``
+    (or, without them, the chains file's ``edits``); ``None`` when it gives neither (or an empty list).
+    A longer list is cut to ``K - 1`` (a chain cut to fewer captions)."""
+    value = rec.get("edit_types")
+    if value is None:
+        edits = rec.get("edits")
+        if edits is None or (isinstance(edits, (list, tuple)) and not edits):
+            return None
+        return _edits_to_types(f"records[{i}]['edits']", edits, num_completions)
+    where = f"records[{i}]['edit_types']"
+    if not isinstance(value, (list, tuple)) or not all(v is None or isinstance(v, str) for v in value):
+        raise TypeError(f"{where} must be a list of strings (one per edit, K - 1), got {describe(value)}")
+    if not value:
+        return None
+    if len(value) < num_completions - 1:
+        raise ValueError(
+            f"{where} has {len(value)} types for {num_completions} completions (needs K - 1 = "
+            f"{num_completions - 1}: the type of the edit that made each completion after the first)"
+        )
+    return [v or None for v in list(value)[: max(num_completions - 1, 0)]]
 
 
 def record_id(rec: Mapping[str, Any]) -> str | None:
@@ -321,6 +375,14 @@ def check_videos_exist(
         )
 
 
+def _file_edit_types(r: ChainFileRecord) -> list[str | None] | None:
+    """``r``'s edit types by step (``K - 1``, after any ``chain_length`` cut), ``None`` without edits."""
+    edits = r.record.get("edits")
+    if not edits:
+        return None
+    return _edits_to_types(f"record {r.id!r}: 'edits'", edits, len(r.captions))
+
+
 def load_chain_dataset(
     path_or_records: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
     *,
@@ -333,9 +395,13 @@ def load_chain_dataset(
 
     Each record ``{"id", "video", "chain": [captions, best first], ...}`` becomes a row ``{"id": str,
     "prompt": prompt, "videos": [video path] (or [] for a record without a video), "completions":
-    chain}``. Video paths are joined to ``video_root`` (default: the chains file's folder; for a list of
-    records, the paths are kept as they are). Chains are cut to ``chain_length`` captions when given;
-    chains left with fewer than 2 distinct captions are skipped, with one warning that counts them.
+    chain}``, and, when any record of the file has ``edits`` (``rankloss chains make`` writes them), an
+    ``edit_types`` column: ``K - 1`` strings per row, the type of the edit that made each caption after
+    the first (``None`` where the record has no edit for that step; an empty list for a record without
+    ``edits``). The trainer's per-edit-type metrics read it. Video paths are joined to ``video_root``
+    (default: the chains file's folder; for a list of records, the paths are kept as they are). Chains
+    are cut to ``chain_length`` captions when given; chains left with fewer than 2 distinct captions
+    are skipped, with one warning that counts them.
 
     Args:
         path_or_records: a chains JSONL file, or a list of chain records (dicts).
@@ -344,7 +410,8 @@ def load_chain_dataset(
         chain_length: keep the first ``chain_length >= 2`` captions of each chain.
 
     Returns:
-        a ``datasets.Dataset`` with columns ``id``, ``prompt``, ``videos``, ``completions``.
+        a ``datasets.Dataset`` with columns ``id``, ``prompt``, ``videos``, ``completions`` (and
+        ``edit_types`` when the file records edits).
 
     Raises:
         ValueError: a corrupt line, a malformed chain, a repeated id, or no chain with 2 captions (the
@@ -381,12 +448,15 @@ def load_chain_dataset(
         "videos": [[] if r.video is None else [r.video] for r in records],
         "completions": [r.captions for r in records],
     }
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "prompt": datasets.Value("string"),
-            "videos": datasets.List(datasets.Value("string")),
-            "completions": datasets.List(datasets.Value("string")),
-        }
-    )
+    columns = {
+        "id": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "videos": datasets.List(datasets.Value("string")),
+        "completions": datasets.List(datasets.Value("string")),
+    }
+    types = [_file_edit_types(r) for r in records]
+    if any(t is not None for t in types):
+        rows["edit_types"] = [t or [] for t in types]
+        columns["edit_types"] = datasets.List(datasets.Value("string"))
+    features = datasets.Features(columns)
     return datasets.Dataset.from_dict(rows, features=features)

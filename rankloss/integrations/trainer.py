@@ -27,10 +27,28 @@ the ``Trainer``:
 * **Gradient accumulation and several processes**: the loss of a micro-batch is its chains' summed loss
   divided by the number of chains in the whole optimizer step (all micro-batches, all processes), so
   GA=2 with half the batch, or two processes with half the batch each, give one process's update.
-* **Chain metrics** (pairwise accuracy, top-1, Kendall tau, neighbour margin, reward per position, the
-  best completion's log-prob per token, tokens) summed over every chain since the last log, reduced
-  across processes, and logged through ``Trainer.log`` (so tensorboard / wandb callbacks see them);
-  ``evaluate()`` returns the same metrics on the eval set as ``eval_*``.
+* **Chain metrics** summed over every chain since the last log, reduced across processes, and logged
+  through ``Trainer.log`` (so tensorboard / wandb callbacks see them); ``evaluate()`` returns the same
+  metrics on the eval set as ``eval_*``. Every ranking metric counts a tie as half (a tied pair 0.5,
+  top-1 shared among tied maxima), so nothing reads 0 because scores are equal (before the first step
+  every implicit reward is 0 and ``pairwise_accuracy`` reads 0.5):
+
+  - the implicit rewards: ``pairwise_accuracy`` (also ``rewards/accuracies``), ``top1_accuracy``,
+    ``kendall_tau``, ``neighbour_margin`` (also ``rewards/margins``), ``rewards/chosen`` (the best
+    completion's reward), ``rewards/rejected`` (the mean of the others'), ``reward_pos<k>`` (also
+    ``rewards/pos<k>``);
+  - the policy's own log-probs, no reference needed: ``logps/{pairwise_accuracy, top1_accuracy,
+    kendall_tau}`` by the summed log-prob ``s`` and ``logps_per_token/...`` by ``s / n_tokens``;
+    ``logps/chosen``, ``logps/rejected``; ``best_logp_per_token``. ``s`` is recovered from the rewards
+    and the reference scores (``r / beta + s_ref``; ``r / beta * n + s_ref`` with ``length_normalize``);
+  - adjacent pairs (caption ``k - 1`` against ``k``, one edit apart in the record) by the edit that made
+    caption ``k``: ``{logps,rewards}/pair_accuracy/<type>`` and their count ``pairs/<type>`` (from the
+    batch's ``chain_edit_types``: the records' ``edit_types`` or ``edits``), the length-matched view
+    ``{logps,rewards}/pair_accuracy/length_matched`` over the same-length edit types
+    (:data:`LENGTH_MATCHED_TYPES`), and by position ``{logps,rewards}/pair_accuracy/pos<k>``;
+  - ``chain_loss`` and, with ``sft_weight > 0``, the SFT term alone: ``sft_loss`` (= ``nll_loss``, TRL's
+    name; unweighted) and ``rank_loss = chain_loss - sft_weight * sft_loss``; ``chains``, ``tokens``,
+    ``dropped_completions``.
 * ``freeze_vision`` / ``vision_lr`` for the vision encoder of a VLM.
 * ``save_model`` writes the Hugging Face model (``from_pretrained`` loads it), not the wrapper.
 """
@@ -54,6 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..chains.taxonomy import EDIT_TYPES
 from .forward import IGNORE_INDEX, ChainRankModel, LossSpec
 
 try:
@@ -65,6 +84,67 @@ except ImportError as exc:  # pragma: no cover - the train extra is installed in
 __all__ = ["ChainRankConfig", "ChainRankTrainer"]
 
 _METRICS = ("pairwise_accuracy", "top1_accuracy", "kendall_tau", "neighbour_margin")
+#: Edit types that change what a caption says without changing its length much: an adjacent pair made by
+#: one of them is a length-matched probe (insertions and omissions change the length, which a summed
+#: log-prob ranks by even in a random model).
+LENGTH_MATCHED_TYPES = ("object", "attribute", "count", "action", "spatial", "order")
+#: The per-edit-type buckets: :data:`rankloss.chains.taxonomy.EDIT_TYPES` and ``other`` (any other type).
+_TYPE_BUCKETS = (*EDIT_TYPES, "other")
+#: Per-position sums: padded to one length before they are reduced across processes.
+_PER_POSITION = ("reward_pos_sum", "reward_pos_n", "pos_pairs", "pos_logps_correct", "pos_rewards_correct")
+
+
+def ranking_metrics(values: Tensor, sizes: Tensor) -> dict[str, Tensor]:
+    """Ranking metrics of ``values [S]`` (any score, higher = better) against the chain order (chains of
+    ``sizes [C]`` rows, best first), **ties counted as half**:
+
+    * ``pairwise_accuracy [C]``: over the pairs ``k < j`` of a chain, 1 where ``v_k > v_j``, 0.5 where
+      ``v_k == v_j``, 0 else, averaged (so equal scores give 0.5, not 0);
+    * ``top1_accuracy [C]``: ``1 / m`` where the best caption is one of ``m`` tied maxima, else 0;
+    * ``kendall_tau [C]``: ``(concordant - discordant) / pairs`` (a tied pair counts 0), which is
+      ``2 * pairwise_accuracy - 1``;
+    * ``adjacent [S]``: for each row after a chain's first, the credit of the pair (previous row, this
+      row) as above (1, 0.5 or 0); 0 at each chain's first row.
+    """
+    values = values.detach().double()
+    dev = values.device
+    sizes = sizes.to(dev).long()
+    C, S = sizes.numel(), values.numel()
+    if C == 0 or S == 0:
+        empty = values.new_zeros(C)
+        return {"pairwise_accuracy": empty, "top1_accuracy": empty, "kendall_tau": empty,
+                "adjacent": values.new_zeros(S)}  # fmt: skip
+    K = int(sizes.max())
+    cid = torch.repeat_interleave(torch.arange(C, device=dev), sizes)
+    first = torch.cumsum(sizes, 0) - sizes
+    pos = torch.arange(S, device=dev) - first[cid]
+    M = values.new_zeros(C, K)
+    valid = torch.zeros(C, K, dtype=torch.bool, device=dev)
+    M[cid, pos] = values
+    valid[cid, pos] = True
+    upper = torch.triu(torch.ones(K, K, dtype=torch.bool, device=dev), diagonal=1)
+    pairs = valid[:, :, None] & valid[:, None, :] & upper
+    gt = ((M[:, :, None] > M[:, None, :]) & pairs).sum((1, 2)).double()
+    lt = ((M[:, :, None] < M[:, None, :]) & pairs).sum((1, 2)).double()
+    n = pairs.sum((1, 2)).double()
+    ties = n - gt - lt
+    n = n.clamp(min=1)
+    top = M.masked_fill(~valid, float("-inf")).max(1).values
+    at_top = (valid & (M == top[:, None])).sum(1).double()
+    top1 = torch.where(M[:, 0] == top, 1.0 / at_top.clamp(min=1), torch.zeros_like(top))
+    prev = torch.cat([values[:1], values[:-1]])
+    adjacent = (prev > values).double() + 0.5 * (prev == values).double()
+    adjacent = torch.where(pos > 0, adjacent, torch.zeros_like(adjacent))
+    return {
+        "pairwise_accuracy": (gt + 0.5 * ties) / n,
+        "top1_accuracy": top1,
+        "kendall_tau": (gt - lt) / n,
+        "adjacent": adjacent,
+    }
+
+
+def _type_bucket(edit_type: Any) -> int:
+    return EDIT_TYPES.index(edit_type) if edit_type in EDIT_TYPES else len(EDIT_TYPES)
 
 
 @dataclass
@@ -79,7 +159,9 @@ class ChainRankConfig(TrainingArguments):
 
     loss: str = field(default="plackett_luce", metadata={"help": "plackett_luce, dpo or lipo"})
     beta: float = field(default=0.1, metadata={"help": "scale of the implicit reward beta * (s - s_ref)"})
-    pairs: str | None = field(default=None, metadata={"help": "DPO pairs: adjacent, all, best_vs_rest, ..."})
+    pairs: str | None = field(
+        default=None, metadata={"help": "DPO pairs: adjacent, all, best_worst, best_rest"}
+    )
     loss_type: str | None = field(default=None, metadata={"help": "DPO pair loss: sigmoid, hinge, ipo"})
     top_k: int | None = field(default=None, metadata={"help": "Plackett-Luce over the first k positions"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of -log p(best) / n added per chain"})
@@ -109,6 +191,12 @@ class ChainRankConfig(TrainingArguments):
             "error"
         },
     )
+    boundary: str = field(
+        default="separate",
+        metadata={
+            "help": "completion tokens: separate (each alone) or joint (TRL: after prompt + completion)"
+        },
+    )
     num_frames: int | None = field(default=None, metadata={"help": "frames sampled from video files"})
     ref_cache_dir: str | None = field(default=None, metadata={"help": "reference score cache folder"})
     ref_batch_size: int | None = field(default=None, metadata={"help": "chains per reference batch"})
@@ -131,6 +219,8 @@ class ChainRankConfig(TrainingArguments):
                 "remove_unused_columns=True would drop the chain records' columns before the collator "
                 "sees them; ChainRankTrainer needs remove_unused_columns=False"
             )
+        if self.boundary not in ("separate", "joint"):
+            raise ValueError(f"boundary must be 'separate' or 'joint', got {self.boundary!r}")
         if self.duplicates not in ("drop", "error"):
             raise ValueError(
                 f"duplicates must be 'drop' or 'error', got {self.duplicates!r} (identical completions of "
@@ -139,6 +229,7 @@ class ChainRankConfig(TrainingArguments):
         if self.vision_lr is not None and self.freeze_vision:
             raise ValueError("vision_lr is set but freeze_vision=True: the vision encoder does not train")
         self.filter_eps_value()  # refuse a bad value now, not at the first step
+        self.loss_spec()  # loss, beta, pairs, loss_type, top_k, sft_weight checked now, not at the first step
 
     def filter_eps_value(self) -> float | str | None:
         """``filter_eps`` as :func:`rankloss.linear_token_logprobs` takes it: ``"auto"``, ``None`` (off:
@@ -447,6 +538,7 @@ class ChainRankTrainer(Trainer):
                 max_completion_length=args.max_completion_length,
                 num_frames=args.num_frames,
                 duplicates=args.duplicates,
+                boundary=args.boundary,
             )
         # every record checked (text only, no media) before the reference pass and the first step
         self.record_summary: dict[str, dict[str, Any]] = {}
@@ -461,6 +553,8 @@ class ChainRankTrainer(Trainer):
         self.policy = model
         self.ref_model = ref_model
         wrapper = ChainRankModel(model, args.loss_spec(), share_prefix=args.share_prefix, impl=args.impl)
+        # transformers reads this on the model it resumes (the wrapper), as on a PreTrainedModel
+        wrapper._keys_to_ignore_on_save = getattr(model, "_keys_to_ignore_on_save", None)
         self._set_vision(wrapper, args)
         self._sums: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
         super().__init__(
@@ -811,10 +905,24 @@ class ChainRankTrainer(Trainer):
         if isinstance(inputs.get("dropped_completions"), Tensor):
             add("dropped_completions", inputs["dropped_completions"].sum())
         add("chain_loss", chain.chain_losses.sum())
-        for key in _METRICS:
-            add(key, getattr(chain, key).sum())
-        # rewards per chain position, and the best completion's log-prob per token
+        if chain.sft_loss is not None:
+            add("sft_loss", chain.sft_loss.sum())
+        add("neighbour_margin", chain.neighbour_margin.sum())
         rewards = chain.rewards.detach().double().to(dev)
+        # the policy's own scores: the rewards are beta * (s - s_ref), or beta * (s - s_ref) / n with
+        # length_normalize (forward.py divides the reference by n too); s_ref = 0 when reference-free
+        ref = inputs.get("ref_scores")
+        ref = ref.detach().double().to(dev) if ref is not None else torch.zeros_like(rewards)
+        n_tok = (labels != IGNORE_INDEX).sum(-1).to(dev)
+        n_f = n_tok.double().clamp(min=1)
+        if self.args.length_normalize:
+            s = rewards / self.args.beta * n_f + ref
+        else:
+            s = rewards / self.args.beta + ref
+        self._accumulate_ranking(
+            add, inputs, sizes, {"rewards": rewards, "logps": s, "logps_per_token": s / n_f}
+        )
+        # rewards per chain position, and the best completion's log-prob per token
         K = int(sizes.max()) if sizes.numel() else 0
         pos = (
             torch.cat([torch.arange(int(k), device=dev) for k in sizes.tolist()]) if K else rewards[:0].long()
@@ -825,15 +933,68 @@ class ChainRankTrainer(Trainer):
             torch.zeros(K, dtype=torch.float64, device=dev).index_add_(0, pos, torch.ones_like(rewards)),
         )
         first = torch.cumsum(sizes, 0) - sizes
-        ref = inputs.get("ref_scores")
-        s = rewards / self.args.beta + (ref.detach().double().to(dev) if ref is not None else 0.0)
-        n_tok = (labels != IGNORE_INDEX).sum(-1).to(dev)
-        if self.args.length_normalize:
-            best = s[first]
-        else:
-            best = s[first] / n_tok[first].clamp(min=1)
-        add("best_logp_per_token", best.sum())
+        add("best_logp_per_token", (s[first] / n_f[first]).sum())
         add("tokens", (inputs["prompt_attention_mask"].sum() + n_tok.sum()).double())
+
+    def _accumulate_ranking(
+        self, add: Any, inputs: Mapping[str, Any], sizes: Tensor, scores: Mapping[str, Tensor]
+    ) -> None:
+        """Sums of the tie-aware ranking metrics of each score in ``scores`` (the implicit rewards, the
+        summed and the per-token log-probs), of the chosen / rejected means, and of the adjacent-pair
+        accuracy per edit type (the batch's ``chain_edit_types``) and per chain position (the record's,
+        from ``completion_index``: a pair counts when its two rows are neighbours in the record)."""
+        dev = sizes.device
+        C = sizes.numel()
+        first = torch.cumsum(sizes, 0) - sizes
+        cid = torch.repeat_interleave(torch.arange(C, device=dev), sizes)
+        pos = torch.arange(int(sizes.sum()), device=dev) - first[cid]
+        rest_n = (sizes - 1).double().clamp(min=1)
+        adjacent = {}
+        for name, values in scores.items():
+            m = ranking_metrics(values, sizes)
+            adjacent[name] = m["adjacent"]
+            for key in ("pairwise_accuracy", "top1_accuracy", "kendall_tau"):
+                # the implicit-reward metrics keep their historic names (now with ties as half)
+                add(key if name == "rewards" else f"{name}/{key}", m[key].sum())
+            if name in ("rewards", "logps"):
+                chosen = values[first]
+                rest = torch.zeros(C, dtype=torch.float64, device=dev).index_add_(0, cid, values) - chosen
+                add(f"{name}/chosen", chosen.sum())
+                add(f"{name}/rejected", (rest / rest_n).sum())
+        index = inputs.get("completion_index")
+        index = index.to(dev).long() if isinstance(index, Tensor) and index.numel() == pos.numel() else pos
+        prev = torch.cat([index[:1], index[:-1]])
+        is_pair = (pos > 0) & (index == prev + 1)  # neighbours in the record: one edit apart
+        # per edit type: the type of the edit that made each row from the previous one
+        types = inputs.get("chain_edit_types")
+        flat: list[Any] = []
+        if isinstance(types, Sequence) and len(types) == C:
+            for t, k in zip(types, sizes.tolist()):
+                flat.extend(list(t) if isinstance(t, Sequence) and len(t) == k else [None] * k)
+        else:
+            flat = [None] * pos.numel()
+        known = torch.tensor([t is not None for t in flat], dtype=torch.bool, device=dev) & is_pair
+        bucket = torch.tensor([_type_bucket(t) for t in flat], dtype=torch.long, device=dev)
+        T = len(_TYPE_BUCKETS)
+
+        def by_type(weights: Tensor) -> Tensor:
+            return torch.zeros(T, dtype=torch.float64, device=dev).index_add_(
+                0, bucket[known], weights[known].double()
+            )
+
+        add("type_pairs", by_type(torch.ones_like(adjacent["logps"])))
+        add("type_logps_correct", by_type(adjacent["logps"]))
+        add("type_rewards_correct", by_type(adjacent["rewards"]))
+        # per position of the record: pair (k - 1, k) at index k
+        P = int(index.max()) + 1 if index.numel() else 0
+        at = index[is_pair]
+
+        def by_pos(weights: Tensor) -> Tensor:
+            return torch.zeros(P, dtype=torch.float64, device=dev).index_add_(0, at, weights[is_pair])
+
+        add("pos_pairs", by_pos(torch.ones_like(adjacent["logps"])))
+        add("pos_logps_correct", by_pos(adjacent["logps"]))
+        add("pos_rewards_correct", by_pos(adjacent["rewards"]))
 
     def _reduce_metrics(self, mode: str) -> dict[str, float]:
         sums = self._sums[mode]
@@ -842,18 +1003,49 @@ class ChainRankTrainer(Trainer):
         self._sums[mode] = {}
         if self.args.world_size > 1:
             # processes may have seen different chain lengths: pad the per-position sums to one length
-            K = torch.tensor(sums["reward_pos_sum"].numel(), device=self.accelerator.device)
-            K = int(self.accelerator.reduce(K, "max"))
-            for key in ("reward_pos_sum", "reward_pos_n"):
+            for key in _PER_POSITION:
+                K = torch.tensor(sums[key].numel(), device=self.accelerator.device)
+                K = int(self.accelerator.reduce(K, "max"))
                 sums[key] = torch.nn.functional.pad(sums[key], (0, K - sums[key].numel()))
             sums = {k: self.accelerator.reduce(v, "sum") for k, v in sums.items()}
         chains = float(sums["chains"])
         out = {key: float(sums[key]) / chains for key in _METRICS}
         out["chain_loss"] = float(sums["chain_loss"]) / chains
+        if "sft_loss" in sums:  # the SFT term alone (TRL's nll_loss), and the ranking part of the loss
+            out["sft_loss"] = out["nll_loss"] = float(sums["sft_loss"]) / chains
+            out["rank_loss"] = out["chain_loss"] - self.args.sft_weight * out["sft_loss"]
         out["best_logp_per_token"] = float(sums["best_logp_per_token"]) / chains
+        # TRL's names: rewards/accuracies, rewards/margins, rewards/chosen|rejected, logps/chosen|rejected
+        out["rewards/accuracies"] = out["pairwise_accuracy"]
+        out["rewards/margins"] = out["neighbour_margin"]
+        for name in ("rewards", "logps"):
+            for part in ("chosen", "rejected"):
+                out[f"{name}/{part}"] = float(sums[f"{name}/{part}"]) / chains
+        for name in ("logps", "logps_per_token"):
+            for key in ("pairwise_accuracy", "top1_accuracy", "kendall_tau"):
+                out[f"{name}/{key}"] = float(sums[f"{name}/{key}"]) / chains
         for k, (total, n) in enumerate(zip(sums["reward_pos_sum"].tolist(), sums["reward_pos_n"].tolist())):
             if n:
-                out[f"reward_pos{k + 1}"] = total / n
+                out[f"reward_pos{k + 1}"] = out[f"rewards/pos{k + 1}"] = total / n
+        pairs = sums["type_pairs"].tolist()
+        for name in ("logps", "rewards"):
+            correct = sums[f"type_{name}_correct"].tolist()
+            for t, n, c in zip(_TYPE_BUCKETS, pairs, correct):
+                if n:
+                    out[f"{name}/pair_accuracy/{t}"] = c / n
+            matched = [i for i, t in enumerate(_TYPE_BUCKETS) if t in LENGTH_MATCHED_TYPES]
+            n = sum(pairs[i] for i in matched)
+            if n:
+                out[f"{name}/pair_accuracy/length_matched"] = sum(correct[i] for i in matched) / n
+            for k, (n, c) in enumerate(zip(sums["pos_pairs"].tolist(), sums[f"pos_{name}_correct"].tolist())):
+                if n:
+                    out[f"{name}/pair_accuracy/pos{k + 1}"] = c / n
+        for t, n in zip(_TYPE_BUCKETS, pairs):
+            if n:
+                out[f"pairs/{t}"] = n
+        n = sum(n for t, n in zip(_TYPE_BUCKETS, pairs) if t in LENGTH_MATCHED_TYPES)
+        if n:
+            out["pairs/length_matched"] = n
         out["chains"] = chains
         out["tokens"] = float(sums["tokens"])
         if "dropped_completions" in sums:
