@@ -25,6 +25,7 @@ each with a :class:`~rankloss.train.files.DamagedFileWarning` naming the file.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -165,6 +166,8 @@ class Context:
     steps_done: int = 0  # optimizer steps taken in this invocation (for --stop-after-steps)
     notes: list[str] = field(default_factory=list)
     _probes: ProbeSet | None = None  # the held-out probes (--probes), built on first use
+    # --rank-steps 0: every arm of a seed is the SFT model unchanged; its evaluation, made once per seed
+    _zero_step_eval: dict[int, Any] = field(default_factory=dict)
 
     def probes(self) -> ProbeSet | None:
         """The per-error-type probes of the held-out videos with scenes (``None`` with ``--no-probes`` or
@@ -1247,7 +1250,13 @@ def run_arm_task(ctx: Context, seed: int, arm: Arm, *, save_to: str | None) -> d
         beta=cfg.beta,
     )
     wrapper = st.wrapper
-    res = evaluate(ctx, wrapper, arm.name, ref_scores=ref, generate=True, beta=cfg.beta)
+    if cfg.rank_steps == 0 and seed in ctx._zero_step_eval:
+        # no step taken: this arm's model is the SFT model every other arm of this seed evaluated
+        res = copy.deepcopy(ctx._zero_step_eval[seed])
+    else:
+        res = evaluate(ctx, wrapper, arm.name, ref_scores=ref, generate=True, beta=cfg.beta)
+        if cfg.rank_steps == 0:
+            ctx._zero_step_eval[seed] = copy.deepcopy(res)
     res.metrics["tokens"] = float(tokens)
     log.write(
         {
