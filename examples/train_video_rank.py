@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="chains JSONL (the `rankloss chains make` output); default: synthetic videos",
     )
     g.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="a second chains JSONL: the held-out videos (with --data; default: the records' split field, "
+        "else --heldout videos drawn from --data)",
+    )
+    g.add_argument(
         "--video-root",
         metavar="DIR",
         help="folder the chains file's video paths are relative to (default: the chains file's folder)",
@@ -357,7 +363,9 @@ def prepare_run(config: TrainConfig, run_dir: str, accelerator: object) -> list[
     if config.synthetic:
         chains = synthetic_chains(config)
     else:
-        chains, notes = load_chains_file(config.data, config.video_root, config.chain_length)
+        chains, notes = load_chains_file(
+            config.data, config.video_root, config.chain_length, eval_path=config.eval_data
+        )
         try:
             by_record = record_split(chains)
         except ValueError as exc:

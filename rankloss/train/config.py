@@ -163,6 +163,7 @@ class TrainConfig:
     output_dir: str = ""
     # --- data
     data: str | None = None
+    eval_data: str | None = None  # a second chains file: the held-out set (with --data)
     video_root: str | None = None
     num_videos: int = 2000
     heldout: int = 200
@@ -369,6 +370,11 @@ class TrainConfig:
 
         # --- data source
         if self.synthetic:
+            if self.eval_data is not None:
+                raise ValueError(
+                    "--eval-data applies to --data (a chains file for training); the synthetic default makes "
+                    "its own held-out videos"
+                )
             if self.video_root is not None:
                 raise ValueError(
                     "--video-root applies to --data (a chains file); the synthetic default has no video files"
@@ -385,6 +391,14 @@ class TrainConfig:
                     raise ValueError(f"{flag(name)} applies to the synthetic data only, not to --data")
             if not os.path.isfile(self.data):
                 raise ValueError(f"--data: chains file not found: {self.data!r}")
+            if self.eval_data is not None:
+                if not os.path.isfile(self.eval_data):
+                    raise ValueError(f"--eval-data: chains file not found: {self.eval_data!r}")
+                if self._was_given("heldout"):
+                    raise ValueError(
+                        "--heldout draws held-out videos from --data at random; with --eval-data the "
+                        "held-out set is that file: give one of them"
+                    )
             if self.video_root is not None and not os.path.isdir(self.video_root):
                 raise ValueError(f"--video-root: not a directory: {self.video_root!r}")
             if self.chain_length is not None and self.chain_length < 2:

@@ -188,13 +188,20 @@ def synthetic_frames(config: TrainConfig, progress: Callable[[int], None] | None
 
 
 def load_chains_file(
-    path: str, video_root: str | None = None, chain_length: int | None = None
+    path: str,
+    video_root: str | None = None,
+    chain_length: int | None = None,
+    *,
+    eval_path: str | None = None,
 ) -> tuple[list[VideoChain], list[str]]:
     """Read a chains JSONL file (the ``rankloss chains make`` output) into chains.
 
     Video paths are resolved against ``video_root`` (default: the chains file's folder). A record's
     ``source.scene`` (written by ``rankloss synthetic make``) becomes its scene. Chains are cut to
-    ``chain_length`` captions when given.
+    ``chain_length`` captions when given. With ``eval_path`` (``--eval-data``), a second chains file's
+    chains follow, as the held-out set: every chain of ``path`` gets ``split="train"`` and every chain of
+    ``eval_path`` ``split="heldout"`` (a record whose own ``split`` says otherwise is an error, not
+    silently moved), and an id may not be in both files.
 
     Returns:
         ``(chains, notes)``; ``notes`` says what was skipped (chains shorter than 2 captions).
@@ -206,28 +213,48 @@ def load_chains_file(
     """
     from ..integrations.collator import check_videos_exist, read_chain_records
 
-    records, short = read_chain_records(
-        path, video_root=video_root, chain_length=chain_length, require_video=True
-    )
-    if not records:
-        raise ValueError(f"--data {path!r}: no chain with at least 2 captions")
-    root = video_root if video_root is not None else os.path.dirname(os.path.abspath(path))
-    check_videos_exist(
-        records, root, "set --video-root to the folder the chains file's video paths are relative to"
-    )
     chains: list[VideoChain] = []
-    for r in records:
-        src = r.record.get("source")
-        scene = (
-            Scene.from_dict(src["scene"])
-            if isinstance(src, dict) and isinstance(src.get("scene"), dict)
-            else None
+    notes: list[str] = []
+    files = [("--data", path, None)] + ([("--eval-data", eval_path, "heldout")] if eval_path else [])
+    first_file: dict[str, str] = {}
+    for flag, file, side in files:
+        records, short = read_chain_records(
+            file, video_root=video_root, chain_length=chain_length, require_video=True
         )
-        split = r.record.get("split")
-        chains.append(
-            VideoChain(r.id, r.captions, r.video, scene, len(chains), None if split is None else str(split))
+        if not records:
+            raise ValueError(f"{flag} {file!r}: no chain with at least 2 captions")
+        root = video_root if video_root is not None else os.path.dirname(os.path.abspath(file))
+        check_videos_exist(
+            records, root, "set --video-root to the folder the chains file's video paths are relative to"
         )
-    notes = [f"skipped {short} chain(s) with fewer than 2 captions"] if short else []
+        for r in records:
+            if r.id in first_file:
+                raise ValueError(
+                    f"{flag} {file!r}: id {r.id!r} is also in {first_file[r.id]!r}: a video is either "
+                    "trained on or held out, not both"
+                )
+            first_file[r.id] = file
+            src = r.record.get("source")
+            scene = (
+                Scene.from_dict(src["scene"])
+                if isinstance(src, dict) and isinstance(src.get("scene"), dict)
+                else None
+            )
+            split = r.record.get("split")
+            split = None if split is None else str(split)
+            if eval_path:
+                want = side or "train"
+                own = None if split is None else ("train" if split.strip().lower() == "train" else "heldout")
+                if own is not None and own != want:
+                    raise ValueError(
+                        f"{flag} {file!r}: record {r.id!r} has split={split!r}, but with --eval-data every "
+                        f"record of {flag} is {'held out' if side else 'for training'}: move it to the other "
+                        "file or drop its split field"
+                    )
+                split = want
+            chains.append(VideoChain(r.id, r.captions, r.video, scene, len(chains), split))
+        if short:
+            notes.append(f"{flag}: skipped {short} chain(s) with fewer than 2 distinct captions")
     return chains, notes
 
 

@@ -298,7 +298,9 @@ def build_context(config: TrainConfig, run_dir: str, accelerator: Any, reporter:
         chains = synthetic_chains(config)
         frames = synthetic_frames(config)
     else:
-        chains, _ = load_chains_file(config.data, config.video_root, config.chain_length)
+        chains, _ = load_chains_file(
+            config.data, config.video_root, config.chain_length, eval_path=config.eval_data
+        )
         frames = decode_videos(chains, os.path.join(run_dir, "data"), config.frames, config.frame_size)
     # (a damaged split is made again: it is a function of the chains, --heldout and --data-seed)
     split = read_split(
