@@ -1,5 +1,6 @@
 """``--rank-steps 0``: every arm of a seed is the SFT model unchanged, so the example trainer evaluates it
-once per seed, not once per arm (issue 23), and every arm reports the same metrics."""
+once per seed, not once per arm (issue 23), and every arm reports the same metrics; its rewards are all 0,
+and the reward metrics count those ties as half (0.5), not as wrong (0)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def test_arms_without_steps_share_one_evaluation(tmp_path, monkeypatch):
     assert len(calls) - before == 1  # one evaluation for all the arms
     for r in results[1:]:
         assert {k: v for k, v in r["final"].items()} == results[0]["final"]
+    # every reward is 0 (the policy is its reference): ties count as half, so the reward metrics read 0.5 and
+    # a shared top-1, not 0
+    final = results[0]["final"]
+    assert final["reward_pair_acc"] == 0.5
+    assert final["reward_tau"] == 0.0
+    assert 0.0 < final["reward_top1"] < 1.0

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..integrations.collator import ChainCollator
+from ..integrations.trainer import ranking_metrics
 from ..losses import chain_loss
 from ..synthetic import DEGRADATIONS, PROBE_GROUPS, fact_scores, group_fact_scores, probe_chain
 from .data import FrameStore, VideoChain, batch_to, collate_chains
@@ -142,17 +143,26 @@ def assessment_metrics(
     best, best_n = s[firsts], n[firsts]
     metrics = {"best_logp": float(best.mean()), "best_logp_tok": float((best / best_n).mean())}
     score = s / n if length_normalize else s
-    m = chain_loss(score, sizes, None, loss="plackett_luce", beta=1.0).metrics()
+    sizes_t = torch.tensor(sizes)
+
+    def ranked(values: torch.Tensor) -> dict[str, float]:
+        # ties count as half (ChainRankTrainer's metrics): equal rewards, as before any ranking step, read
+        # 0.5, not 0
+        m = ranking_metrics(values, sizes_t)
+        return {k: float(m[k].mean()) for k in ("pairwise_accuracy", "top1_accuracy", "kendall_tau")}
+
+    m = ranked(score)
     metrics.update(pair_acc=m["pairwise_accuracy"], top1=m["top1_accuracy"], tau=m["kendall_tau"])
     if ref_scores is not None:
         ref = torch.cat(r_list).double()
         ref = ref / n if length_normalize else ref
-        m = chain_loss(score, sizes, ref, loss="plackett_luce", beta=beta).metrics()
+        margin = chain_loss(score, sizes, ref, loss="plackett_luce", beta=beta).metrics()["neighbour_margin"]
+        m = ranked(beta * (score - ref))
         metrics.update(
             reward_pair_acc=m["pairwise_accuracy"],
             reward_top1=m["top1_accuracy"],
             reward_tau=m["kendall_tau"],
-            reward_margin=m["neighbour_margin"],
+            reward_margin=margin,
         )
     return metrics
 
