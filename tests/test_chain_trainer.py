@@ -340,6 +340,11 @@ TWO_PROC = textwrap.dedent(
     if trainer.accelerator.is_main_process:
         torch.save(params(model), out / "params.pt")
         json.dump(trainer.accelerator.num_processes, open(out / "world.json", "w"))
+    # leave the process group before the interpreter exits: a rank that exits while gloo's threads still
+    # run can abort ("terminate called without an active exception", seen once in CI)
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     """
 )
 
