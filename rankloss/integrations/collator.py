@@ -14,6 +14,7 @@ through the processor (or tokenizer) once per batch, left-padded, one row per ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import warnings
@@ -236,10 +237,11 @@ class ChainCollator:
 
     def _text(
         self, i: int, rec: Mapping[str, Any], n_images: int, n_videos: int, warn: bool = True
-    ) -> tuple[str, list[list[int]], list[float] | None, list[tuple[int, int]], list[int]]:
-        """``records[i]``'s prompt text, its completions' token ids (cut, duplicates handled as
-        ``duplicates`` says), their ``ref_scores``, the ``(dropped, kept twin)`` index pairs and the
-        record's index of each kept completion."""
+    ) -> ParsedRecord:
+        """``records[i]`` without its media (``n_images`` images and ``n_videos`` videos, not loaded): its
+        prompt text, its completions' token ids (cut, duplicates handled as ``duplicates`` says), their
+        ``ref_scores``, the ``(dropped, kept twin)`` index pairs, the record's index of each kept
+        completion and its edit types."""
         completions, conversational = record_completions(i, rec)
         prompt, prompt_msgs = self.text.prompt(
             i, rec, n_images, n_videos, conversational, self.default_prompt
@@ -280,7 +282,10 @@ class ChainCollator:
                 "trainer logs their sum (this warning is shown once per process)",
                 stacklevel=3,
             )
-        return prompt, ids, (kept_refs if refs is not None else None), dropped, kept
+        return ParsedRecord(
+            prompt, [], [], [], ids, kept_refs if refs is not None else None, record_id(rec), dropped, kept,
+            record_edit_types(i, rec, len(completions)),
+        )  # fmt: skip
 
     def _why_identical(self, completions: list[Any], j: int, k: int) -> str:
         if completions[j] == completions[k]:
@@ -295,9 +300,8 @@ class ChainCollator:
             raise TypeError(f"records[{i}] must be a dict (a chain record), got {describe(rec)}")
         record_completions(i, rec)  # a record without completions is named before its media load
         images, videos, fps = self._media(i, rec)
-        prompt, ids, refs, dropped, kept = self._text(i, rec, len(images), len(videos))
-        types = record_edit_types(i, rec, len(record_completions(i, rec)[0]))
-        return ParsedRecord(prompt, images, videos, fps, ids, refs, record_id(rec), dropped, kept, types)
+        parsed = self._text(i, rec, len(images), len(videos))
+        return dataclasses.replace(parsed, images=images, videos=videos, video_fps=fps)
 
     def for_scoring(self) -> ChainCollator:
         """This collator with ``duplicates="keep"``: every completion of a record gets a row (and a score),
@@ -323,9 +327,8 @@ class ChainCollator:
         if not isinstance(rec, Mapping):
             raise TypeError(f"records[{i}] must be a dict (a chain record), got {describe(rec)}")
         images, videos = self._media_fields(i, rec)
-        _, ids, _, dropped, _ = self._text(i, rec, len(images), len(videos), warn=False)
-        record_edit_types(i, rec, len(record_completions(i, rec)[0]))
-        return len(ids), dropped
+        parsed = self._text(i, rec, len(images), len(videos), warn=False)
+        return len(parsed.completions), parsed.dropped
 
     # -------------------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -203,15 +203,20 @@ class ChainTokenizer:
         cached = self._token_cache.get(key)
         if cached is not None:
             return cached.tolist()
-        ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids = self._plain_ids(text)
         if add_eos:
             ids.append(int(self.tokenizer.eos_token_id))
+        self._remember(key, ids, sys.getsizeof(text))
+        return ids
+
+    def _remember(self, key: tuple[Any, ...], ids: list[int], key_bytes: int) -> None:
+        """Memoise ``ids`` under ``key`` while the token memo's byte budget allows (``key_bytes``: the
+        key's texts)."""
         packed = array("i", ids)  # token ids fit in 4 bytes (vocabularies are far below 2**31)
-        size = sys.getsizeof(text) + packed.itemsize * len(packed) + 200  # key, array, dict entry
+        size = key_bytes + packed.itemsize * len(packed) + 200  # key, array, dict entry
         if self._token_bytes + size <= self.memo_bytes:
             self._token_cache[key] = packed
             self._token_bytes += size
-        return ids
 
     # -------------------------------------------------------------------------------------------------
     def prompt(
@@ -332,11 +337,7 @@ class ChainTokenizer:
         ids = full[len(prompt_ids) :]
         if add_eos:
             ids.append(int(self.tokenizer.eos_token_id))
-        packed = array("i", ids)
-        size = sys.getsizeof(text) + sys.getsizeof(prompt) + packed.itemsize * len(packed) + 200
-        if self._token_bytes + size <= self.memo_bytes:
-            self._token_cache[key] = packed
-            self._token_bytes += size
+        self._remember(key, ids, sys.getsizeof(text) + sys.getsizeof(prompt))
         return ids
 
     def _completion_tokens(self, where: str, prompt: str, text: str, add_eos: bool) -> list[int]:
