@@ -247,3 +247,21 @@ def test_to_and_bind_copy_and_leave_the_built_tree_alone():
     assert tree.input_ids[0].tolist() == [5, 6, 3, 4, 5, 7, 8, 9, 6, 7]
     assert tree.subtree_end.tolist() == [5, 5, 4, 4, 5, 10, 10, 10, 10, 10]
     assert tree.segments == ((0, 2, 0, 0), (2, 2, 0, 2), (4, 1, 0, 2), (5, 3, 5, 0), (8, 2, 5, 3))
+
+
+def test_copies_made_by_fsdp2_input_casting_share_the_count_and_cache():
+    """FSDP2's ``cast_forward_inputs`` rebuilds dataclasses (``dataclasses.replace``) and dicts in every
+    unit's inputs: each decoder layer got a copy of ``chain_tree``, so ``calls`` counted on copies (the
+    forward's check then failed: "ran in 0 of 2 layers") and every layer rebuilt the masks."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    bound = build_chain_tree(_batch()).bind(
+        torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), "sdpa"
+    )
+    copy = _apply_to_tensors(lambda t: t.clone(), {"chain_tree": bound})["chain_tree"]
+    assert copy is not bound and copy.input_ids is not bound.input_ids  # really a rebuilt copy
+    copy.calls += 1
+    copy.cache["groups"] = "built once"
+    assert bound.calls == 1 and bound.cache == {"groups": "built once"}
+    # a move or a new binding starts afresh
+    assert bound.to("cpu").calls == 0 and bound.to("cpu").cache == {}

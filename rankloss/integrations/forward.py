@@ -50,7 +50,16 @@ from .layout import (
     check_token_ids,
 )
 
-__all__ = ["ChainForward", "ChainRankModel", "ChainStates", "LMHead", "LossSpec", "chain_hidden_states"]
+__all__ = [
+    "ChainForward",
+    "ChainRankModel",
+    "ChainStates",
+    "LMHead",
+    "LossSpec",
+    "Uncast",
+    "chain_hidden_states",
+    "keep_precision",
+]
 
 IGNORE_INDEX = -100
 #: The integer keys of a chain batch, made ``torch.long`` by :meth:`ChainForward.prepare`.
@@ -70,9 +79,121 @@ def _warn_once(model_type: str, reason: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+#: Float keys of a chain batch whose precision the loss needs (a reference score of -300 in bfloat16 is
+#: rounded to a multiple of 2: a reward error of 0.1 at beta 0.1 before the first step).
+_EXACT_KEYS = ("ref_scores",)
+
+
+class Uncast:
+    """A tensor that mixed-precision input casting leaves alone.
+
+    FSDP2's ``MixedPrecisionPolicy(cast_forward_inputs=True)`` (what accelerate builds from
+    ``mixed_precision: bf16``) and FSDP1's root-input cast turn every floating tensor of a forward's
+    inputs (through dicts, lists and dataclasses) into the compute dtype, ``ref_scores`` included. They
+    leave other objects alone, so a tensor held here reaches :meth:`ChainForward.prepare`, which unwraps
+    it, exactly. ``.to(...)`` moves it (accelerate's ``send_to_device`` calls it)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+    def to(self, *args: Any, **kwargs: Any) -> Uncast:
+        return Uncast(self.tensor.to(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"Uncast({self.tensor!r})"
+
+
+def keep_precision(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with its ``ref_scores`` held in :class:`Uncast`: what to pass to a ``ChainRankModel``
+    wrapped by FSDP (or any wrapper that casts forward inputs) under mixed precision, so the reference
+    scores keep their float32. ``ChainRankTrainer`` and the example trainer do it on every call."""
+    out = dict(batch)
+    for key in _EXACT_KEYS:
+        value = out.get(key)
+        if isinstance(value, Tensor):
+            out[key] = Uncast(value)
+    return out
+
+
 def _has_media_config(model: nn.Module) -> bool:
     cfg = model.config
     return any(getattr(cfg, k, None) is not None for k in ("vision_config", "audio_config", "image_token_id"))
+
+
+def _is_dtensor(t: Any) -> bool:
+    if type(t).__name__ != "DTensor" and not isinstance(t, nn.Parameter):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+_SHARDED_FIX = (
+    "keep lm_head in the root unit: with FSDP2 call fully_shard on the decoder layers and vision blocks and "
+    "then on the ChainRankModel wrapper, never on lm_head (and do not expose get_output_embeddings on the "
+    "wrapper, so that no auto-wrap policy puts the head in its own unit); with FSDP1 do not auto-wrap "
+    "lm_head (wrap the decoder layer class only). Call the model through ChainRankModel.forward of the "
+    "wrapped module"
+)
+
+
+def _check_head_tensor(name: str, t: Tensor, shape: tuple[int, ...] | None, model_type: str) -> None:
+    """A clear error for a head tensor that is a ZeRO-3 partition or an FSDP shard instead of the whole
+    tensor (an empty, flattened or freed tensor would otherwise fail deep inside the loss)."""
+    what = f"model_type {model_type!r}: the LM head's {name}"
+    if hasattr(t, "ds_id"):  # DeepSpeed ZeRO-3
+        if t.numel() == 0 or (shape is not None and tuple(t.shape) != shape):
+            raise RuntimeError(
+                f"{what} is empty (shape {tuple(t.shape)}, full shape {tuple(getattr(t, 'ds_shape', ()))}): "
+                "it is a DeepSpeed ZeRO-3 partition read outside a gathered forward (ZeRO-3 gathers a "
+                "parameter only while the forward of a module that uses it runs). Compute the loss inside "
+                "ChainRankModel.forward of the engine-wrapped module (engine(batch, mode=...) or the "
+                "Trainer / accelerate model), which registers the head as its external parameter, not "
+                "from ChainForward or the head outside that forward (or gather it with "
+                "deepspeed.zero.GatheredParameters)"
+            )
+        return
+    if _is_dtensor(t):
+        raise RuntimeError(
+            f"{what} is sharded (a torch DTensor of local shape {tuple(t.to_local().shape)}): FSDP2 put "
+            f"lm_head in its own unit, which the chain loss never calls, so it stays sharded; {_SHARDED_FIX}"
+        )
+    if type(t) not in (Tensor, nn.Parameter) or t.device.type == "meta":
+        return  # a quantized or otherwise packed weight has its own shape and storage
+    if (
+        t.numel() == 0
+        or (shape is not None and tuple(t.shape) != shape)
+        or (shape is None and name == "weight" and t.dim() != 2)
+    ):
+        raise RuntimeError(
+            f"{what} is sharded (shape {tuple(t.shape)}, expected {shape or '2-D'}): a flattened FSDP1 shard "
+            f"read outside its unit's forward; {_SHARDED_FIX}"
+        )
+    try:
+        freed = t.untyped_storage().nbytes() == 0
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic storage
+        freed = False
+    if freed:
+        raise RuntimeError(
+            f"{what} is sharded (its storage is freed: FSDP1 resharded it after its own unit's forward); "
+            f"{_SHARDED_FIX}"
+        )
+
+
+def _best_only(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A prepared chain batch cut to each chain's first (best) completion: the prompts and media unchanged,
+    ``chain_sizes`` all ones, no ``ref_scores`` or ``chain_tree`` (what the SFT mode runs)."""
+    sizes = batch["chain_sizes"]
+    first = torch.cumsum(sizes, 0) - sizes
+    best = {k: v for k, v in batch.items() if k not in ("ref_scores", "chain_tree")}
+    best["completion_input_ids"] = batch["completion_input_ids"][first]
+    best["completion_labels"] = batch["completion_labels"][first]
+    best["chain_sizes"] = torch.ones_like(sizes)
+    return best
 
 
 class _GenericTextFamily(Family):
@@ -186,8 +307,69 @@ class ChainForward:
 
     # -------------------------------------------------------------------------------------------------
     def head(self) -> LMHead:
-        """The LM head (weight, bias, soft-cap) the scores are computed with."""
-        return self.family.head(self.model)
+        """The LM head (weight, bias, soft-cap) the scores are computed with.
+
+        Read it *after* the backbone has run in the same forward (every call site here does): under
+        DeepSpeed ZeRO-3 a tied head is the input embedding's weight, which the embedding's post-forward
+        hook partitions again, and an untied head is gathered by reading it inside the engine's forward.
+        A weight that arrives empty (a ZeRO-3 partition read outside a gathered forward) or as a shard
+        (an FSDP2 ``DTensor``, a flattened or freed FSDP1 shard) is a ``RuntimeError`` saying which wrapping
+        to use; the values are never read from a partition."""
+        head = self.family.head(self.model)
+        if not torch.compiler.is_compiling():
+            self._check_head(head)
+        return head
+
+    def _head_module(self) -> nn.Module | None:
+        try:
+            return self.model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+
+    def _head_params(self) -> list[Tensor]:
+        """The head module's own parameters (weight, bias), read without triggering ZeRO-3's gather-on-read
+        (``named_parameters`` goes through ``_parameters.items()``, not its ``__getitem__``)."""
+        module = self._head_module()
+        if module is None:
+            return []
+        return [p for _, p in module.named_parameters(recurse=False)]
+
+    def _param_dtype(self) -> torch.dtype:
+        """The head weight's dtype without reading the head (a partition keeps its dtype; under FSDP2 the
+        root unit's parameters are already the unsharded compute-dtype tensors inside the forward)."""
+        params = self._head_params()
+        p = params[0] if params else next(self.model.parameters(), None)
+        return torch.get_default_dtype() if p is None else p.dtype
+
+    def zero3_head_params(self) -> list[Tensor]:
+        """The head's parameters when they are DeepSpeed ZeRO-3 parameters (they carry ``ds_id``), else
+        ``[]``: what :class:`ChainRankModel` registers as its external parameters."""
+        return [p for p in self._head_params() if hasattr(p, "ds_id")]
+
+    def is_sharded(self) -> bool:
+        """Whether the model's forward gathers parameters module by module, so that another process may
+        wait in this forward's collectives: DeepSpeed ZeRO-3 parameters (``ds_id``), FSDP2 ``DTensor``
+        parameters, FSDP1 units (``FullyShardedDataParallel`` submodules, ``FlatParameter``). Then an empty
+        batch runs a dummy forward (:meth:`_empty_hidden`). DDP, or FSDP with the root unit only, gathers
+        nothing inside the forward: false."""
+        for module in self.model.modules():
+            if type(module).__name__ == "FullyShardedDataParallel":
+                return True
+            for p in module.parameters(recurse=False):
+                if hasattr(p, "ds_id") or type(p).__name__ == "FlatParameter" or _is_dtensor(p):
+                    return True
+        return False
+
+    def _check_head(self, head: LMHead) -> None:
+        module = self._head_module()
+        rows = getattr(module, "out_features", None) or getattr(module, "num_embeddings", None)
+        cols = getattr(module, "in_features", None) or getattr(module, "embedding_dim", None)
+        expected = (rows, cols) if isinstance(rows, int) and isinstance(cols, int) else None
+        for name, t in (("weight", head.weight), ("bias", head.bias)):
+            if t is None:
+                continue
+            want = expected if name == "weight" else (expected[:1] if expected else None)
+            _check_head_tensor(name, t, want, self.model_type)
 
     def _cache_kw(self, module: nn.Module) -> str:
         params = inspect.signature(module.forward).parameters
@@ -267,7 +449,7 @@ class ChainForward:
                 "rankloss.integrations.layout.build_chain_tree or drop the key"
             )
         _, prompt_pos, comp_pos = self._positions(batch)
-        path = resolve_attention(self.attention, ids.device, self.head().weight.dtype)
+        path = resolve_attention(self.attention, ids.device, self._param_dtype())
         return tree.bind(prompt_pos, comp_pos, path)
 
     def _positions(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -355,13 +537,28 @@ class ChainForward:
         return None
 
     def prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """``batch`` checked, as a new dict with its integer keys as ``torch.long``.
+        """``batch`` checked, as a new dict with its integer keys as ``torch.long`` and its :class:`Uncast`
+        values unwrapped (a ``ref_scores`` cast to half precision on the way warns once).
 
         The layout (:func:`~rankloss.integrations.layout.check_chain_batch`, with the model's pad id) is
         checked where the batch is built: here unless the collator built (and checked) it, i.e. unless it
         carries a ``chain_tree``; the dtypes (free) always; the ids and labels against the model's
         vocabulary (:func:`~rankloss.integrations.layout.check_token_ids`: on CPU tensors always, on CUDA
         tensors with ``RANKLOSS_VALIDATE=1``) always, since the collator does not know the model."""
+        if isinstance(batch, Mapping) and any(isinstance(v, Uncast) for v in batch.values()):
+            batch = {k: v.tensor if isinstance(v, Uncast) else v for k, v in batch.items()}
+        elif isinstance(batch, Mapping):
+            ref = batch.get("ref_scores")
+            if isinstance(ref, Tensor) and ref.dtype in (torch.bfloat16, torch.float16):
+                _warn_once(
+                    self.model_type,
+                    "ref_scores_precision",
+                    f"batch['ref_scores'] reached the chain forward as {ref.dtype} (a wrapper's "
+                    "mixed-precision input cast, e.g. FSDP2's MixedPrecisionPolicy(cast_forward_inputs="
+                    "True), accelerate's default): reference scores of a few hundred nats lose whole "
+                    "units in bfloat16; call the model with rankloss.integrations.keep_precision(batch), "
+                    "as ChainRankTrainer does",
+                )
         if not isinstance(batch, Mapping) or batch.get("chain_tree") is None:
             check_chain_batch(batch, pad_id=self._pad_id(), ignore_index=IGNORE_INDEX)
         else:
@@ -377,9 +574,15 @@ class ChainForward:
     def _states(self, batch: dict[str, Any]) -> ChainStates:
         """:meth:`states` of a prepared batch."""
         if batch["prompt_input_ids"].shape[0] == 0:
-            return ChainStates(
-                self._empty_hidden((0,)), batch["completion_labels"].new_zeros(0), self._cu0(batch)
-            )
+            labels = batch["completion_labels"].new_zeros(0)
+            return ChainStates(self._empty_hidden((0,)), labels, self._cu0(batch))
+        if self.family.multimodal and not torch.compiler.is_compiling() and self.is_sharded():
+            # what an empty batch on this process runs later (see _dummy_batch): each chain's prompt (with
+            # its media) and first completion
+            self._template = _best_only(batch)
+        return self._forward_states(batch)
+
+    def _forward_states(self, batch: dict[str, Any]) -> ChainStates:
         if self.uses_tree():
             tree, hidden = self._tree_states(batch)
             return ChainStates(hidden, tree.labels.long(), tree.cu_seqlens)
@@ -390,9 +593,18 @@ class ChainForward:
         return torch.zeros(1, dtype=torch.int32, device=batch["prompt_input_ids"].device)
 
     def _empty_hidden(self, shape: tuple[int, ...]) -> Tensor:
-        """Hidden states ``[*shape, D]`` of an empty batch (``B = 0``), which runs no forward: zeros
-        connected to every trainable parameter of the model, so that ``backward()`` gives each a zero
-        gradient (a data-parallel step then does not wait for gradients that never come)."""
+        """Hidden states ``[*shape, D]`` of an empty batch (``B = 0``): zeros connected to every trainable
+        parameter of the model, so that ``backward()`` gives each a zero gradient (a data-parallel step
+        then does not wait for gradients that never come).
+
+        Unsharded (one process, DDP: :meth:`is_sharded` false): no forward runs. Sharded (ZeRO-3, FSDP
+        units below the root): the other processes' forwards gather parameters module by module, so this
+        one runs the same modules too, a **dummy forward** (:meth:`_dummy_batch`) through the backbone
+        and the LM head, whose result is multiplied by 0 (so the loss and every gradient are exactly
+        zero)."""
+        if self.is_sharded():
+            hidden, zero = self._dummy_forward()
+            return hidden.new_zeros((*shape, hidden.shape[-1])) + zero.to(hidden.dtype)
         head = self.head().weight
         zero = torch.zeros((), dtype=torch.float32, device=head.device)
         for p in self.model.parameters():
@@ -402,9 +614,52 @@ class ChainForward:
             head.dtype
         )
 
+    def _dummy_batch(self) -> dict[str, Any]:
+        """The prepared batch an empty batch runs on a sharded model: one token of prompt and one of
+        completion for a text-only model; for a multimodal model the best-only copy (each chain's prompt,
+        media and first completion) of the last non-empty batch this process ran, so that the vision tower
+        runs too, as on the other processes."""
+        template = getattr(self, "_template", None)
+        if template is not None:
+            return template
+        if self.family.multimodal or _has_media_config(self.model):
+            raise RuntimeError(
+                f"model_type {self.model_type!r}: an empty batch (B = 0) on a sharded multimodal model "
+                "before this process ran any non-empty batch: the other processes run the vision tower, "
+                "whose parameters are gathered collectively, and this process has no media to run it on. "
+                "Give every process at least one chain in its first micro-batch (shard the data evenly "
+                "or drop the uneven last batch)"
+            )
+        p = next(self.model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        tok = self._pad_id() or 0
+        one = torch.full((1, 1), tok, dtype=torch.long, device=device)
+        return self.prepare(
+            {
+                "prompt_input_ids": one,
+                "prompt_attention_mask": torch.ones_like(one),
+                "completion_input_ids": one.clone(),
+                "completion_labels": one.clone(),
+                "chain_sizes": torch.ones(1, dtype=torch.long, device=device),
+            }
+        )
+
+    def _dummy_forward(self) -> tuple[Tensor, Tensor]:
+        """``(hidden states, a zero scalar)`` of :meth:`_dummy_batch`: the backbone, then the LM head on its
+        states (token log-probs), times 0."""
+        from ..logprobs import linear_token_logprobs
+
+        st = self._forward_states(self._dummy_batch())
+        head = self.head()  # after the backbone
+        logps = linear_token_logprobs(
+            st.hidden, head.weight, st.labels, bias=head.bias, softcap=head.softcap, ignore_index=IGNORE_INDEX
+        )
+        return st.hidden, logps.sum() * 0.0
+
     def states(self, batch: Mapping[str, Any]) -> ChainStates:
         """The scored final hidden states of ``batch`` and their labels (:class:`ChainStates`); an empty
-        batch (``B = 0``) gives ``[0, D]`` states connected to the model's parameters."""
+        batch (``B = 0``) gives ``[0, D]`` states connected to the model's parameters (after a dummy
+        forward when the model is sharded: :meth:`_empty_hidden`)."""
         return self._states(self.prepare(batch))
 
     def hidden_states(self, batch: Mapping[str, Any]) -> Tensor:
@@ -446,9 +701,9 @@ class ChainForward:
         """The chain loss of ``batch`` (its ``ref_scores`` when present, else reference-free).
 
         Every chain needs >= 2 completions (a ``ValueError`` names the first chain that has fewer, with its
-        ``chain_ids`` entry). An empty batch (``B = 0``, e.g. an uneven last micro-batch) runs no forward
-        and gives a zero loss connected to every trainable parameter (``backward()`` gives each a zero
-        gradient), with empty per-chain metrics."""
+        ``chain_ids`` entry). An empty batch (``B = 0``, e.g. an uneven last micro-batch) gives a zero loss
+        connected to every trainable parameter (``backward()`` gives each a zero gradient), with empty
+        per-chain metrics; it runs no forward unless the model is sharded (:meth:`_empty_hidden`)."""
         batch = self.prepare(batch)
         sizes = batch["chain_sizes"].tolist()
         self._check_rankable(batch, sizes)
@@ -530,12 +785,14 @@ class ChainForward:
         padded = bool((mask == 0).any())
         hidden, cache = self._prompt_pass(batch, prompt_pos, padded)
         text_mod = fam.text_module(model)
-        head = self.head()
         stops = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         last = hidden[:, -1]
         for t in range(max_new_tokens):
+            # read after every text-module call: under ZeRO-3 a tied head is the embedding's weight, which
+            # that call's embedding partitions again
+            head = self.head()
             logits = nn.functional.linear(last.to(head.weight.dtype), head.weight, head.bias)
             if head.softcap is not None:
                 logits = head.softcap * torch.tanh(logits / head.softcap)
@@ -557,6 +814,11 @@ class ChainForward:
         return out
 
 
+def _zero3_pre_hook(module: ChainRankModel, args: Any) -> None:
+    if not module._zero3_registered:
+        module._register_zero3_head()
+
+
 def chain_hidden_states(
     model: nn.Module, batch: Mapping[str, Any], *, share_prefix: bool | None = None
 ) -> Tensor:
@@ -567,7 +829,12 @@ def chain_hidden_states(
 class ChainRankModel(nn.Module):
     """A model wrapped so that ``forward(batch)`` returns the chain loss: what a ``Trainer`` or
     ``accelerate`` prepares (DDP sees one forward; under FSDP the LM head is read while the root unit's
-    parameters are gathered, so keep it in the root unit, as transformers' auto-wrap policy does).
+    parameters are gathered, so keep it in the root unit, as transformers' auto-wrap policy does; under
+    DeepSpeed ZeRO-3 the first forward registers the head's weight and bias as this module's external
+    parameters, and every mode reads the head after the backbone has run). Compute the loss through this
+    forward of the engine-wrapped module: a head read outside it is a ZeRO-3 partition or an FSDP shard,
+    and :meth:`ChainForward.head` says so. An empty batch (``B = 0``) on a sharded model runs a dummy
+    forward, so that the other processes' parameter gathers are matched (loss and gradients exactly 0).
 
     ``forward(batch, mode="rank")`` returns a dict: ``"loss"`` and ``"chain"`` (the
     :class:`~rankloss.ChainLossOutput`) for ``mode="rank"``; ``"loss"`` (per-token NLL of each chain's
@@ -592,10 +859,38 @@ class ChainRankModel(nn.Module):
         self.impl = impl
         self.chain_forward = ChainForward(model, share_prefix=share_prefix)
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+        self._zero3_registered = False
+        # registered before deepspeed.initialize adds its hooks, so it runs before ZeRO-3's pre-forward
+        # fetch: from the first forward on, that fetch gathers the head with this module's parameters
+        self.register_forward_pre_hook(_zero3_pre_hook)
+
+    def _register_zero3_head(self) -> None:
+        """Under DeepSpeed ZeRO-3 (the head's parameters carry ``ds_id``), registers the LM head's weight
+        and bias as external parameters of this module, once: the loss uses them outside
+        ``lm_head.forward``, so ZeRO-3 must gather them for this module's forward and backward (a tied head
+        would otherwise be partitioned again by the embedding's post-forward hook). DeepSpeed is imported
+        only when its parameters are there. A forward pre-hook added in ``__init__`` (so before ZeRO-3's
+        own) registers them at the first forward; ``forward`` checks again in case it was called without
+        hooks."""
+        params = self.chain_forward.zero3_head_params()
+        if not params:
+            return
+        import deepspeed
+
+        for p in params:
+            deepspeed.zero.register_external_parameter(self, p)
+        self._zero3_registered = True
 
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> Any:
+        """Delegates to the model: accelerate's FSDP ``cpu_ram_efficient_loading`` reloads the weights on
+        the meta device and re-ties them only through the prepared module's ``tie_weights``; without
+        this a tied LM head would come back as a second, untied parameter."""
+        tie = getattr(self.model, "tie_weights", None)
+        return tie(*args, **kwargs) if tie is not None else None
 
     def activation_checkpointing_enable(self, **kwargs: Any) -> None:
         """Delegates to the model (transformers' ``Trainer`` calls it for ``activation_checkpointing=True``);
@@ -640,6 +935,8 @@ class ChainRankModel(nn.Module):
         stop_when_done: bool = True,
     ) -> dict[str, Any]:
         cf = self.chain_forward
+        if not self._zero3_registered:
+            self._register_zero3_head()
         if mode == "generate":
             if stop_ids is None or pad_id is None:
                 default_stop, default_pad = self._generation_ids()
@@ -657,16 +954,10 @@ class ChainRankModel(nn.Module):
             from ..logprobs import linear_token_logprobs
 
             # only each chain's first (best) completion goes through the model
-            batch = cf.prepare(batch)
-            sizes = batch["chain_sizes"]
-            first = torch.cumsum(sizes, 0) - sizes
-            best = {k: v for k, v in batch.items() if k not in ("ref_scores", "chain_tree")}
-            best["completion_input_ids"] = batch["completion_input_ids"][first]
-            best["completion_labels"] = batch["completion_labels"][first]
-            best["chain_sizes"] = torch.ones_like(sizes)
-            head = cf.head()
+            best = _best_only(cf.prepare(batch))
             spec = spec or self.spec
             st = cf.states(best)
+            head = cf.head()  # after the backbone (ZeRO-3 re-partitions a tied head after the embedding)
             logps = linear_token_logprobs(
                 st.hidden,
                 head.weight,

@@ -292,6 +292,19 @@ def check_token_ids(
         )
 
 
+class _TreeState:
+    """What one bound tree's attention counts and builds. Not a dataclass, dict or list on purpose: FSDP2's
+    ``cast_forward_inputs`` (``torch.distributed.utils._apply_to_tensors``) rebuilds every dataclass, dict
+    and list in a unit's inputs, so each decoder layer gets a copy of the ``chain_tree`` keyword; this
+    object is carried over by reference, so every copy shares one count and one cache."""
+
+    __slots__ = ("calls", "cache")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cache: dict[Any, Any] = {}
+
+
 @dataclass
 class ChainTree:
     """One chain batch as one packed row of ``N`` tokens (see the module docstring); ``M`` scored tokens,
@@ -331,10 +344,22 @@ class ChainTree:
     position_ids: Tensor | None = None
     #: The attention path (``"flash"``, ``"flex"``, ``"sdpa"``, ``"eager"``): set by :meth:`bind`.
     attention: str = "sdpa"
-    #: Calls of the tree attention since :meth:`bind` (one per attention layer in a forward).
-    calls: int = 0
-    #: What the attention builds once per bound tree (index tensors, masks).
-    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+    #: :attr:`calls` and :attr:`cache`, shared by every copy of this bound tree (:class:`_TreeState`).
+    state: _TreeState = field(default_factory=_TreeState, repr=False, compare=False)
+
+    @property
+    def calls(self) -> int:
+        """Calls of the tree attention since :meth:`bind` (one per attention layer in a forward)."""
+        return self.state.calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.state.calls = value
+
+    @property
+    def cache(self) -> dict[Any, Any]:
+        """What the attention builds once per bound tree (index tensors, masks)."""
+        return self.state.cache
 
     @property
     def num_tokens(self) -> int:
@@ -348,7 +373,7 @@ class ChainTree:
             for f in fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
-        return replace(self, **moved, calls=0, cache={})
+        return replace(self, **moved, state=_TreeState())
 
     def bind(self, prompt_positions: Tensor, completion_positions: Tensor, attention: str) -> ChainTree:
         """A copy for one forward of one model, on the positions' device: ``prompt_positions [B, P]`` or
