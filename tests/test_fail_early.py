@@ -216,3 +216,17 @@ def test_bad_record_splits_are_refused(tmp_path, splits, message):
     chains, _ = load_chains_file(str(_split_chains(tmp_path, splits)))
     with pytest.raises(ValueError, match=message):
         record_split(chains)
+
+
+def test_no_pinned_memory_without_an_accelerator(tmp_path, monkeypatch):
+    """Pinned memory only helps copies to an accelerator; without one torch's DataLoader warns at every new
+    iterator (each evaluation), so ChainRankConfig turns it off there, and leaves it on where one is."""
+    import rankloss.integrations.trainer as tr
+    from rankloss.integrations import ChainRankConfig
+
+    monkeypatch.setattr(tr, "_has_accelerator", lambda: False)
+    assert ChainRankConfig(output_dir=str(tmp_path), report_to=[]).dataloader_pin_memory is False
+    on_cpu = ChainRankConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert on_cpu.dataloader_pin_memory is False
+    monkeypatch.setattr(tr, "_has_accelerator", lambda: True)
+    assert ChainRankConfig(output_dir=str(tmp_path), report_to=[]).dataloader_pin_memory is True

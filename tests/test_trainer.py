@@ -1,6 +1,6 @@
 """examples/train_video_rank.py end to end, at tiny sizes: the comparison's outputs, flag validation,
-``--stop-after-steps`` + ``--resume`` against an uninterrupted run, and ``accelerate launch`` with two CPU
-processes against one process with the same global batch."""
+``--stop-after-steps`` + ``--resume`` against an uninterrupted run, and two CPU processes (``torchrun
+--nproc_per_node 2 ... --cpu``, gloo) against one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,11 +251,41 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path: Path):
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
 
 
+# Runs the example under a launcher and, in each process, records what make_accelerator set up.
+CHECKED_LAUNCH = """
+import json, os, runpy, sys
+import torch
+import rankloss.train.loop as loop
+
+real = loop.make_accelerator
+
+
+def checked(config):
+    acc = real(config)
+    seen = {
+        "WORLD_SIZE": os.environ.get("WORLD_SIZE"),
+        "initialized": torch.distributed.is_available() and torch.distributed.is_initialized(),
+        "num_processes": acc.num_processes,
+        "process_index": acc.process_index,
+    }
+    with open(os.path.join(os.environ["RANKLOSS_SEEN_DIR"], f"rank{acc.process_index}.json"), "w") as f:
+        json.dump(seen, f)
+    return acc
+
+
+loop.make_accelerator = checked
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_accelerate_two_processes_match_one(tmp_path: Path):
-    """Two gloo processes, each half of the global batch, give the same model as one process."""
-    if shutil.which("accelerate") is None and importlib.util.find_spec("accelerate.commands.launch") is None:
-        pytest.skip("accelerate launcher not available")
+def test_torchrun_two_processes_match_one(tmp_path: Path, monkeypatch):
+    """Two gloo processes (``torchrun --nproc_per_node 2`` with ``--cpu``), each half of the global batch,
+    give the same model and losses as one process. Each process checks it is one of two in one group
+    (``accelerate launch --cpu --num_processes 2`` would start a single process: accelerate 1.16)."""
+    from test_chain_trainer import _free_port
+
     args = [
         *TINY,
         "--sft-steps",
@@ -273,22 +302,30 @@ def test_accelerate_two_processes_match_one(tmp_path: Path):
         "--cpu",
     ]
     _run([*args, "--output-dir", str(tmp_path / "one")])
+    wrapper = tmp_path / "checked_launch.py"
+    wrapper.write_text(CHECKED_LAUNCH)
+    seen_dir = tmp_path / "seen"
+    seen_dir.mkdir()
+    monkeypatch.setenv("RANKLOSS_SEEN_DIR", str(seen_dir))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     launcher = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
+        "torch.distributed.run",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--cpu",
+        "--master_port",
+        str(_free_port()),
+        str(wrapper),
     ]
-    _run([*args, "--output-dir", str(tmp_path / "two")], launcher=launcher, timeout=900)
+    result = _run([*args, "--output-dir", str(tmp_path / "two")], launcher=launcher, timeout=600)
+    for rank in (0, 1):
+        seen = json.loads((seen_dir / f"rank{rank}.json").read_text())
+        assert seen == {"WORLD_SIZE": "2", "initialized": True, "num_processes": 2, "process_index": rank}
+    assert "2 process(es)" in result.stdout
     a, b = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     one = [r["loss"] for r in _records(tmp_path / "one" / "metrics.jsonl") if r["event"] == "train"]
@@ -403,8 +440,9 @@ def test_saved_model_loads_back_with_model_flag(tmp_path: Path):
 
 
 def test_launch_whose_processes_did_not_join_one_group_is_refused():
-    """WORLD_SIZE=2 but a single-process Accelerator (accelerate's --use_fsdp without GPUs): the two
-    copies would each train alone into the same folder, so the trainer stops and says why."""
+    """WORLD_SIZE=2 but a single-process Accelerator (torchrun on CPU without --cpu, accelerate's
+    --use_fsdp without GPUs): the two copies would each train alone into the same folder, so the trainer
+    stops and says why (the check ChainRankTrainer shares: rankloss._launch.process_group_problem)."""
     from types import SimpleNamespace
 
     from rankloss.train.loop import check_process_group
@@ -415,8 +453,34 @@ def test_launch_whose_processes_did_not_join_one_group_is_refused():
     check_process_group(SimpleNamespace(num_processes=2), {"WORLD_SIZE": "2"})
     with pytest.raises(SystemExit, match=r"launched as 2 processes \(WORLD_SIZE=2\) but accelerate set up 1"):
         check_process_group(alone, {"WORLD_SIZE": "2"})
+    with pytest.raises(SystemExit, match=r"torchrun --nproc_per_node 2` with --cpu"):
+        check_process_group(alone, {"WORLD_SIZE": "2"})
     with pytest.raises(SystemExit, match="WORLD_SIZE='two'"):
         check_process_group(alone, {"WORLD_SIZE": "two"})
+
+
+def test_example_trainer_refuses_deepspeed(monkeypatch):
+    """``accelerate launch --config_file examples/accelerate/zero3.yaml examples/train_video_rank.py``:
+    the example's stages prepare several models, which a DeepSpeed engine does not allow, so it stops at
+    once and points to ChainRankTrainer (DeepSpeed needs accelerators, so the Accelerator is a stand-in)."""
+    from types import SimpleNamespace
+
+    import accelerate
+
+    from rankloss.train.config import TrainConfig
+    from rankloss.train.loop import make_accelerator
+
+    made = []
+
+    def fake(**kwargs):
+        made.append(kwargs)
+        return SimpleNamespace(num_processes=1, distributed_type="DistributedType.DEEPSPEED", device="cpu")
+
+    monkeypatch.setattr(accelerate, "Accelerator", fake)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match=r"not DeepSpeed.*ChainRankTrainer.*zero3\.yaml"):
+        make_accelerator(TrainConfig())
+    assert made, "the stand-in Accelerator was not used"
 
 
 def _tiny_llava_onevision(folder: Path) -> None:

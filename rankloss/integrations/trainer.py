@@ -20,13 +20,17 @@ the ``Trainer``:
   cached on disk under a fingerprint of the model, the data, the processor or tokenizer (every file its
   ``save_pretrained`` writes: vocabulary, special tokens, image / video sizes, chat template), every
   setting of the collator, the precision and the kernel (``ref_cache_dir``, default
-  ``<output_dir>/rankloss-ref``), so a second run or a resumed one does not recompute them. A cache file
+  ``<output_dir>/rankloss-ref``), so a second run or a resumed one does not recompute them. Under
+  DeepSpeed ZeRO-3 the scorer's partitioned parameters are gathered for the pass on every process (a
+  ``ref_model`` is prepared as a ZeRO-3 engine, for evaluation, no optimizer). A cache file
   that cannot be read, fails its checksum, or does not fit the dataset (records, completions per
   record, non-finite values) is reported with a warning naming it, recomputed and rewritten atomically.
   ``reference_free=True`` skips them.
 * **Gradient accumulation and several processes**: the loss of a micro-batch is its chains' summed loss
   divided by the number of chains in the whole optimizer step (all micro-batches, all processes), so
-  GA=2 with half the batch, or two processes with half the batch each, give one process's update.
+  GA=2 with half the batch, or two processes with half the batch each, give one process's update. A
+  launch whose processes did not join one group (``WORLD_SIZE > 1`` but accelerate sees one process, e.g.
+  ``torchrun`` on CPU without ``use_cpu=True``) is refused with a ``RuntimeError``.
 * **Chain metrics** summed over every chain since the last log, reduced across processes, and logged
   through ``Trainer.log`` (so tensorboard / wandb callbacks see them); ``evaluate()`` returns the same
   metrics on the eval set as ``eval_*``. Every ranking metric counts a tie as half (a tied pair 0.5,
@@ -55,12 +59,15 @@ the ``Trainer``:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import struct
+import sys
 import tempfile
 import warnings
 from collections import defaultdict
@@ -71,9 +78,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._launch import process_group_problem
 from .._version import __version__
 from ..chains.taxonomy import EDIT_TYPES
-from .forward import IGNORE_INDEX, ChainRankModel, LossSpec
+from .forward import IGNORE_INDEX, ChainRankModel, LossSpec, keep_precision
 
 try:
     import transformers
@@ -212,6 +220,10 @@ class ChainRankConfig(TrainingArguments):
                 "num_train_epochs, or a positive number of optimizer steps"
             )
         super().__post_init__()
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            # pinned memory only helps copies to an accelerator; without one torch's DataLoader warns at
+            # every new iterator (each evaluation)
+            self.dataloader_pin_memory = False
         if self.loss not in ("plackett_luce", "dpo", "lipo"):
             raise ValueError(f"loss must be 'plackett_luce', 'dpo' or 'lipo', got {self.loss!r}")
         if self.remove_unused_columns:
@@ -311,15 +323,116 @@ def _hash_value(h: Any, value: Any) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's config and of every parameter's sum and sum of squares (float64)."""
+    """A hash of the model's config and of every parameter's sum and sum of squares (float64).
+
+    A ZeRO-3 partitioned parameter (one with ``ds_id``) is gathered for its hash, one at a time, so the
+    fingerprint is that of the whole model (every process must call this: the gather is collective)."""
     h = hashlib.sha256()
     h.update(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            d = p.detach().double()
+            with _gathered([p]):
+                d = p.detach().double()
+                stats = torch.stack([d.sum(), d.square().sum()]).cpu()
             h.update(name.encode())
-            h.update(torch.stack([d.sum(), d.square().sum()]).cpu().numpy().tobytes())
+            h.update(stats.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _zero3_params(model: nn.Module) -> list[nn.Parameter]:
+    """The ZeRO-3 partitioned parameters of ``model`` (those with a ``ds_id``)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+def _gathered(params: Sequence[nn.Parameter]) -> Any:
+    """``deepspeed.zero.GatheredParameters`` over the ZeRO-3 partitioned ``params`` (read-only: every
+    process gets the whole tensors and none writes them back), or a no-op when none is partitioned. It
+    is collective: every process must enter it, with the same parameters."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def is_deepspeed_engine(model: Any) -> bool:
+    """Whether ``model`` is a ``deepspeed.DeepSpeedEngine`` (without importing deepspeed)."""
+    ds = sys.modules.get("deepspeed")
+    engine = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
+    return engine is not None and isinstance(model, engine)
+
+
+def _zero3_offload(engine: Any) -> Any:
+    """The object that holds a ZeRO-3 engine's parameter-fetching module hooks (``forward_hooks``,
+    ``backward_hooks``), or ``None``."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    return offload if offload is not None and hasattr(offload, "forward_hooks") else None
+
+
+@contextlib.contextmanager
+def zero3_gathered_for_forward(model: nn.Module, engine: Any = None) -> Any:
+    """Every ZeRO-3 partitioned parameter of ``model`` gathered (whole on every process) while the block
+    runs, so plain forward passes of ``model`` (or of any of its submodules) see the full weights; a
+    no-op for a model that is not partitioned.
+
+    ``engine``: the ``DeepSpeedEngine`` whose module holds ``model``, if it is already prepared: its
+    parameter-fetching hooks are taken off for the block (they would release the gathered parameters
+    after each submodule) and put back after it. Collective: every process must enter the block, even
+    one with nothing to run inside it.
+    """
+    params = _zero3_params(model)
+    if not params:
+        yield
+        return
+    offload = _zero3_offload(engine) if engine is not None else None
+    with _gathered(params):
+        if offload is not None:
+            for p in offload.module.parameters():
+                if hasattr(p, "ds_active_sub_modules"):
+                    p.ds_active_sub_modules.clear()
+            for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            if offload is not None:  # DeepSpeed >= 0.16.4 renamed _register_hooks_recursively
+                register = getattr(offload, "_register_deepspeed_module", None)
+                if register is None:
+                    register = offload._register_hooks_recursively
+                register(offload.module)
+
+
+def prepare_deepspeed_ref_model(model: nn.Module, ds_config: Mapping[str, Any]) -> Any:
+    """``model`` as a ZeRO-3 ``DeepSpeedEngine`` for evaluation (as TRL prepares its ``ref_model``): the
+    trainer's DeepSpeed config without optimizer and scheduler, the hidden-size ``"auto"`` buckets filled
+    in as transformers does, ``eval()`` mode. The engine partitions the parameters it holds."""
+    import deepspeed
+
+    config = copy.deepcopy(dict(ds_config))
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.setdefault("zero_optimization", {})
+    cfg = getattr(model, "config", None)
+    sizes = getattr(cfg, "hidden_sizes", None)
+    hidden = max(sizes) if sizes else getattr(cfg, "hidden_size", None)
+    if hidden is None:  # a multimodal config: the text model's width
+        hidden = getattr(getattr(cfg, "text_config", None), "hidden_size", None)
+    for key, value in (
+        ("reduce_bucket_size", None if hidden is None else hidden * hidden),
+        ("stage3_prefetch_bucket_size", None if hidden is None else int(0.9 * hidden * hidden)),
+        ("stage3_param_persistence_threshold", None if hidden is None else 10 * hidden),
+    ):
+        if zero.get(key) == "auto":
+            if value is None:
+                del zero[key]  # DeepSpeed's default
+            else:
+                zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
 
 
 def processing_fingerprint(processing_class: Any) -> str:
@@ -566,12 +679,50 @@ class ChainRankTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # torchrun on CPU without use_cpu=True (or accelerate's FSDP / DeepSpeed without accelerators):
+        # every process would train alone on the whole batch into the same output_dir
+        problem = process_group_problem(self.accelerator, os.environ, cpu_hint="use_cpu=True")
+        if problem is not None:
+            raise RuntimeError(f"ChainRankTrainer: {problem}")
+        if self.ref_model is not None and self._zero_stage() == 3 and not is_deepspeed_engine(self.ref_model):
+            # a ZeRO-3 reference model is partitioned like the policy and run through its own engine
+            self.ref_model = prepare_deepspeed_ref_model(
+                self.ref_model, self.accelerator.state.deepspeed_plugin.deepspeed_config
+            )
         # reference scores now, from the policy before any step (a resumed run loads its checkpoint later)
         self.train_dataset = self._with_ref(self.train_dataset, "train")
         if isinstance(self.eval_dataset, dict):
             self.eval_dataset = {k: self._with_ref(v, f"eval-{k}") for k, v in self.eval_dataset.items()}
         else:
             self.eval_dataset = self._with_ref(self.eval_dataset, "eval")
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._undo_evaluation_only_preparation()
+        return super().train(*args, **kwargs)
+
+    def _undo_evaluation_only_preparation(self) -> None:
+        """``evaluate()`` before ``train()`` on several processes (DDP, not DeepSpeed / FSDP): the
+        Trainer's evaluation loop has accelerate prepare the model for evaluation only (no DDP wrapper)
+        and accelerate marks it prepared, so ``train()`` would not wrap it in DDP and every process would
+        step alone on its part of the batch (the processes' weights drift apart; transformers 5.25,
+        accelerate 1.16). Forget that preparation, so ``train()`` prepares the model for training."""
+        model, acc = self.model, self.accelerator
+        if (
+            acc.num_processes <= 1
+            or getattr(self, "is_deepspeed_enabled", False)
+            or getattr(self, "is_fsdp_enabled", False)
+            or self.model_wrapped is not model
+            or not getattr(model, "_is_accelerate_prepared", False)
+        ):
+            return
+        acc._models[:] = [m for m in acc._models if m is not model]
+        model._is_accelerate_prepared = False
+        original = model.__dict__.pop("_original_forward", None)  # the mixed-precision forward wrapper
+        if original is not None:
+            if getattr(original, "__func__", None) is type(model).forward:
+                model.__dict__.pop("forward", None)
+            else:
+                model.forward = original
 
     # ------------------------------------------------------------------------------------------------
     # records
@@ -786,12 +937,55 @@ class ChainRankTrainer(Trainer):
                 return dataclasses.replace(collator, duplicates="keep")
         return collator
 
+    def _zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage when the Trainer runs under DeepSpeed, else ``None``."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return getattr(plugin, "zero_stage", None)
+
+    def _deepspeed_engine_of(self, model: nn.Module) -> Any:
+        """The ``DeepSpeedEngine`` that runs ``model``: ``model`` itself, or the Trainer's prepared engine
+        when ``model`` is part of it (the policy after the first step); ``None`` when there is none."""
+        if is_deepspeed_engine(model):
+            return model
+        wrapped = getattr(self, "model_wrapped", None)
+        if is_deepspeed_engine(wrapped) and any(m is model for m in wrapped.module.modules()):
+            return wrapped
+        return None
+
+    def _score_records(
+        self,
+        dataset: Any,
+        mine: Sequence[int],
+        bs: int,
+        collator: Any,
+        wrapper: ChainRankModel,
+        local: dict[int, list[float]],
+    ) -> None:
+        """Scores of the records ``mine`` of ``dataset`` (``bs`` at a time) into ``local``."""
+        acc = self.accelerator
+        for start in range(0, len(mine), bs):
+            idx = list(mine[start : start + bs])
+            batch = collator([dataset[i] for i in idx])
+            batch = self._prepare_inputs(batch)
+            # the training step's precision: accelerate wraps the prepared model's forward in this
+            # autocast (compute_loss_context_manager adds the Trainer's own contexts, if any)
+            with self.compute_loss_context_manager(), acc.autocast():
+                out = wrapper(batch, mode="score")
+            sizes = batch["chain_sizes"].tolist()
+            for i, s in zip(idx, torch.split(out["scores"].float().cpu(), sizes)):
+                local[i] = s.tolist()
+
     @torch.no_grad()
     def reference_scores(self, dataset: Any, name: str = "train") -> list[list[float]]:
         """Each record's reference scores (summed completion log-probs), computed once across processes
         under the training's mixed precision, and cached on disk; ``[[s_1, ..., s_K], ...]`` in dataset
         order. A damaged or mismatched cache file warns, naming it, and is recomputed."""
         scorer = self.ref_model if self.ref_model is not None else self.policy
+        engine = self._deepspeed_engine_of(scorer)
+        if engine is scorer:  # a ref_model prepared as a ZeRO-3 engine: score with its module
+            scorer = engine.module
         path = self._ref_cache_path(dataset, scorer)
         cached = self._load_ref_cache(path, dataset)
         acc = self.accelerator
@@ -805,26 +999,20 @@ class ChainRankTrainer(Trainer):
         was_training = scorer.training
         scorer.eval()
         moved = False
-        if next(scorer.parameters()).device != device:
+        partitioned = bool(_zero3_params(scorer))
+        if not partitioned and engine is None and next(scorer.parameters()).device != device:
             scorer.to(device)
             moved = scorer is self.ref_model
         wrapper = ChainRankModel(scorer, share_prefix=self.args.share_prefix, impl=self.args.impl)
         collator = self._scoring_collator()
+        # a process may get fewer records than another, or none: the ZeRO-3 gather below is entered by
+        # every process all the same (it is collective), and the loop inside it runs no collective
         mine = list(range(acc.process_index, len(dataset), acc.num_processes))
         bs = self.args.ref_batch_size or self.args.per_device_eval_batch_size
         local: dict[int, list[float]] = {}
         try:
-            for start in range(0, len(mine), bs):
-                idx = mine[start : start + bs]
-                batch = collator([dataset[i] for i in idx])
-                batch = self._prepare_inputs(batch)
-                # the training step's precision: accelerate wraps the prepared model's forward in this
-                # autocast (compute_loss_context_manager adds the Trainer's own contexts, if any)
-                with self.compute_loss_context_manager(), acc.autocast():
-                    out = wrapper(batch, mode="score")
-                sizes = batch["chain_sizes"].tolist()
-                for i, s in zip(idx, torch.split(out["scores"].float().cpu(), sizes)):
-                    local[i] = s.tolist()
+            with zero3_gathered_for_forward(scorer, engine):
+                self._score_records(dataset, mine, bs, collator, wrapper, local)
         finally:
             scorer.train(was_training)
             if moved:
@@ -876,7 +1064,8 @@ class ChainRankTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Any:
-        out = model(inputs, mode="rank", reduction="sum")
+        # keep_precision: FSDP's mixed-precision input cast would turn ref_scores into bf16
+        out = model(keep_precision(inputs), mode="rank", reduction="sum")
         chains = len(inputs["chain_sizes"])
         if num_items_in_batch is None:  # evaluation: the micro-batch's mean
             loss = out["loss"] / max(chains, 1)
@@ -1095,6 +1284,13 @@ class ChainRankTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model=self.policy if model is None else model)
+
+
+def _has_accelerator() -> bool:
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return torch.cuda.is_available()  # pragma: no cover - torch before 2.6
 
 
 def _refuse_empty(dataset: Any, what: str) -> None:

@@ -40,8 +40,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .._launch import process_group_problem
 from ..integrations.collator import ChainCollator
-from ..integrations.forward import ChainRankModel, LossSpec
+from ..integrations.forward import ChainRankModel, LossSpec, keep_precision
 from .config import Arm, TrainConfig, write_json_atomic
 from .data import (
     IGNORE_INDEX,
@@ -217,29 +218,28 @@ def make_accelerator(config: TrainConfig) -> Any:
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     check_process_group(accelerator, os.environ)
+    if "DEEPSPEED" in str(accelerator.distributed_type):
+        raise SystemExit(
+            "error: the example trainer runs under DDP or FSDP (examples/accelerate/ddp.yaml, fsdp2.yaml), "
+            "not DeepSpeed: its stages swap models and optimizers, which a DeepSpeed engine does not allow. "
+            "Train with DeepSpeed ZeRO-3 through ChainRankTrainer (examples/chain_rank_trainer.py with "
+            "examples/accelerate/zero3.yaml)."
+        )
     return accelerator
 
 
 def check_process_group(accelerator: Any, env: Any) -> None:
     """Refuse a launch whose processes did not join one group.
 
-    ``accelerate launch --num_processes N`` (or ``torchrun``) sets ``WORLD_SIZE=N``; if ``Accelerator``
-    then sees a single process (accelerate 1.x does this for ``--use_fsdp`` without GPUs: distributed
+    ``torchrun --nproc_per_node N`` sets ``WORLD_SIZE=N``; if ``Accelerator`` then sees a single process
+    (accelerate 1.x does this on CPU without ``--cpu``, and for ``--use_fsdp`` without GPUs: distributed
     type ``NO``), the N copies would each train the whole model on the whole batch and write into the
-    same run folder. Stop before that, naming both numbers.
+    same run folder. Stop before that, naming both numbers (:func:`rankloss._launch.process_group_problem`,
+    which ``ChainRankTrainer`` uses too).
     """
-    world = env.get("WORLD_SIZE")
-    try:
-        world_size = int(world) if world is not None else 1
-    except ValueError:
-        raise SystemExit(f"error: WORLD_SIZE={world!r} in the environment is not an integer") from None
-    if world_size > 1 and accelerator.num_processes != world_size:
-        raise SystemExit(
-            f"error: launched as {world_size} processes (WORLD_SIZE={world_size}) but accelerate set up "
-            f"{accelerator.num_processes} ({accelerator.distributed_type}, device {accelerator.device}); "
-            "the processes would run as independent copies. On CPU use `accelerate launch --num_processes "
-            f"{world_size}` without --use_fsdp (accelerate's FSDP needs GPUs)."
-        )
+    problem = process_group_problem(accelerator, env, cpu_hint="--cpu")
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
 
 
 def task_dir(run_dir: str, seed: int, task: str) -> str:
@@ -835,7 +835,8 @@ def run_steps(
                     (batch["completion_labels"] != IGNORE_INDEX).sum()
                 )
                 batch = batch_to(batch, acc.device)
-                out = wrapper(batch, mode=mode, spec=spec)
+                # keep_precision: FSDP's mixed-precision input cast would turn ref_scores into bf16
+                out = wrapper(keep_precision(batch), mode=mode, spec=spec)
                 acc.backward(out["loss"])
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
