@@ -10,6 +10,11 @@ with ``--model PATH`` (a local checkpoint of any supported family) and ``--data 
     accelerate launch examples/chain_rank_trainer.py --model /ckpt/Qwen2.5-VL-7B-Instruct \\
         --data chains.jsonl --video_root videos/ --num_frames 16 --output_dir out --bf16 \\
         --loss plackett_luce --beta 0.1 --per_device_train_batch_size 2 --gradient_accumulation_steps 8
+
+``--generate_samples N`` captions the first N held-out records greedily at every evaluation, writes them
+with their references to ``<output_dir>/generations/step-<step>.jsonl`` and adds ``eval_gen/precision``,
+``eval_gen/recall`` and ``eval_gen/f1``: an LLM judge's event-level scores with ``--judge_url URL
+--judge_model NAME`` (an OpenAI-compatible server), else the weaker lexical fallback (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from rankloss.integrations import ChainRankConfig, ChainRankTrainer, load_chain_dataset
+from rankloss.integrations import ChainRankConfig, ChainRankTrainer, add_generation_eval, load_chain_dataset
 
 
 @dataclass
@@ -39,6 +44,18 @@ class ScriptArgs:
             "help": "instruction after the video (--data records); default: the collator's default prompt"
         },
     )
+    generate_samples: int = field(
+        default=0, metadata={"help": "caption the first N held-out records at every evaluation (0: off)"}
+    )
+    generate_max_new_tokens: int = field(default=64, metadata={"help": "tokens per generated caption"})
+    judge_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible API root of a judge model (default: the lexical fallback)"},
+    )
+    judge_model: str | None = field(default=None, metadata={"help": "the judge's served model name"})
+    judge_api_key_env: str | None = field(
+        default=None, metadata={"help": "variable holding the judge's API key (default OPENAI_API_KEY)"}
+    )
 
 
 def synthetic_setup(n: int, seed: int = 0):
@@ -51,7 +68,9 @@ def synthetic_setup(n: int, seed: int = 0):
     tokenizer = train_tokenizer([c for r in recs for c in r.chain] + ["Describe this video in detail."], 600)
     processor = build_tiny_processor(tokenizer, size)
     model = build_tiny_model(tiny_config(tokenizer, hidden_size=64, vision_hidden_size=32), seed=seed)
-    data = [{"id": r.id, "videos": [r.frames], "completions": list(r.chain)} for r in recs]
+    # no chat template: the prompt is the video alone, between its markers, as in the example trainer
+    # (rankloss.train.data.make_collator); a text after it would merge with the captions' first tokens
+    data = [{"id": r.id, "prompt": "", "videos": [r.frames], "completions": list(r.chain)} for r in recs]
     return model, processor, data
 
 
@@ -125,6 +144,34 @@ def _resume_target(parser, args, argv: Sequence[str]) -> str | bool | None:
     return value
 
 
+def _generation_judge(parser, script, argv: Sequence[str]):
+    """The generation options checked (before any model is loaded); the judge, or ``None``."""
+    gen = _typed("generate_samples", argv)
+    if script.generate_samples < 0:
+        parser.error(f"{gen} must be >= 0 (0: no generation), got {script.generate_samples}")
+    if script.generate_max_new_tokens < 1:
+        parser.error(
+            f"{_typed('generate_max_new_tokens', argv)} must be >= 1, got {script.generate_max_new_tokens}"
+        )
+    url, model = _typed("judge_url", argv), _typed("judge_model", argv)
+    if (script.judge_url is None) != (script.judge_model is None):
+        given, missing = (url, model) if script.judge_url is not None else (model, url)
+        parser.error(f"{given} needs {missing} too (the judge's API root and its served model name)")
+    if script.judge_api_key_env is not None and script.judge_url is None:
+        parser.error(f"{_typed('judge_api_key_env', argv)} is for the judge: give {url} and {model}")
+    if script.judge_url is None:
+        return None
+    if script.generate_samples == 0:
+        parser.error(f"{url} scores generated captions: set {gen} N too")
+    from rankloss.integrations import EventJudge
+
+    kwargs = {} if script.judge_api_key_env is None else {"api_key_env": script.judge_api_key_env}
+    try:
+        return EventJudge(script.judge_url, script.judge_model, **kwargs)
+    except ValueError as exc:
+        parser.error(f"{url}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = transformers.HfArgumentParser((ScriptArgs, ChainRankConfig))
     typed = list(sys.argv[1:] if argv is None else argv)
@@ -143,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if script.model is None and script.prompt is not None:
         parser.error("--prompt applies to --model checkpoints; the tiny default model has its own prompt")
     resume = _resume_target(parser, args, typed)
+    judge = _generation_judge(parser, script, typed)
+    if script.generate_samples and script.model is not None and script.eval_data is None:
+        parser.error(
+            f"{_typed('generate_samples', typed)} captions held-out records: give "
+            f"{_typed('eval_data', typed)}"
+        )
     eval_data = data = None
     try:
         if script.data is not None:
@@ -172,6 +225,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer = ChainRankTrainer(
         model, args, train_dataset=data, eval_dataset=eval_data, processing_class=processor
     )
+    if script.generate_samples and eval_data is not None:
+        add_generation_eval(
+            trainer,
+            num_samples=script.generate_samples,
+            max_new_tokens=script.generate_max_new_tokens,
+            judge=judge,
+        )
     before = trainer.evaluate() if eval_data is not None else {}
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
@@ -183,9 +243,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "eval_top1_accuracy",
             "eval_kendall_tau",
             "eval_best_logp_per_token",
+            "eval_gen/precision",
+            "eval_gen/recall",
+            "eval_gen/f1",
         ):
             if key in before and key in after:
                 print(f"{key:<28}{before[key]:>10.4f}{after[key]:>10.4f}")
+        if "eval_gen/scorer" in after:
+            print(f"generated captions scored by: {after['eval_gen/scorer']} (docs/evaluation.md)")
     return after
 
 

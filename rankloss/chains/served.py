@@ -40,7 +40,7 @@ from typing import Any
 from .core import Chain, TextState
 from .llm import LLMEngine
 
-__all__ = ["ServedEngine", "ServerConfigError", "DEFAULT_API_KEY_ENV"]
+__all__ = ["ChatClient", "ServedEngine", "ServerConfigError", "DEFAULT_API_KEY_ENV", "request_failed"]
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -102,6 +102,198 @@ def _parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+class ChatClient:
+    """A client of one OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint, with retries.
+
+    The transport the ``openai`` chains engine and :class:`rankloss.integrations.judge.EventJudge` share:
+    the standard library's :mod:`http.client`, one keep-alive connection per thread (thread-safe). A
+    request that times out, loses its connection, gets a 429, 408, 409, 425 or 5xx, or an answer that is
+    not a chat completion is sent again after an exponential backoff with full jitter (``backoff * 2**n``
+    capped at ``max_backoff``, or the server's ``Retry-After``, capped at ``max_retry_after``), up to
+    ``request_retries`` times. :meth:`complete` returns the first choice's text, or, for a request that
+    still fails, an empty string whose ``.reason`` says why (``bool(text)`` is false; use
+    :func:`request_failed`). A 401, 403 or 404 raises :class:`ServerConfigError` at once (wrong key, URL
+    or model name), naming the endpoint and ``hint``.
+
+    The API key is read from the environment variable ``api_key_env`` (``None``: no key); when it is the
+    default (``OPENAI_API_KEY``) and unset no key is sent, a name given explicitly must be set. The key is
+    never part of ``repr`` or of any message.
+
+    ``requests``, ``request_retries_by_reason`` and ``request_failures`` count every request (thread-safe).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = DEFAULT_API_KEY_ENV,
+        timeout: float = 60.0,
+        request_retries: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 120.0,
+        hint: str = "check --base-url, --model and the API key variable",
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url:
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+        url = urllib.parse.urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be the served model's name, got {model!r}")
+        if isinstance(request_retries, bool) or not isinstance(request_retries, int) or request_retries < 0:
+            raise ValueError(f"request_retries must be an int >= 0, got {request_retries!r}")
+        for label, v in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff),
+                         ("max_retry_after", max_retry_after)):  # fmt: skip
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+            if bad or (label == "timeout" and v == 0):
+                raise ValueError(f"{label} must be a {'positive' if label == 'timeout' else 'non-negative'} "
+                                 f"number, got {v!r}")  # fmt: skip
+        self._api_key = None
+        if api_key_env is not None:
+            self._api_key = os.environ.get(api_key_env) or None
+            if self._api_key is None and api_key_env != DEFAULT_API_KEY_ENV:
+                raise ValueError(f"the API key variable {api_key_env} is not set in the environment")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout = float(timeout)
+        self.request_retries = request_retries
+        self.backoff, self.max_backoff, self.max_retry_after = (
+            float(backoff),
+            float(max_backoff),
+            float(max_retry_after),
+        )
+        self.hint = hint
+        self._https = url.scheme == "https"
+        self._host, self._port = url.hostname, url.port
+        self._path = (url.path.rstrip("/") or "") + "/chat/completions"
+        self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._jitter = random.Random()
+        self.requests = 0
+        self.request_retries_by_reason: Counter[str] = Counter()
+        self.request_failures: Counter[str] = Counter()
+
+    def __repr__(self) -> str:  # no key here
+        return f"ChatClient({self.base_url!r}, model={self.model!r})"
+
+    @property
+    def endpoint(self) -> str:
+        """``{base_url}/chat/completions``."""
+        return f"{self.base_url}/chat/completions"
+
+    def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> str:
+        """One chat completion of ``messages`` (``params``: ``max_tokens``, ``temperature``, ``seed``, ...
+        added to the request body); see :meth:`complete`."""
+        body = {"model": self.model, "messages": list(messages), "n": 1, "stream": False, **params}
+        return self.complete(json.dumps(body).encode("utf-8"))
+
+    def cancel(self) -> None:
+        """Make every request still to come fail at once (the run is stopping)."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Close the open connections."""
+        with self._lock:
+            conns, self._connections = self._connections, []
+        for c in conns:
+            try:
+                c.close()
+            except Exception:  # pragma: no cover - closing a broken socket
+                pass
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover
+                pass
+            with self._lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+
+    def complete(self, body: bytes) -> str:
+        """POST ``body`` (a JSON chat-completions request); the first choice's text, or a failed request
+        (an empty string with ``.reason``) after the retries."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        reason = "cancelled"
+        for attempt in range(self.request_retries + 1):
+            if self._cancel.is_set():
+                return self._failed("cancelled")
+            with self._lock:
+                self.requests += 1
+            retry_after = None
+            try:
+                conn = self._connection()
+                conn.request("POST", self._path, body=body, headers=headers)
+                resp = conn.getresponse()
+                status = resp.status
+                data = resp.read()
+                retry_after = _parse_retry_after(resp.getheader("Retry-After"))
+                if resp.will_close:
+                    self._drop_connection()
+            except TimeoutError:
+                self._drop_connection()
+                reason = "timeout"
+            except (OSError, http.client.HTTPException):
+                self._drop_connection()
+                reason = "connection error"
+            else:
+                if status == 200:
+                    text = _content(data)
+                    if text is not None:
+                        return text
+                    reason = "malformed answer"
+                elif status in _FATAL_STATUS:
+                    detail = data[:200].decode("utf-8", "replace")
+                    raise ServerConfigError(
+                        f"{self.endpoint} answered HTTP {status} for model {self.model!r} "
+                        f"({self.hint}): {detail}"
+                    )
+                elif status in _RETRY_STATUS:
+                    reason = f"HTTP {status}"
+                else:
+                    return self._failed(f"HTTP {status}")  # e.g. 400: the same request fails again
+            if attempt == self.request_retries:
+                break
+            with self._lock:
+                self.request_retries_by_reason[reason] += 1
+                cap = min(self.max_backoff, self.backoff * 2**attempt)
+                delay = self._jitter.uniform(0, cap)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, self.max_retry_after))
+            if self._cancel.wait(delay):
+                return self._failed("cancelled")
+        return self._failed(reason)
+
+    def _failed(self, reason: str) -> _RequestFailed:
+        with self._lock:
+            self.request_failures[reason] += 1
+        return _RequestFailed(reason)
+
+
+def request_failed(text: str) -> str | None:
+    """Why a :meth:`ChatClient.complete` answer is a failed request, or ``None`` for an answer."""
+    return text.reason if isinstance(text, _RequestFailed) else None
 
 
 class ServedEngine:
@@ -174,32 +366,30 @@ class ServedEngine:
                                  f"number, got {v!r}")  # fmt: skip
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-        self._api_key = None
-        if api_key_env is not None:
-            self._api_key = os.environ.get(api_key_env) or None
-            if self._api_key is None and api_key_env != DEFAULT_API_KEY_ENV:
-                raise ValueError(f"the API key variable {api_key_env} is not set in the environment")
-        self.base_url = base_url.rstrip("/")
+        self._client = ChatClient(
+            base_url,
+            model,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            request_retries=request_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            max_retry_after=max_retry_after,
+        )
+        self.base_url = self._client.base_url
         self.model = model
         self.concurrency = concurrency
-        self.timeout = float(timeout)
+        self.timeout = self._client.timeout
         self.request_retries = request_retries
         self.backoff, self.max_backoff, self.max_retry_after = (
-            float(backoff),
-            float(max_backoff),
-            float(max_retry_after),
+            self._client.backoff,
+            self._client.max_backoff,
+            self._client.max_retry_after,
         )
         self.top_p = float(top_p)
         self.max_tokens = max_tokens
         self.send_seed = bool(send_seed)
-        self._https = url.scheme == "https"
-        self._host, self._port = url.hostname, url.port
-        self._path = (url.path.rstrip("/") or "") + "/chat/completions"
-        self._local = threading.local()
-        self._connections: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._jitter = random.Random()
         # Validates types, max_retries, temperature and the verification bounds like the llm engine.
         proto = LLMEngine(generate_fn=self._generate, types=types, max_retries=max_retries,
                           temperature=temperature, max_edit_chars=max_edit_chars,
@@ -213,15 +403,27 @@ class ServedEngine:
         self.llm_edits = 0
         self.fallbacks = 0
         self.rejections: Counter[str] = Counter()
-        self.requests = 0
-        self.request_retries_by_reason: Counter[str] = Counter()
-        self.request_failures: Counter[str] = Counter()
         self.fallback_reasons: Counter[str] = Counter()
 
     def __repr__(self) -> str:  # no key here
         return f"ServedEngine({self.base_url!r}, model={self.model!r}, concurrency={self.concurrency})"
 
     # ------------------------------------------------------------------------------------------------
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent (retries included)."""
+        return self._client.requests
+
+    @property
+    def request_retries_by_reason(self) -> Counter[str]:
+        """Requests sent again, by reason (429, 5xx, timeout, connection error, malformed answer)."""
+        return self._client.request_retries_by_reason
+
+    @property
+    def request_failures(self) -> Counter[str]:
+        """Requests that failed after their retries, by reason."""
+        return self._client.request_failures
+
     @property
     def retries(self) -> int:
         """Requests sent again (all reasons)."""
@@ -244,17 +446,11 @@ class ServedEngine:
 
     def cancel(self) -> None:
         """Make every request still to come fail at once (the run is stopping)."""
-        self._cancel.set()
+        self._client.cancel()
 
     def close(self) -> None:
         """Close the open connections."""
-        with self._lock:
-            conns, self._connections = self._connections, []
-        for c in conns:
-            try:
-                c.close()
-            except Exception:  # pragma: no cover - closing a broken socket
-                pass
+        self._client.close()
 
     # ------------------------------------------------------------------------------------------------
     def _generate(self, prompt: str, *, seed: int, sample: bool) -> str:
@@ -270,88 +466,7 @@ class ServedEngine:
             body["top_p"] = self.top_p
         if self.send_seed:
             body["seed"] = seed
-        return self._complete(json.dumps(body).encode("utf-8"))
-
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=self.timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # pragma: no cover
-                pass
-            with self._lock:
-                if conn in self._connections:
-                    self._connections.remove(conn)
-
-    def _complete(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        reason = "cancelled"
-        for attempt in range(self.request_retries + 1):
-            if self._cancel.is_set():
-                return self._failed("cancelled")
-            with self._lock:
-                self.requests += 1
-            retry_after = None
-            try:
-                conn = self._connection()
-                conn.request("POST", self._path, body=body, headers=headers)
-                resp = conn.getresponse()
-                status = resp.status
-                data = resp.read()
-                retry_after = _parse_retry_after(resp.getheader("Retry-After"))
-                if resp.will_close:
-                    self._drop_connection()
-            except TimeoutError:
-                self._drop_connection()
-                reason = "timeout"
-            except (OSError, http.client.HTTPException):
-                self._drop_connection()
-                reason = "connection error"
-            else:
-                if status == 200:
-                    text = _content(data)
-                    if text is not None:
-                        return text
-                    reason = "malformed answer"
-                elif status in _FATAL_STATUS:
-                    detail = data[:200].decode("utf-8", "replace")
-                    raise ServerConfigError(
-                        f"{self.base_url}/chat/completions answered HTTP {status} for model {self.model!r} "
-                        f"(check --base-url, --model and the API key variable): {detail}"
-                    )
-                elif status in _RETRY_STATUS:
-                    reason = f"HTTP {status}"
-                else:
-                    return self._failed(f"HTTP {status}")  # e.g. 400: the same request fails again
-            if attempt == self.request_retries:
-                break
-            with self._lock:
-                self.request_retries_by_reason[reason] += 1
-                cap = min(self.max_backoff, self.backoff * 2**attempt)
-                delay = self._jitter.uniform(0, cap)
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, self.max_retry_after))
-            if self._cancel.wait(delay):
-                return self._failed("cancelled")
-        return self._failed(reason)
-
-    def _failed(self, reason: str) -> _RequestFailed:
-        with self._lock:
-            self.request_failures[reason] += 1
-        return _RequestFailed(reason)
+        return self._client.complete(json.dumps(body).encode("utf-8"))
 
 
 def _content(data: bytes) -> str | None:

@@ -19,6 +19,12 @@ The parts, one module each:
 * :mod:`~rankloss.integrations.collator`: chain records in TRL's shape (``prompt`` or conversational
   ``messages``, ``images`` / ``videos``, ``completions`` ranked best first) to a chain batch.
 * :mod:`~rankloss.integrations.trainer`: :class:`ChainRankConfig` and :class:`ChainRankTrainer`.
+* :mod:`~rankloss.integrations.generation`: greedy captions of eval records with their references
+  (:func:`generate_captions`) and :class:`GenerationEvalCallback`, which writes and scores them at every
+  ``evaluate()``.
+* :mod:`~rankloss.integrations.judge`: the scorers of generated captions: :class:`EventJudge` (event-level
+  precision / recall / F1 in the AutoDQ style through an OpenAI-compatible endpoint) and
+  :class:`LexicalScorer` (the weaker content-word fallback).
 
 **The chain batch** (a flat ``dict``, what the collator returns and the chain forward reads):
 
@@ -65,6 +71,8 @@ _API = {
     "LMHead": "forward",
     "LossSpec": "forward",
     "chain_hidden_states": "forward",
+    "keep_precision": "forward",
+    "Uncast": "forward",
     "ChainStates": "forward",
     "ChainTree": "layout",
     "build_chain_tree": "layout",
@@ -76,6 +84,13 @@ _API = {
     "load_chain_dataset": "collator",
     "ChainRankConfig": "trainer",
     "ChainRankTrainer": "trainer",
+    "GenerationEvalCallback": "generation",
+    "add_generation_eval": "generation",
+    "generate_captions": "generation",
+    "EventJudge": "judge",
+    "LexicalScorer": "judge",
+    "GenerationScores": "judge",
+    "JudgeError": "judge",
 }
 
 #: Keys of a chain batch that are not media (every other tensor key goes to the model with the prompt).
