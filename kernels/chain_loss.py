@@ -235,9 +235,14 @@ def _chain_loss_fwd_kernel(
     q = tl.sum(discordant, axis=0).to(tl.float32)
     r_first = tl.max(tl.where(cols == 0, r_col, float("-inf")), axis=0)
     r_last = tl.max(tl.where(cols == K - 1, r_col, float("-inf")), axis=0)
-    beaten = tl.sum((col_ok & (cols > 0) & (r_col >= r_first)).to(tl.int32), axis=0)
-    tl.store(metrics_ptr + chain, p / n_all)
-    tl.store(metrics_ptr + num_chains + chain, tl.where(beaten == 0, 1.0, 0.0))
+    # ties: half a pair each, and the top-1 credit shared among tied maxima (reference.losses.chain_metrics)
+    above_first = tl.sum((col_ok & (cols > 0) & (r_col > r_first)).to(tl.int32), axis=0)
+    tied_first = tl.sum((col_ok & (cols > 0) & (r_col == r_first)).to(tl.int32), axis=0)
+    tl.store(metrics_ptr + chain, (p + 0.5 * (n_all - p - q)) / n_all)
+    tl.store(
+        metrics_ptr + num_chains + chain,
+        tl.where(above_first == 0, 1.0 / (1 + tied_first).to(tl.float32), 0.0),
+    )
     tl.store(metrics_ptr + 2 * num_chains + chain, (p - q) / n_all)
     tl.store(metrics_ptr + 3 * num_chains + chain, (r_first - r_last) / (K - 1).to(tl.float32))
 

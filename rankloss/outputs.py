@@ -19,8 +19,11 @@ class ChainLossOutput(NamedTuple):
         loss: reduced loss: a scalar for ``reduction="mean"|"sum"``, ``[C]`` for ``"none"``.
         chain_losses: ``[C]`` detached per-chain loss (ranking loss + ``sft_weight`` * SFT term).
         rewards: ``[S]`` implicit rewards ``beta * (s - s_ref)`` in chain order.
-        pairwise_accuracy: ``[C]`` share of ordered pairs ``k < j`` with ``r_k > r_j``.
-        top1_accuracy: ``[C]`` 1.0 where the best caption has strictly the highest reward.
+        pairwise_accuracy: ``[C]`` share of ordered pairs ``k < j`` with ``r_k > r_j``, a tie counting half
+            (equal rewards, as before the first step, read 0.5; TRL's ``rewards/accuracies`` counts a tie
+            as wrong).
+        top1_accuracy: ``[C]`` 1.0 where the best caption has strictly the highest reward, ``1 / m`` where
+            it is one of ``m`` tied highest, else 0.
         kendall_tau: ``[C]`` Kendall tau (tau-a) between rewards and the chain order.
         neighbour_margin: ``[C]`` mean of ``r_k - r_{k+1}``.
         reward_per_position: ``[K_max]`` mean reward at each chain position over the chains that have it.

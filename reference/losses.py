@@ -232,11 +232,12 @@ def sft_loss(scores: Tensor, num_tokens: Tensor, chain_sizes: Sequence[int] | Te
 def chain_metrics(r: Tensor, chain_sizes: Sequence[int] | Tensor) -> dict[str, Tensor]:
     """Ranking metrics of rewards against the chain order (no gradient).
 
-    Per chain, with ``P`` = #pairs ``k < j`` with ``r_k > r_j``, ``Q`` = #pairs with ``r_k < r_j`` and
-    ``K(K-1)/2`` pairs in all:
+    Per chain, with ``P`` = #pairs ``k < j`` with ``r_k > r_j``, ``Q`` = #pairs with ``r_k < r_j``,
+    ``T`` = #pairs with ``r_k == r_j`` and ``K(K-1)/2`` pairs in all (ties count as half: equal rewards,
+    as every implicit reward is before the first step, read 0.5, not 0):
 
-    * ``pairwise_accuracy [C]`` = ``P / (K(K-1)/2)``;
-    * ``top1_accuracy [C]`` = 1 if the best caption's reward is strictly the highest, else 0;
+    * ``pairwise_accuracy [C]`` = ``(P + T / 2) / (K(K-1)/2)``;
+    * ``top1_accuracy [C]`` = ``1 / m`` if the best caption's reward is one of ``m`` tied highest, else 0;
     * ``kendall_tau [C]`` = ``(P - Q) / (K(K-1)/2)`` (tau-a: the chain order has no ties);
     * ``neighbour_margin [C]`` = mean of ``r_k - r_{k+1}``;
     * ``reward_per_position [K_max]`` = mean reward at each chain position over the chains that have it.
@@ -252,9 +253,13 @@ def chain_metrics(r: Tensor, chain_sizes: Sequence[int] | Tensor) -> dict[str, T
         upper = torch.triu(torch.ones(K, K, dtype=torch.bool, device=r.device), diagonal=1)
         concordant = ((rc[:, None] > rc[None, :]) & upper).sum().to(r.dtype)
         discordant = ((rc[:, None] < rc[None, :]) & upper).sum().to(r.dtype)
-        acc.append(concordant / n_pairs)
+        tied = ((rc[:, None] == rc[None, :]) & upper).sum().to(r.dtype)
+        acc.append((concordant + 0.5 * tied) / n_pairs)
         tau.append((concordant - discordant) / n_pairs)
-        top1.append((rc[0] > rc[1:]).all().to(r.dtype))
+        if (rc[1:] > rc[0]).any():
+            top1.append(torch.zeros((), dtype=r.dtype, device=r.device))
+        else:
+            top1.append(1 / (1 + (rc[1:] == rc[0]).sum()).to(r.dtype))
         margin.append((rc[:-1] - rc[1:]).mean())
         pos_sum[:K] += rc
         pos_count[:K] += 1

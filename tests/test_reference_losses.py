@@ -381,19 +381,22 @@ def test_metrics_hand_computed():
         [3.0, 2.0, 1.0]  # perfect order
         + [1.0, 2.0, 3.0]  # reversed
         + [2.0, 3.0, 1.0]  # P = 2 ((1,3), (2,3)), Q = 1 ((1,2))
-        + [1.0, 1.0]  # a tie: neither concordant nor discordant, best not strictly first
-        + [5.0, 4.0, 3.0, 2.0],
+        + [1.0, 1.0]  # a tie: half a pair; the best shares the top with one other caption
+        + [5.0, 4.0, 3.0, 2.0]
+        + [2.0, 2.0, 2.0, 1.0]  # three tied at the top: P = 3, T = 3 -> (3 + 1.5) / 6; top-1 1/3
+        + [2.0, 3.0, 3.0],  # beaten: top-1 0; P = 0, Q = 2, T = 1 -> 0.5 / 3
         dtype=F64,
     )
-    sizes = [3, 3, 3, 2, 4]
+    sizes = [3, 3, 3, 2, 4, 4, 3]
     m = R.chain_metrics(r, sizes)
     f = lambda *v: torch.tensor(v, dtype=F64)
-    torch.testing.assert_close(m["pairwise_accuracy"], f(1.0, 0.0, 2 / 3, 0.0, 1.0))
-    torch.testing.assert_close(m["top1_accuracy"], f(1.0, 0.0, 0.0, 0.0, 1.0))
-    torch.testing.assert_close(m["kendall_tau"], f(1.0, -1.0, 1 / 3, 0.0, 1.0))
-    torch.testing.assert_close(m["neighbour_margin"], f(1.0, -1.0, 0.5, 0.0, 1.0))
-    # position 1: 3, 1, 2, 1, 5; position 2: 2, 2, 3, 1, 4; position 3: 1, 3, 1, 3; position 4: 2
-    torch.testing.assert_close(m["reward_per_position"], f(12 / 5, 12 / 5, 2.0, 2.0))
+    torch.testing.assert_close(m["pairwise_accuracy"], f(1.0, 0.0, 2 / 3, 0.5, 1.0, 4.5 / 6, 0.5 / 3))
+    torch.testing.assert_close(m["top1_accuracy"], f(1.0, 0.0, 0.0, 0.5, 1.0, 1 / 3, 0.0))
+    torch.testing.assert_close(m["kendall_tau"], f(1.0, -1.0, 1 / 3, 0.0, 1.0, 0.5, -2 / 3))
+    torch.testing.assert_close(m["neighbour_margin"], f(1.0, -1.0, 0.5, 0.0, 1.0, 1 / 3, -0.5))
+    # position 1: 3, 1, 2, 1, 5, 2, 2; position 2: 2, 2, 3, 1, 4, 2, 3; position 3: 1, 3, 1, 3, 2, 3;
+    # position 4: 2, 1
+    torch.testing.assert_close(m["reward_per_position"], f(16 / 7, 17 / 7, 13 / 6, 1.5))
 
 
 def test_metrics_ragged_reward_per_position():

@@ -186,9 +186,13 @@ def chain_loss_fwd_torch(
     q = (upper & (Ri < Rj)).sum(dim=(1, 2)).to(acc)
     r_first = R[:, 0]
     r_last = R.gather(1, (sizes - 1)[:, None]).squeeze(1)
-    beaten = (valid & (idx > 0) & (R >= r_first[:, None])).sum(dim=-1)
+    # ties count as half a pair and share the top-1 credit, so equal rewards (every implicit reward is 0
+    # before the first step) read 0.5 and 1/K, not 0: acc = (P + T / 2) / n with T = n - P - Q ties
+    above_first = (valid & (idx > 0) & (R > r_first[:, None])).sum(dim=-1)
+    tied_first = (valid & (idx > 0) & (R == r_first[:, None])).sum(dim=-1)
+    top1 = torch.where(above_first == 0, 1.0 / (1 + tied_first).to(acc), 0.0)
     metrics = torch.stack(
-        [p / n_all, (beaten == 0).to(acc), (p - q) / n_all, (r_first - r_last) / (sizes - 1).to(acc)]
+        [(p + 0.5 * (n_all - p - q)) / n_all, top1, (p - q) / n_all, (r_first - r_last) / (sizes - 1).to(acc)]
     )
     return chain_losses, grad[chain_id, pos], r, metrics
 
