@@ -16,8 +16,25 @@ Each claim has two tests, one per decisive metric, each on the paired per-seed d
 
 A test is *reproduced* when a one-sided paired t-test at the 5% level says the difference is above zero
 (``t = mean / SE >= t_0.95(n - 1)``), *reversed* when it says the difference is below zero, and *undecided*
-otherwise. A claim is reproduced when both of its tests are, not reproduced when either is reversed, and
-undecided otherwise. The per-error-type differences (static, dynamic, reward-based accuracy) are reported
+otherwise.
+
+The SE a verdict must beat is not only the pair's own. Three per-seed differences can agree by chance far
+more closely than the run's differences really vary: the same command on other processors' kernels
+moved one difference by nine of its standard errors (issue 23). A kernel path changes every rounding
+from the first step on, so each seed's SFT model and arms become another draw of the same experiment:
+what a verdict must survive is the seed-to-seed spread of paired differences. Every pair of arms of the
+run estimates that spread; pooled (the arm x seed residual of a two-way layout without replication,
+``(n - 1)(k - 1)`` degrees of freedom for ``k`` arms and ``n`` seeds; a difference of two arms has twice
+its variance), it is far steadier than one pair's 2 degrees of freedom. The test's SE is
+``sqrt(max(s^2, s_pool^2) / n)`` (``s``: the pair's own standard deviation of per-seed differences) and
+its critical t keeps the pair's ``n - 1`` degrees of freedom, so a verdict must beat both.
+
+An arm named ``...:rerun`` (e.g. ``plackett_luce:rerun``: the same arm again from the same SFT model with
+another batch order) adds an A/A check: its difference to the arm it repeats is tested the same way and
+should read undecided.
+
+A claim is reproduced when both of its tests are, not reproduced when either is reversed, and undecided
+otherwise. The per-error-type differences (static, dynamic, reward-based accuracy) are reported
 beside the claims as secondary numbers; they decide nothing.
 """
 
@@ -36,7 +53,9 @@ __all__ = [
     "t_critical",
     "paired_test",
     "derived_metrics",
+    "pooled_spread",
     "claim_results",
+    "aa_results",
     "claims_report",
 ]
 
@@ -97,27 +116,40 @@ def t_critical(df: int) -> float:
     return _T95[df - 1] if df <= len(_T95) else 1.645
 
 
-def paired_test(diffs: Sequence[float]) -> dict[str, float | str]:
-    """``{"n", "mean", "se", "t", "t_crit", "verdict"}`` of the paired differences ``diffs``.
+def paired_test(diffs: Sequence[float], spread: float | None = None) -> dict[str, float | str]:
+    """``{"n", "mean", "se", "se_pair", "spread", "t", "t_crit", "verdict"}`` of the paired differences
+    ``diffs``.
+
+    ``spread``: the standard deviation a per-seed difference between two arms has from run to run, pooled
+    over the run's arms (:func:`pooled_spread`). With it the SE is ``sqrt(max(s^2, spread^2) / n)``
+    (``s``: the sample standard deviation of ``diffs``), so a verdict must beat both the pair's own
+    spread and the run's; ``se_pair`` is the pair's own SE (``s / sqrt(n)``). ``t_crit`` has ``n - 1``
+    degrees of freedom either way.
 
     ``verdict``: ``"reproduced"`` (``t >= t_crit``), ``"reversed"`` (``t <= -t_crit``), else
     ``"undecided"``; one difference cannot decide (``"undecided"``, ``se`` and ``t`` NaN)."""
     n = len(diffs)
+    spread = math.nan if spread is None else float(spread)
     if n == 0:
-        return {"n": 0, "mean": math.nan, "se": math.nan, "t": math.nan, "t_crit": math.nan,
-                "verdict": "undecided"}  # fmt: skip
+        return {"n": 0, "mean": math.nan, "se": math.nan, "se_pair": math.nan, "spread": spread,
+                "t": math.nan, "t_crit": math.nan, "verdict": "undecided"}  # fmt: skip
     mean = sum(diffs) / n
     if n < 2:
-        return {"n": 1, "mean": mean, "se": math.nan, "t": math.nan, "t_crit": math.nan,
-                "verdict": "undecided"}  # fmt: skip
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+        return {"n": 1, "mean": mean, "se": math.nan, "se_pair": math.nan, "spread": spread,
+                "t": math.nan, "t_crit": math.nan, "verdict": "undecided"}  # fmt: skip
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    se_pair = math.sqrt(var / n)
+    if not math.isnan(spread):
+        var = max(var, spread**2)
+    se = math.sqrt(var / n)
     if se > 0:
         t = mean / se
     else:
         t = math.copysign(math.inf, mean) if mean else 0.0
     crit = t_critical(n - 1)
     verdict = "reproduced" if t >= crit else "reversed" if t <= -crit else "undecided"
-    return {"n": n, "mean": mean, "se": se, "t": t, "t_crit": crit, "verdict": verdict}
+    return {"n": n, "mean": mean, "se": se, "se_pair": se_pair, "spread": spread, "t": t,
+            "t_crit": crit, "verdict": verdict}  # fmt: skip
 
 
 def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -142,17 +174,64 @@ def _diffs(
     return out
 
 
+def pooled_spread(
+    config: TrainConfig, rows: dict[str, dict[int, dict[str, float]]], metric: str
+) -> tuple[float, int]:
+    """``(sd, df)``: the standard deviation of a per-seed difference of ``metric`` between two arms, pooled
+    over every arm of the run that has it for every seed, and its degrees of freedom.
+
+    A two-way layout without replication (``k`` arms x ``n`` seeds, ``y[a, s]``): the residual
+    ``y[a, s] - mean_a - mean_s + grand mean`` has variance ``sigma^2`` with ``(n - 1)(k - 1)`` degrees of
+    freedom, and a difference of two arms on the same seed varies by ``2 sigma^2`` (with two arms this is
+    exactly the pair's own sample variance). ``(nan, 0)`` when fewer than two arms or two seeds have the
+    metric."""
+    seeds = list(config.seed_list)
+    table = []
+    for a in config.arm_list:
+        per_seed = rows.get(a.name, {})
+        values = [derived_metrics(per_seed[s]).get(metric) if s in per_seed else None for s in seeds]
+        if all(v is not None for v in values):
+            table.append([float(v) for v in values])
+    k, n = len(table), len(seeds)
+    if k < 2 or n < 2:
+        return math.nan, 0
+    grand = sum(map(sum, table)) / (k * n)
+    arm_mean = [sum(row) / n for row in table]
+    seed_mean = [sum(row[j] for row in table) / k for j in range(n)]
+    ss = sum((table[i][j] - arm_mean[i] - seed_mean[j] + grand) ** 2 for i in range(k) for j in range(n))
+    df = (n - 1) * (k - 1)
+    return math.sqrt(2 * ss / df), df
+
+
 def claim_results(
     config: TrainConfig, rows: dict[str, dict[int, dict[str, float]]]
 ) -> list[tuple[Test, list[float], dict[str, float | str]]]:
     """``(test, per-seed differences, paired_test result)`` for every decisive test whose two arms the
-    run has, in :data:`CLAIMS` order."""
+    run has, in :data:`CLAIMS` order; each test's SE counts the run's pooled spread of its metric
+    (:func:`pooled_spread`, :func:`paired_test`)."""
     names = {a.spec: a.name for a in config.arm_list}
     out = []
     for t in CLAIMS:
         if t.arm in names and t.baseline in names:
             d = _diffs(rows, names[t.arm], names[t.baseline], t.metric, config.seed_list)
-            out.append((t, d, paired_test(d)))
+            out.append((t, d, paired_test(d, pooled_spread(config, rows, t.metric)[0])))
+    return out
+
+
+def aa_results(
+    config: TrainConfig, rows: dict[str, dict[int, dict[str, float]]]
+) -> list[tuple[str, str, dict[str, float | str]]]:
+    """``(rerun arm spec, metric, paired_test result)`` of every ``...:rerun`` arm against the arm it
+    repeats, on each decisive metric, tested as the claims are: an A/A check that should read
+    undecided."""
+    out = []
+    metrics = list(dict.fromkeys(t.metric for t in CLAIMS))
+    for a in config.arm_list:
+        if a.rerun:
+            for metric in metrics:
+                d = _diffs(rows, a.name, a.original.name, metric, config.seed_list)
+                if d:
+                    out.append((a.spec, metric, paired_test(d, pooled_spread(config, rows, metric)[0])))
     return out
 
 
@@ -182,7 +261,7 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
             f"**Claim {claim}: {CLAIM_TITLES[claim]}.** Paired by seed: {arm.title(config.pairs)} minus "
             f"{base.title(config.pairs)}.",
             "",
-            "| test | metric | difference per seed | mean ± SE | t (needed) | verdict |",
+            "| test | metric | difference per seed | mean ± SE (pair's own SE) | t (needed) | verdict |",
             "|---|---|---|---:|---:|---|",
         ]
         for t, d, r in tests:
@@ -190,8 +269,8 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
             crit = "" if math.isnan(r["t_crit"]) else f" ({r['t_crit']:.2f})"
             lines.append(
                 f"| {t.name} | {_METRIC_TITLES.get(t.metric, t.metric)} | {per_seed} | "
-                f"{_num(r['mean'])} ± {_num(r['se'], signed=False)} | {_num(r['t'], 2)}{crit} | "
-                f"**{r['verdict']}** |"
+                f"{_num(r['mean'])} ± {_num(r['se'], signed=False)} ({_num(r['se_pair'], signed=False)}) | "
+                f"{_num(r['t'], 2)}{crit} | **{r['verdict']}** |"
             )
         verdicts = [r["verdict"] for _, _, r in tests]
         if all(v == "reproduced" for v in verdicts):
@@ -216,10 +295,37 @@ def claims_report(config: TrainConfig, rows: dict[str, dict[int, dict[str, float
             lines.append("")
     if not lines:
         return ""
+    spreads = []
+    for metric in dict.fromkeys(t.metric for t, _, _ in results):
+        sd, df = pooled_spread(config, rows, metric)
+        if df:
+            spreads.append(f"{_METRIC_TITLES.get(metric, metric).split(' (')[0]} {sd:.3f} ({df} df)")
+    if spreads:
+        k = len(config.arm_list)
+        lines.append(
+            f"Run-to-run spread of a per-seed difference between two arms, pooled over the {k} arms "
+            f"(arm x seed residual): {'; '.join(spreads)}. Each test's SE is the larger of its pair's own "
+            "and this, over the square root of the seeds."
+        )
+        lines.append("")
+    aa = aa_results(config, rows)
+    if aa:
+        lines.append(
+            "A/A check (an arm run again with another batch order, minus the arm; should read undecided): "
+            + "; ".join(
+                f"{spec} {_METRIC_TITLES.get(m, m).split(' (')[0]} {_num(r['mean'])} ± "
+                f"{_num(r['se'], signed=False)} **{r['verdict']}**"
+                for spec, m, r in aa
+            )
+            + "."
+        )
+        lines.append("")
     head = [
         "The claims, as docs/training.md states them before the run: each test is a one-sided paired t-test "
         "at 5% on the per-seed difference; reproduced = above zero, reversed = below zero, undecided "
-        "otherwise; a claim is reproduced when both its tests are, not reproduced when either is reversed.",
+        "otherwise; a claim is reproduced when both its tests are, not reproduced when either is reversed. "
+        "The SE is the larger of the pair's own and the run's spread pooled over all arms (below), so a "
+        "verdict must beat the run-to-run spread, not only three seeds' agreement.",
         "",
     ]
     return "\n".join(head + lines)

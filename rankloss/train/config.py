@@ -85,11 +85,15 @@ class Arm:
         frozen_vision: train the LLM only (the vision tower's parameters get no updates).
         pairs: ``dpo`` only: the arm's own pair strategy (``"best_worst"``: binary DPO, one pair per
             chain); ``None`` takes the run's ``--pairs`` (default adjacent).
+        rerun: the same arm trained again from the same SFT model with a batch order of its own (the order
+            is salted by the arm's name): an A/A check, tested against the arm as the claims' tests are and
+            expected to read undecided (``rankloss.train.claims.aa_results``).
     """
 
     loss: str
     frozen_vision: bool = False
     pairs: str | None = None
+    rerun: bool = False
 
     @property
     def name(self) -> str:
@@ -98,14 +102,22 @@ class Arm:
         base = "sft_control" if self.loss == "sft" else self.loss
         if self.pairs is not None:
             base += "_" + self.pairs
-        return base + ("_frozen" if self.frozen_vision else "")
+        return base + ("_frozen" if self.frozen_vision else "") + ("_rerun" if self.rerun else "")
 
     @property
     def spec(self) -> str:
-        """The ``--arms`` spelling: ``plackett_luce:frozen``, ``dpo:best_worst``."""
+        """The ``--arms`` spelling: ``plackett_luce:frozen``, ``dpo:best_worst``, ``plackett_luce:rerun``."""
         return (
-            self.loss + (f":{self.pairs}" if self.pairs else "") + (":frozen" if self.frozen_vision else "")
+            self.loss
+            + (f":{self.pairs}" if self.pairs else "")
+            + (":frozen" if self.frozen_vision else "")
+            + (":rerun" if self.rerun else "")
         )
+
+    @property
+    def original(self) -> Arm:
+        """The arm a ``rerun`` arm repeats (itself when it is not a rerun)."""
+        return Arm(self.loss, self.frozen_vision, self.pairs)
 
     def title(self, pairs: str | None = None) -> str:
         """Human-readable name for tables: ``Plackett-Luce, frozen vision``, ``DPO (adjacent)``,
@@ -114,26 +126,31 @@ class Arm:
         t = _LOSS_TITLES[self.loss]
         if self.loss == "dpo":
             t += f" ({_PAIR_TITLES.get(self.pairs or pairs or 'adjacent')})"
-        return t + (", frozen vision" if self.frozen_vision else "")
+        return t + (", frozen vision" if self.frozen_vision else "") + (", rerun" if self.rerun else "")
 
 
 def parse_arms(text: str | tuple[str, ...] | list[str]) -> tuple[Arm, ...]:
     """``"plackett_luce,dpo:best_worst,plackett_luce:frozen,sft"`` -> arms.
 
-    Each arm is ``loss[:pairs][:frozen]``: ``pairs`` (one of :data:`ARM_PAIRS`) only for ``dpo``.
+    Each arm is ``loss[:pairs][:frozen][:rerun]``: ``pairs`` (one of :data:`ARM_PAIRS`) only for ``dpo``;
+    ``rerun`` repeats an arm that ``--arms`` also names, with a batch order of its own (:class:`Arm`).
     Raises ``ValueError`` naming ``--arms``.
     """
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
     arms = []
     for item in items:
         loss, *mods = item.split(":")
+        rerun = bool(mods) and mods[-1] == "rerun"
+        if rerun:
+            mods = mods[:-1]
         frozen = bool(mods) and mods[-1] == "frozen"
         if frozen:
             mods = mods[:-1]
         if loss not in ARM_LOSSES or len(mods) > 1:
             raise ValueError(
-                f"--arms: {item!r} is not an arm; write loss[:pairs][:frozen] with a loss of {ARM_LOSSES} "
-                f"(e.g. 'plackett_luce:frozen', 'dpo:best_worst'), comma-separated"
+                f"--arms: {item!r} is not an arm; write loss[:pairs][:frozen][:rerun] with a loss of "
+                f"{ARM_LOSSES} (e.g. 'plackett_luce:frozen', 'dpo:best_worst', 'plackett_luce:rerun'), "
+                "comma-separated"
             )
         pairs = mods[0] if mods else None
         if pairs is not None:
@@ -144,11 +161,17 @@ def parse_arms(text: str | tuple[str, ...] | list[str]) -> tuple[Arm, ...]:
                 )
             if pairs not in ARM_PAIRS:
                 raise ValueError(f"--arms: {item!r}: pairs must be one of {ARM_PAIRS}, got {pairs!r}")
-        arms.append(Arm(loss, frozen, pairs))
+        arms.append(Arm(loss, frozen, pairs, rerun))
     if not arms:
         raise ValueError("--arms must name at least one arm")
     if len({a.name for a in arms}) != len(arms):
         raise ValueError(f"--arms names an arm twice: {text!r}")
+    for a in arms:
+        if a.rerun and a.original not in arms:
+            raise ValueError(
+                f"--arms: {a.spec!r} repeats {a.original.spec!r}, which --arms does not name: add it "
+                "(a rerun is only compared with the arm it repeats)"
+            )
     return tuple(arms)
 
 
@@ -262,7 +285,7 @@ class TrainConfig:
         """The arm whose model of the first seed is saved as ``<output_dir>/model``."""
         arms = self.arm_list
         for a in arms:
-            if a.loss == self.loss and not a.frozen_vision and a.pairs is None:
+            if a.loss == self.loss and not a.frozen_vision and a.pairs is None and not a.rerun:
                 return a
         return arms[0]
 

@@ -206,7 +206,9 @@ def _comparison(
             mean, se = mean_se([m[c] for m in per_seed.values() if c in m])
             cells.append(_fmt(mean, se, key=c))
         lines.append(f"| {titles[row]} | " + " | ".join(cells) + " |")
-    control = next((a for a in config.arm_list if a.loss == "sft" and not a.frozen_vision), None)
+    control = next(
+        (a for a in config.arm_list if a.loss == "sft" and not a.frozen_vision and not a.rerun), None
+    )
     ranking = [a for a in config.arm_list if a.loss != "sft"]
     if control is not None and ranking and control.name in rows:
         dcols = [c for c in diff_keys if c in cols]
@@ -386,8 +388,9 @@ def plot_comparison(config: TrainConfig, records: Sequence[dict[str, Any]], path
 
 def plot_claims(config: TrainConfig, records: Sequence[dict[str, Any]], path: str) -> str | None:
     """``claims.png``: one panel per decisive test of the claims (:mod:`rankloss.train.claims`), the
-    per-seed differences as dots, their mean ± standard error as a bar, zero as a line, the verdict in the
-    title. ``None`` (nothing written) when the run has no claim's arms."""
+    per-seed differences as dots, their mean ± standard error (the test's: the pair's own or the run's
+    pooled spread, the larger) as a bar, zero as a line, the verdict in the title.
+    ``None`` (nothing written) when the run has no claim's arms."""
     results = claim_results(config, final_metrics(config, records))
     if not results:
         return None
