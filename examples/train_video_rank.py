@@ -15,9 +15,10 @@ docs/training.md states them, plots, the metrics and the trained model under ``r
 
 With arguments, the same program trains a real local checkpoint of any video-language model family
 rankloss supports (``--model``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video) on real
-videos (``--data``, ``--video-root``), on GPUs and with several processes (``accelerate launch``). The
-chain forward, the collator and the losses are those of ``rankloss.integrations`` (``ChainRankModel``,
-``ChainCollator``), the parts ``ChainRankTrainer`` uses. ``docs/training.md``
+videos (``--data``, ``--video-root``), on GPUs and with several processes (``accelerate launch``, recipes
+in ``examples/accelerate/``; on CPU ``torchrun --nproc_per_node N ... --cpu``). The chain forward, the
+collator and the losses are those of ``rankloss.integrations`` (``ChainRankModel``, ``ChainCollator``),
+the parts ``ChainRankTrainer`` uses. ``docs/training.md``
 documents every flag, the stages and the default experiment.
 """
 
