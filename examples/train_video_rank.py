@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rankloss.train.config import DEFAULT_ARMS, PRESETS, TrainConfig
 
@@ -426,8 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     import torch
 
+    from rankloss._launch import leave_process_group
     from rankloss.train.loop import StopRequested, make_accelerator
-    from rankloss.train.report import write_reports
     from rankloss.train.runner import plan_tasks, run_plan
 
     accelerator = make_accelerator(config)
@@ -484,9 +484,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StopRequested as exc:
         say(f"{exc}; checkpoints are in {run_dir}")
         say(f"continue with the same command plus: --output-dir {run_dir} --resume")
+        leave_process_group()
         return 0
-    if not accelerator.is_main_process:
-        return 0
+    if accelerator.is_main_process:
+        _report(config, run_dir, say, t_start)
+    # every rank leaves together, after the main process wrote the reports (a gloo rank that exits
+    # straight after its last collective can abort; see leave_process_group)
+    leave_process_group()
+    return 0
+
+
+def _report(config: TrainConfig, run_dir: str, say: Callable[..., None], t_start: float) -> None:
+    """The main process's end of a run: the reports written and printed, with where everything is."""
+    from rankloss.train.report import write_reports
+
     paths = write_reports(config, run_dir)
     with open(paths["summary"], encoding="utf-8") as f:
         say("\n" + f.read())
@@ -505,7 +516,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, path in paths.items():
         say(f"  {name}: {path}")
     say(f"total wall time: {time.perf_counter() - t_start:.0f} s")
-    return 0
 
 
 def _vision_pretrain_line(config: TrainConfig, run_dir: str) -> str:

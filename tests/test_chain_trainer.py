@@ -329,7 +329,7 @@ TWO_PROC = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_chain_trainer import records, tiny_lm, config, params, WORDS
     from pathlib import Path
-    from rankloss.integrations import ChainRankTrainer
+    from rankloss.integrations import ChainRankTrainer, leave_process_group
     from rankloss.train.model import train_tokenizer
     tok = train_tokenizer(WORDS + ["describe:"], 200)
     model = tiny_lm(tok, seed=11)
@@ -339,12 +339,9 @@ TWO_PROC = textwrap.dedent(
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save(params(model), out / "params.pt")
-        json.dump(trainer.accelerator.num_processes, open(out / "world.json", "w"))
-    # leave the process group before the interpreter exits: a rank that exits while gloo's threads still
-    # run can abort ("terminate called without an active exception", seen once in CI)
-    trainer.accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        (out / "world.json").write_text(json.dumps(trainer.accelerator.num_processes))
+    # without it a gloo rank aborted now and then at exit, its work done (see leave_process_group)
+    assert leave_process_group() == (trainer.accelerator.num_processes > 1)
     """
 )
 

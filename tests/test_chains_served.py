@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,10 @@ class FakeServer:
         self.auth: set[str] = set()
         self.requests = 0
         self.lock = threading.Lock()
+        # hold_when(): while it returns True, each new request waits (unanswered) until release() — a run
+        # that must still be going when the test interrupts it cannot finish behind the test's back
+        self.hold_when: Callable[[], bool] | None = None
+        self.released = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -130,7 +135,14 @@ class FakeServer:
         h.end_headers()
         h.wfile.write(payload)
 
+    def release(self) -> None:
+        self.hold_when = None
+        self.released.set()
+
     def handle(self, h, body: bytes) -> None:
+        hold = self.hold_when
+        if hold is not None and hold():
+            self.released.wait(60)
         key = hashlib.sha256(body).digest()
         with self.lock:
             self.requests += 1
@@ -306,10 +318,14 @@ def test_cli_sigint_and_sigkill_then_resume(captions, reference, tmp_path):
     out = tmp_path / "c.jsonl"
     partial = Path(str(out) + ".partial")
     with FakeServer(latency=0.03, fault_every=5, slow=0.6) as srv:
+        # once 8 chains are on disk the server stops answering, so the run cannot complete before the
+        # SIGINT lands (a loaded CI machine once let all 40 finish between the test's look and its signal)
+        srv.hold_when = lambda: partial.exists() and partial.read_bytes().count(b"\n") >= 8
         p = _cli(srv, captions, out, 4)
         _wait_lines(partial, 8, p)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
+        srv.release()
         assert p.returncode == 130, err
         assert "resume" in err and not out.exists()
         p = _cli(srv, captions, out, 8)

@@ -61,7 +61,7 @@ try:
 except ImportError:  # pragma: no cover - older accelerate
     pytest.skip("accelerate without fsdp2_prepare_model", allow_module_level=True)
 
-from rankloss.integrations import ChainRankModel  # noqa: E402
+from rankloss.integrations import ChainRankModel, leave_process_group  # noqa: E402
 from rankloss.integrations.forward import LossSpec  # noqa: E402
 
 WORLD = 2
@@ -526,10 +526,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[name] = _run_error_case(how, rank)
             dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        # Leave together (a rank tearing gloo down while its peer works aborted now and then).
-        dist.barrier()
+        # Leave together, gloo's workers settled (a rank aborted now and then at exit, its work done;
+        # see leave_process_group).
+        leave_process_group()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an error above: leave without waiting for the peer
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

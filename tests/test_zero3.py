@@ -248,7 +248,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         import deepspeed
         from deepspeed.utils import safe_get_full_grad
 
-        from rankloss.integrations import ChainRankModel
+        from rankloss.integrations import ChainRankModel, leave_process_group
         from rankloss.integrations.forward import LossSpec
 
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -309,9 +309,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             result["plans"][plan_name] = {"facts": facts, "steps": log, "scores": scores, "tokens": tokens}
             engine.destroy()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+        # Leave together, gloo's workers settled (a rank aborted now and then at exit, its work done;
+        # see leave_process_group).
+        leave_process_group()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an error above: leave without waiting for the peer
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

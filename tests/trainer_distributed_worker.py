@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_chain_trainer import WORDS, Logs, config, records, tiny_lm  # noqa: E402
 
 from rankloss.chains.taxonomy import EDIT_TYPES  # noqa: E402
-from rankloss.integrations import ChainCollator, ChainForward, ChainRankTrainer  # noqa: E402
+from rankloss.integrations import ChainCollator, ChainForward, ChainRankTrainer, leave_process_group  # noqa: E402
 from rankloss.train.model import train_tokenizer  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -56,11 +56,9 @@ def seen(trainer: ChainRankTrainer | None = None) -> dict:
 
 def finish(out: Path, result: dict) -> None:
     (out / f"rank{RANK}.json").write_text(json.dumps(result))
-    # leave the process group before the interpreter exits (a rank that exits while gloo's threads still
-    # run can abort)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # all ranks leave together and gloo's workers settle before the interpreter exits (a rank could abort
+    # at exit with its work done; see leave_process_group)
+    leave_process_group()
 
 
 def expected_scores(model: torch.nn.Module, tok, data: list[dict]) -> list[list[float]]:

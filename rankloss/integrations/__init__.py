@@ -84,6 +84,7 @@ _API = {
     "load_chain_dataset": "collator",
     "ChainRankConfig": "trainer",
     "ChainRankTrainer": "trainer",
+    "leave_process_group": "trainer",
     "GenerationEvalCallback": "generation",
     "add_generation_eval": "generation",
     "generate_captions": "generation",

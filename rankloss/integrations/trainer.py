@@ -78,7 +78,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._launch import process_group_problem
+from .._launch import leave_process_group, process_group_problem
 from .._version import __version__
 from ..chains.taxonomy import EDIT_TYPES
 from .forward import IGNORE_INDEX, ChainRankModel, LossSpec, keep_precision
@@ -89,7 +89,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the train extra is installed in the dev env
     raise ImportError("ChainRankTrainer needs transformers: pip install 'rankloss[train]'") from exc
 
-__all__ = ["ChainRankConfig", "ChainRankTrainer"]
+__all__ = ["ChainRankConfig", "ChainRankTrainer", "leave_process_group"]
 
 _METRICS = ("pairwise_accuracy", "top1_accuracy", "kendall_tau", "neighbour_margin")
 #: Edit types that change what a caption says without changing its length much: an adjacent pair made by
