@@ -183,3 +183,31 @@ def test_zero3_partitioned_scorers_give_the_unsharded_reference_scores(tmp_path)
         assert seen["ref_fingerprints"][0] == seen["ref_fingerprints"][1]
         assert seen["still_partitioned"] is True
         assert seen["engine_forward_max_diff"] < 1e-4
+
+
+def test_leave_process_group_destroys_the_group_after_a_barrier(monkeypatch):
+    """Without a group it does nothing; with one it waits at a barrier, destroys the group and pauses with
+    the GIL released (the order that keeps a gloo rank from aborting at exit)."""
+    import time
+
+    import torch.distributed as dist
+
+    from rankloss.integrations import leave_process_group
+
+    assert not dist.is_initialized()
+    assert leave_process_group() is False
+    calls = []
+    real_barrier, real_destroy = dist.barrier, dist.destroy_process_group
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier(*a, **k))[1])
+    monkeypatch.setattr(
+        dist, "destroy_process_group", lambda *a, **k: (calls.append("destroy"), real_destroy(*a, **k))[1]
+    )
+    monkeypatch.setattr(time, "sleep", lambda s: calls.append(("sleep", s)))
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+    try:
+        assert leave_process_group() is True
+    finally:
+        if dist.is_initialized():
+            real_destroy()
+    assert calls == ["barrier", "destroy", ("sleep", 0.2)]
+    assert not dist.is_initialized()
