@@ -19,6 +19,7 @@ import transformers  # noqa: E402
 from rankloss.integrations import (  # noqa: E402
     ChainCollator,
     ChainRankConfig,
+    ChainRankModel,
     ChainRankTrainer,
     GenerationEvalCallback,
     add_generation_eval,
@@ -221,3 +222,25 @@ def test_example_trainer_generation_flags(tmp_path, capsys):
     assert metrics["eval_gen/scorer"] == "lexical" and metrics["eval_gen/samples"] == 2.0
     rows = (tmp_path / "o" / "generations" / "step-1.jsonl").read_text().splitlines()
     assert len(rows) == 2 and json.loads(rows[0])["reference"]
+
+
+def test_generation_ids_follow_generate_then_add_the_tokenizer(tiny):
+    """Stops: the generation config's EOS ids (as ``model.generate`` reads them, not every config's),
+    plus the tokenizer's; pad: the tokenizer's before the config's."""
+    import copy
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    model.generation_config.eos_token_id = [7, 9]
+    model.config.eos_token_id = 11  # not read: generate takes the generation config's
+    model.generation_config.pad_token_id = None
+    model.config.pad_token_id = 5
+    wrapper = ChainRankModel(model)
+    assert wrapper.generation_ids() == ([7, 9], 5)
+    fake_tok = types.SimpleNamespace(eos_token_id=9, pad_token_id=3)
+    assert wrapper.generation_ids(fake_tok) == ([7, 9], 3)
+    no_pad = types.SimpleNamespace(eos_token_id=13, pad_token_id=None)
+    assert wrapper.generation_ids(no_pad) == ([7, 9, 13], 5)
+    model.generation_config.eos_token_id = None
+    model.config.pad_token_id = None
+    assert wrapper.generation_ids() == ([11], 0)

@@ -939,7 +939,7 @@ class ChainRankModel(nn.Module):
             self._register_zero3_head()
         if mode == "generate":
             if stop_ids is None or pad_id is None:
-                default_stop, default_pad = self._generation_ids()
+                default_stop, default_pad = self.generation_ids()
                 stop_ids = default_stop if stop_ids is None else stop_ids
                 pad_id = default_pad if pad_id is None else pad_id
             tokens = cf.generate(batch, max_new_tokens, stop_ids, pad_id, stop_when_done=stop_when_done)
@@ -975,18 +975,29 @@ class ChainRankModel(nn.Module):
             return {"loss": loss, "nll": nll.detach()}
         raise ValueError(f"mode must be 'rank', 'sft', 'score' or 'generate', got {mode!r}")
 
-    def _generation_ids(self) -> tuple[list[int], int]:
-        """The model's EOS token ids (its generation config's, else its config's) and pad token id (0 when
-        it has none)."""
+    def generation_ids(self, tokenizer: Any = None) -> tuple[list[int], int]:
+        """The stop ids and pad id ``mode="generate"`` uses when none are passed.
+
+        Stops: the model's EOS ids as ``model.generate`` finds them (its generation config's, else its
+        config's, else its text config's), plus ``tokenizer.eos_token_id`` when a tokenizer is given (a
+        checkpoint whose configs lack the chat template's end token still stops). Pad: the tokenizer's,
+        else the first config's that has one, else 0.
+        """
         model = self.chain_forward.model
-        cfgs = [getattr(model, "generation_config", None), model.config]
-        text = model.config.get_text_config(decoder=True)
-        cfgs.append(text)
+        cfgs = [getattr(model, "generation_config", None), getattr(model, "config", None)]
+        get_text = getattr(cfgs[1], "get_text_config", None)
+        if callable(get_text):
+            cfgs.append(get_text(decoder=True))
 
         def first(name: str) -> Any:
             return next((v for c in cfgs if (v := getattr(c, name, None)) is not None), None)
 
         eos = first("eos_token_id")
         stops = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-        pad = first("pad_token_id")
-        return stops, 0 if pad is None else int(pad)
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            stops.append(int(tok_eos))
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = first("pad_token_id")
+        return list(dict.fromkeys(stops)), 0 if pad is None else int(pad)

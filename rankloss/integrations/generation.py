@@ -99,30 +99,6 @@ def _tokenizer(processing_class: Any) -> Any:
     return getattr(processing_class, "tokenizer", None) or processing_class
 
 
-def _stop_and_pad(hf_model: nn.Module, tokenizer: Any) -> tuple[list[int], int]:
-    """The EOS ids of the model (generation config, config, text config) and of the tokenizer; the pad id
-    (tokenizer's, else model's, else 0)."""
-    stops: list[int] = []
-    cfgs = [getattr(hf_model, "generation_config", None), getattr(hf_model, "config", None)]
-    get_text = getattr(getattr(hf_model, "config", None), "get_text_config", None)
-    if callable(get_text):
-        cfgs.append(get_text(decoder=True))
-    for cfg in cfgs:
-        eos = getattr(cfg, "eos_token_id", None)
-        if eos is not None:
-            stops.extend(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None:
-        stops.append(int(eos))
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = next(
-            (getattr(c, "pad_token_id", None) for c in cfgs if getattr(c, "pad_token_id", None) is not None),
-            0,
-        )
-    return list(dict.fromkeys(stops)), int(pad)
-
-
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in batch.items():
@@ -199,7 +175,7 @@ def generate_captions(
     tokenizer = _tokenizer(processing_class)
     if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
         raise ValueError("generate_captions needs a tokenizer to decode with: pass processing_class")
-    default_stops, default_pad = _stop_and_pad(hf_model, tokenizer)
+    default_stops, default_pad = inner.generation_ids(tokenizer)
     stop_ids = default_stops if stop_ids is None else list(stop_ids)
     pad_id = default_pad if pad_id is None else int(pad_id)
     if device is None:
