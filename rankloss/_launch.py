@@ -53,8 +53,8 @@ def leave_process_group(*, settle_s: float = 0.2) -> bool:
     destructor and the process aborts ("terminate called without an active exception", SIGABRT) with
     all its work done, so ``torchrun`` reports a finished run as failed. A core dump of one such abort
     shows ``ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherWork -> decref_pyobject ->
-    take_gil -> PyThread_exit_thread``; it hit about 1 in 15 two-process ChainRankTrainer runs here
-    with a barrier and ``destroy_process_group()`` alone, and none in 60 with a 0.05 s pause. Returns
+    take_gil -> PyThread_exit_thread``; it hit 3 of 47 two-process ChainRankTrainer runs here with a
+    barrier and ``destroy_process_group()`` alone, and none of 60 with a 0.05 s pause. Returns
     ``False`` (and does nothing) when no process group is initialized.
     """
     try:
